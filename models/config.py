@@ -1,0 +1,41 @@
+"""Model settings. Defaults are documented in docs/model.md; every knob is a plain number."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+def _default_weights() -> dict[str, float]:
+    return {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Evidence strength of one item in a shopper context, by the strongest event seen on it.
+    weights: dict[str, float] = field(default_factory=_default_weights)
+    # Counts halve every `half_life_s` of event time (forward decay, docs/model.md).
+    half_life_s: float = 14 * 86400.0
+    # A new session starts after this much silence when the app sends no session_id.
+    session_gap_s: float = 30 * 60.0
+    # Items older than this leave the context; items from earlier sessions count this much.
+    history_s: float = 3 * 86400.0
+    history_factor: float = 0.5
+    # Bounds (docs/model.md, "Memory").
+    context_max_items: int = 30
+    seen_ids_max: int = 64
+    bought_max: int = 200
+    max_users: int = 500_000
+    max_neighbours: int = 200
+    max_items: int = 200_000
+    # List building.
+    list_size: int = 50
+    min_support: float = 2.0
+    llr_min: float = 6.63  # chi-square, 1 dof, p < 0.01
+    alt_max_buy_share: float = 0.2
+    score_digits: int = 9
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def weight(self, event_type: str) -> float:
+        return self.weights.get(event_type, 0.0)

@@ -1,0 +1,175 @@
+"""Shopper context: what one shopper touched recently, and the co-occurrence evidence it yields.
+
+The context is keyed by user, so it lives in the partition of the user's events. Every change to
+it is turned into *evidence*: marginal increments for one item and pair increments for two,
+which the item graph (keyed by item, models/graph.py) adds up. Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from cartwise.contract import Event
+from models.config import ModelConfig
+
+BUY_TYPES = frozenset({"add_to_cart", "purchase"})
+
+# Evidence entries, compact because they cross the internal pairs topic:
+#   ("m", item, d_all, d_buy, ts)            item entered a context / got stronger
+#   ("p", item, other, d_all, d_buy, ts)     the pair (item, other) got stronger
+Evidence = tuple
+
+
+@dataclass(slots=True)
+class Touch:
+    w: float  # strongest event weight seen on the item in this context (all channel)
+    b: float  # strongest buy-type weight (buy channel), 0 if only viewed
+    ts: float
+    session: str
+
+
+@dataclass(slots=True)
+class ShopperContext:
+    items: dict[str, Touch] = field(default_factory=dict)  # oldest first
+    cart: dict[str, int] = field(default_factory=dict)
+    bought: dict[str, float] = field(default_factory=dict)
+    seen: deque[str] = field(default_factory=deque)
+    last_ts: float = 0.0
+    session: str = ""
+    session_n: int = 0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "i": [[k, t.w, t.b, t.ts, t.session] for k, t in self.items.items()],
+                "c": self.cart,
+                "b": self.bought,
+                "e": list(self.seen),
+                "t": self.last_ts,
+                "s": self.session,
+                "n": self.session_n,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ShopperContext:
+        d = orjson.loads(raw)
+        return cls(
+            items={k: Touch(w, b, ts, s) for k, w, b, ts, s in d["i"]},
+            cart=d["c"],
+            bought=d["b"],
+            seen=deque(d["e"]),
+            last_ts=d["t"],
+            session=d["s"],
+            session_n=d["n"],
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The part of the context storefronts may see (docs/redis.md)."""
+        return {
+            "recent": list(reversed(self.items)),
+            "cart": self.cart,
+            "bought": list(self.bought),
+            "session": self.session,
+            "last_ts": self.last_ts,
+        }
+
+
+class ContextBook:
+    """All shopper contexts of one partition, with a bound on how many are kept."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config or ModelConfig()
+        self.users: dict[str, ShopperContext] = {}
+        self.dirty: set[str] = set()
+        self.evicted: set[str] = set()
+
+    def get(self, user_id: str) -> ShopperContext | None:
+        return self.users.get(user_id)
+
+    def load(self, user_id: str, raw: bytes | str) -> None:
+        self.users[user_id] = ShopperContext.from_json(raw)
+
+    def learn(self, event: Event) -> list[Evidence] | None:
+        """Apply one event; returns its evidence, or None when the event_id was seen already."""
+        cfg = self.config
+        ctx = self.users.get(event.user_id)
+        if ctx is None:
+            if len(self.users) >= cfg.max_users:
+                self._evict()
+            ctx = self.users[event.user_id] = ShopperContext()
+        elif event.event_id in ctx.seen:
+            return None
+        ctx.seen.append(event.event_id)
+        while len(ctx.seen) > cfg.seen_ids_max:
+            ctx.seen.popleft()
+        self.dirty.add(event.user_id)
+        now = event.ts
+        if event.session_id is not None:
+            ctx.session = event.session_id
+        elif not ctx.session or now - ctx.last_ts > cfg.session_gap_s:
+            ctx.session_n += 1
+            ctx.session = f"~{ctx.session_n}"
+        ctx.last_ts = max(ctx.last_ts, now)
+        self._expire(ctx)
+        if event.type == "remove_from_cart":
+            for line in event.lines:
+                left = ctx.cart.get(line.item_id, 0) - line.quantity
+                if left > 0:
+                    ctx.cart[line.item_id] = left
+                else:
+                    ctx.cart.pop(line.item_id, None)
+            return []
+        evidence: list[Evidence] = []
+        w_type = cfg.weight(event.type)
+        b_type = w_type if event.type in BUY_TYPES else 0.0
+        for line in event.lines:
+            self._touch(ctx, line.item_id, w_type, b_type, now, evidence)
+            if event.type == "add_to_cart":
+                ctx.cart[line.item_id] = ctx.cart.get(line.item_id, 0) + line.quantity
+            elif event.type == "purchase":
+                ctx.cart.pop(line.item_id, None)
+                ctx.bought.pop(line.item_id, None)
+                ctx.bought[line.item_id] = now
+        while len(ctx.bought) > cfg.bought_max:
+            del ctx.bought[next(iter(ctx.bought))]
+        return evidence
+
+    def _touch(
+        self, ctx: ShopperContext, item: str, w_type: float, b_type: float, now: float,
+        out: list[Evidence],
+    ) -> None:
+        cfg = self.config
+        old = ctx.items.pop(item, None)
+        w_old, b_old = (old.w, old.b) if old else (0.0, 0.0)
+        w_new, b_new = max(w_old, w_type), max(b_old, b_type)
+        if w_new > w_old or b_new > b_old:
+            out.append(("m", item, w_new - w_old, b_new - b_old, now))
+            for other, t in ctx.items.items():
+                f = 1.0 if t.session == ctx.session else cfg.history_factor
+                da = (min(w_new, t.w) - min(w_old, t.w)) * f
+                db = (min(b_new, t.b) - min(b_old, t.b)) * f
+                if da > 0 or db > 0:
+                    out.append(("p", item, other, da, db, now))
+                    out.append(("p", other, item, da, db, now))
+        ctx.items[item] = Touch(w_new, b_new, max(now, old.ts if old else now), ctx.session)
+        while len(ctx.items) > cfg.context_max_items:
+            del ctx.items[next(iter(ctx.items))]
+
+    def _expire(self, ctx: ShopperContext) -> None:
+        horizon = ctx.last_ts - self.config.history_s
+        for item in [k for k, t in ctx.items.items() if t.ts < horizon]:
+            del ctx.items[item]
+
+    def _evict(self) -> None:
+        """Drop the least recently active tenth of shoppers (by event time, ties by id)."""
+        n = max(1, len(self.users) // 10)
+        victims = sorted(self.users, key=lambda u: (self.users[u].last_ts, u))[:n]
+        for u in victims:
+            del self.users[u]
+            self.dirty.discard(u)
+            self.evicted.add(u)

@@ -1,0 +1,205 @@
+"""Item graph: decayed co-occurrence counts and the item lists built from them.
+
+Rows (an item's neighbours) are keyed by item, so each row lives in exactly one partition.
+Marginals (how strong each item is overall) are needed by every row that names the item, so
+every partition keeps all of them (they are small: three floats per item).
+
+Time decay is *forward decay*: an increment at event time ts is stored multiplied by
+2 ** ((ts - landmark) / half_life). Sums then never need touching as time passes; dividing by
+the same factor at "now" gives the decayed count. The landmark moves in fixed steps of event
+time, so two runs over the same events rebase at the same points.
+Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from models.config import ModelConfig
+from models.context import Evidence
+from models.scoring import association, round_sig
+
+KINDS = ("cross_sell", "alternatives")
+_REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
+
+
+class ItemGraph:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config or ModelConfig()
+        self.rows: dict[str, dict[str, list[float]]] = {}
+        self.marg: dict[str, list[float]] = {}  # item -> [all, buy, last event ts]
+        self.total = [0.0, 0.0]
+        self.landmark: float | None = None
+        self.now = 0.0
+        self.dirty: set[str] = set()  # rows changed since the caller last cleared it
+        self.dirty_marg: set[str] = set()  # marginals changed since the caller last cleared it
+        self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def _factor(self, ts: float) -> float:
+        h = self.config.half_life_s
+        step = h * _REBASE_STEP
+        if self.landmark is None:
+            self.landmark = math.floor(ts / step) * step
+        elif ts - self.landmark > 2 * step:
+            self._rebase(math.floor(ts / step) * step)
+        return 2.0 ** ((ts - self.landmark) / h)
+
+    def _rebase(self, landmark: float) -> None:
+        c = 2.0 ** (-(landmark - self.landmark) / self.config.half_life_s)
+        for m in self.marg.values():
+            m[0] *= c
+            m[1] *= c
+        for row in self.rows.values():
+            for v in row.values():
+                v[0] *= c
+                v[1] *= c
+        self.total = [self.total[0] * c, self.total[1] * c]
+        self.landmark = landmark
+
+    def apply(self, evidence: Iterable[Evidence]) -> None:
+        """Add evidence. Pair entries are for rows this graph owns; marginals for all items."""
+        for e in evidence:
+            if e[0] == "m":
+                _, item, da, db, ts = e
+                g = self._factor(ts)
+                m = self.marg.get(item)
+                if m is None:
+                    self.marg[item] = [da * g, db * g, ts]
+                else:
+                    m[0] += da * g
+                    m[1] += db * g
+                    m[2] = max(m[2], ts)
+                self.total[0] += da * g
+                self.total[1] += db * g
+                self.dirty_marg.add(item)
+            else:
+                _, item, other, da, db, ts = e
+                g = self._factor(ts)
+                row = self.rows.get(item)
+                if row is None:
+                    row = self.rows[item] = {}
+                v = row.get(other)
+                if v is None:
+                    row[other] = [da * g, db * g]
+                    if len(row) > self.config.max_neighbours:
+                        self._prune_row(row)
+                else:
+                    v[0] += da * g
+                    v[1] += db * g
+                self.dirty.add(item)
+            if ts > self.now:
+                self.now = ts
+        if len(self.marg) > self.config.max_items:
+            self._prune_items()
+
+    def _prune_row(self, row: dict[str, list[float]]) -> None:
+        """Keep the strongest three quarters of the neighbour bound (ties by id)."""
+        keep = sorted(row.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        keep = keep[: self.config.max_neighbours * 3 // 4]
+        row.clear()
+        row.update(keep)
+
+    def _prune_items(self) -> None:
+        """Forget the quarter of items seen least recently, with their rows."""
+        n = len(self.marg) - self.config.max_items * 3 // 4
+        victims = sorted(self.marg, key=lambda k: (self.marg[k][2], k))[:n]
+        for item in victims:
+            del self.marg[item]
+            self.dirty_marg.discard(item)
+            if self.rows.pop(item, None) is not None:
+                self.dirty.discard(item)
+                self.dropped.add(item)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def lists(self, item: str) -> dict[str, list[dict[str, Any]]]:
+        """Cross-sell and alternatives for `item`, as counted up to `self.now`."""
+        cfg = self.config
+        out: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+        row, mi = self.rows.get(item), self.marg.get(item)
+        if not row or mi is None or self.landmark is None:
+            return out
+        s = 2.0 ** (-(self.now - self.landmark) / cfg.half_life_s)
+        ni_a, ni_b = mi[0] * s, mi[1] * s
+        tot_a, tot_b = self.total[0] * s, self.total[1] * s
+        digits = cfg.score_digits
+        for other, (a, b) in row.items():
+            mj = self.marg.get(other)
+            if mj is None:
+                continue
+            a, b = a * s, b * s
+            if b >= cfg.min_support and ni_b > 0:
+                conf, lift, g2 = association(b, ni_b, mj[1] * s, tot_b)
+                if lift > 1.0 and g2 >= cfg.llr_min:
+                    out["cross_sell"].append(
+                        _entry(other, "cross_sell", conf, lift, g2, b, digits,
+                               f"bought together by {conf:.0%} of {item}'s buyers")
+                    )
+                    continue
+            if a >= cfg.min_support and b <= cfg.alt_max_buy_share * a:
+                conf, lift, g2 = association(a, ni_a, mj[0] * s, tot_a)
+                if lift > 1.0 and g2 >= cfg.llr_min:
+                    out["alternatives"].append(
+                        _entry(other, "alternatives", conf, lift, g2, a, digits,
+                               f"viewed together by {conf:.0%} of {item}'s viewers")
+                    )
+        for kind in KINDS:
+            out[kind].sort(key=lambda e: (-e["score"], e["item_id"]))
+            del out[kind][cfg.list_size :]
+        return out
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def row_json(self, item: str) -> bytes | None:
+        row = self.rows.get(item)
+        return None if row is None else orjson.dumps(row)
+
+    def load_row(self, item: str, raw: bytes | str) -> None:
+        self.rows[item] = orjson.loads(raw)
+
+    def marg_json(self, item: str) -> bytes | None:
+        m = self.marg.get(item)
+        return None if m is None else orjson.dumps(m)
+
+    def load_marg(self, item: str, raw: bytes | str) -> None:
+        self.marg[item] = orjson.loads(raw)
+
+    def meta(self) -> dict[str, Any]:
+        return {"total": self.total, "landmark": self.landmark, "now": self.now}
+
+    def load_meta(self, d: dict[str, Any]) -> None:
+        self.total, self.landmark, self.now = list(d["total"]), d["landmark"], d["now"]
+
+    def counts(self, item: str) -> dict[str, Any]:
+        """Decayed counts at `now`, for inspection and tests."""
+        if self.landmark is None:
+            return {}
+        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
+        m = self.marg.get(item, [0.0, 0.0, 0.0])
+        return {
+            "all": m[0] * s,
+            "buy": m[1] * s,
+            "pairs": {k: [v[0] * s, v[1] * s] for k, v in self.rows.get(item, {}).items()},
+        }
+
+
+def _entry(
+    item: str, kind: str, conf: float, lift: float, g2: float, support: float, digits: int,
+    reason: str,
+) -> dict[str, Any]:
+    return {
+        "item_id": item,
+        "score": round_sig(conf, digits),
+        "kind": kind,
+        "reason": reason,
+        "confidence": round_sig(conf, digits),
+        "lift": round_sig(lift, digits),
+        "llr": round_sig(g2, digits),
+        "support": round_sig(support, digits),
+    }

@@ -1,0 +1,63 @@
+"""Single-process recommender with a river-style API, built from the same parts the stream uses.
+
+Use it as a library, in notebooks and in the offline replay (`cartwise evaluate`). The stream
+splits the same work in two stages (shopper contexts by user, item graph by item); this class
+runs both stages in one process on one partition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cartwise.contract import CatalogItem, Event, validate_catalog, validate_event
+from models.config import ModelConfig
+from models.context import ContextBook
+from models.graph import KINDS, ItemGraph
+from models.ranking import anchors, rank_for_user
+
+
+class CrossSellRecommender:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config or ModelConfig()
+        self.contexts = ContextBook(self.config)
+        self.graph = ItemGraph(self.config)
+        self.catalog: dict[str, dict[str, Any]] = {}
+        self._lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    def learn_one(self, event: Event | dict[str, Any]) -> bool:
+        """Learn one event (validated if given as a dict). False when it was a duplicate."""
+        if isinstance(event, dict):
+            event = validate_event(event)
+        evidence = self.contexts.learn(event)
+        if evidence is None:
+            return False
+        self.graph.apply(evidence)
+        return True
+
+    def learn_catalog(self, item: CatalogItem | dict[str, Any]) -> None:
+        if isinstance(item, dict):
+            item = validate_catalog(item)
+        self.catalog[item.item_id] = item.as_dict()
+
+    def _refresh(self) -> None:
+        """Recompute lists of changed rows, as the stream does after each batch."""
+        for item in self.graph.dirty:
+            self._lists[item] = self.graph.lists(item)
+        for item in self.graph.dropped:
+            self._lists.pop(item, None)
+        self.graph.dirty.clear()
+        self.graph.dropped.clear()
+
+    def related(self, item_id: str, kind: str = "cross_sell", k: int = 10) -> list[dict]:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self._refresh()
+        return self._lists.get(item_id, {}).get(kind, [])[:k]
+
+    def recommend(self, user_id: str, k: int = 10) -> list[dict[str, Any]]:
+        ctx = self.contexts.get(user_id)
+        if ctx is None:
+            return []
+        self._refresh()
+        lists = {a: self._lists.get(a) for a in anchors(ctx)}
+        return rank_for_user(ctx, lists, self.catalog, k, self.config.score_digits)

@@ -1,0 +1,42 @@
+"""Association measures on (weighted, decayed) co-occurrence counts."""
+
+from __future__ import annotations
+
+import math
+
+
+def _xlogx(x: float) -> float:
+    return x * math.log(x) if x > 0 else 0.0
+
+
+def llr(k11: float, k12: float, k21: float, k22: float) -> float:
+    """Dunning's log-likelihood ratio (G^2) of a 2x2 table; ~chi-square with 1 dof.
+
+    k11: both, k12: first without second, k21: second without first, k22: neither.
+    Negative cells (from rounding of decayed counts) are clipped to zero.
+    """
+    k11, k12, k21, k22 = (max(0.0, k) for k in (k11, k12, k21, k22))
+    n = k11 + k12 + k21 + k22
+    if n <= 0:
+        return 0.0
+    cells = _xlogx(k11) + _xlogx(k12) + _xlogx(k21) + _xlogx(k22)
+    rows = _xlogx(k11 + k12) + _xlogx(k21 + k22)
+    cols = _xlogx(k11 + k21) + _xlogx(k12 + k22)
+    return max(0.0, 2.0 * (cells - rows - cols + _xlogx(n)))
+
+
+def association(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float, float]:
+    """(confidence i->j, lift, LLR) from the pair count, both marginals and the total."""
+    if n_i <= 0 or n_j <= 0 or total <= 0:
+        return 0.0, 0.0, 0.0
+    conf = min(1.0, pair / n_i)
+    lift = conf / min(1.0, n_j / total)
+    g2 = llr(pair, n_i - pair, n_j - pair, total - n_i - n_j + pair)
+    return conf, lift, g2
+
+
+def round_sig(x: float, digits: int) -> float:
+    """Round to significant digits so float summation order cannot reorder a list."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
