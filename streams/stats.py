@@ -1,0 +1,43 @@
+"""Worker counters and freshness samples, published to Redis for `cartwise stats` and bench."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+
+FRESHNESS_SAMPLES = 20_000
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+class Stats:
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.started = time.time()
+        self.counters: Counter[str] = Counter()
+        # Seconds from the event's broker timestamp to its suggestions being written in Redis.
+        self.freshness: dict[str, deque[float]] = {
+            "user": deque(maxlen=FRESHNESS_SAMPLES),
+            "item": deque(maxlen=FRESHNESS_SAMPLES),
+        }
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def observe(self, kind: str, seconds: float) -> None:
+        self.freshness[kind].append(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        fresh = {}
+        for kind, samples in self.freshness.items():
+            s = sorted(samples)
+            fresh[kind] = {"n": len(s), "p50": percentile(s, 0.5), "p99": percentile(s, 0.99),
+                           "max": s[-1] if s else None}
+        return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
+                "counters": dict(self.counters), "freshness_s": fresh}

@@ -1,0 +1,145 @@
+"""Redis side of the workers: key names, the checkpoint transaction and state loading.
+
+Every batch ends in one atomic step (a Lua script): compare the partition's stored input offset
+with the one this worker loaded, and only if they match write the new offset, the changed
+state and the suggestion lists together. A worker that lost the partition (or replays after a
+crash) can therefore never overwrite newer state. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+_CHECKPOINT_LUA = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return {0, cur} end
+redis.call('SET', KEYS[1], ARGV[2])
+local i, n = 3, #ARGV
+while i <= n do
+  local op = ARGV[i]
+  if op == 'H' then redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  elseif op == 'D' then redis.call('HDEL', ARGV[i+1], ARGV[i+2]); i = i + 3
+  elseif op == 'S' then redis.call('SET', ARGV[i+1], ARGV[i+2]); i = i + 3
+  elseif op == 'X' then redis.call('DEL', ARGV[i+1]); i = i + 2
+  elseif op == 'I' then redis.call('INCR', ARGV[i+1]); i = i + 2
+  else return redis.error_reply('cartwise checkpoint: unknown op ' .. op) end
+end
+return {1, ARGV[2]}
+"""
+
+
+class Keys:
+    """The Redis key contract (docs/redis.md). One place builds every key name."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}item:{item_id}"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}"
+
+    @property
+    def catalog(self) -> str:
+        return f"{self.prefix}catalog"
+
+    @property
+    def lists_version(self) -> str:
+        return f"{self.prefix}state:lists_version"
+
+    def offset(self, stage: str, partition: int) -> str:
+        return f"{self.prefix}state:offset:{stage}:{partition}"
+
+    def contexts(self, partition: int) -> str:
+        return f"{self.prefix}state:ctx:{partition}"
+
+    def rows(self, partition: int) -> str:
+        return f"{self.prefix}state:rows:{partition}"
+
+    def marginals(self, partition: int) -> str:
+        return f"{self.prefix}state:marg:{partition}"
+
+    def meta(self, partition: int) -> str:
+        return f"{self.prefix}state:meta:{partition}"
+
+    def settled(self, partition: int) -> str:
+        return f"{self.prefix}state:settled:{partition}"
+
+    def refreshed(self, partition: int) -> str:
+        return f"{self.prefix}state:refreshed:{partition}"
+
+    def stats(self, worker_id: str) -> str:
+        return f"{self.prefix}stats:{worker_id}"
+
+    @property
+    def stats_pattern(self) -> str:
+        return f"{self.prefix}stats:*"
+
+
+class Ops:
+    """Writes collected during a batch, applied by the checkpoint script in one step."""
+
+    __slots__ = ("args",)
+
+    def __init__(self) -> None:
+        self.args: list[str | bytes] = []
+
+    def hset(self, key: str, field: str, value: bytes | str) -> None:
+        self.args += ("H", key, field, value)
+
+    def hdel(self, key: str, field: str) -> None:
+        self.args += ("D", key, field)
+
+    def set(self, key: str, value: bytes | str) -> None:
+        self.args += ("S", key, value)
+
+    def incr(self, key: str) -> None:
+        self.args += ("I", key)
+
+
+class Store:
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self._checkpoint = redis.register_script(_CHECKPOINT_LUA)
+
+    async def offset(self, stage: str, partition: int) -> int:
+        raw = await self.redis.get(self.keys.offset(stage, partition))
+        return -1 if raw is None else int(raw)
+
+    async def checkpoint(
+        self, stage: str, partition: int, expected: int, new: int, ops: Ops
+    ) -> tuple[bool, int]:
+        """Atomically move the offset from `expected` to `new` and apply `ops`.
+
+        Returns (True, new) or (False, offset found) when someone else moved it.
+        """
+        exp = "" if expected < 0 else str(expected)
+        ok, found = await self._checkpoint(
+            keys=[self.keys.offset(stage, partition)], args=[exp, str(new), *ops.args]
+        )
+        return bool(ok), (-1 if found in (b"", "") else int(found))
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        raw = await self.redis.hgetall(key)
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def get_json(self, key: str) -> Any:
+        raw = await self.redis.get(key)
+        return None if raw is None else orjson.loads(raw)
+
+    async def item_lists(self, items: list[str]) -> dict[str, dict | None]:
+        if not items:
+            return {}
+        raws = await self.redis.mget([self.keys.item(i) for i in items])
+        return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}
+
+    async def catalog_facts(self, items: list[str]) -> dict[str, dict | None]:
+        if not items:
+            return {}
+        raws = await self.redis.hmget(self.keys.catalog, items)
+        return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}

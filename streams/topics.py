@@ -1,0 +1,46 @@
+"""Topic layout (docs/events.md): created up front so partition counts are what we chose."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from cartwise.settings import Settings
+
+log = logging.getLogger("cartwise.topics")
+
+
+def topic_plan(settings: Settings) -> dict[str, int]:
+    p = settings.partitions
+    return {settings.events_topic: p, settings.pairs_topic: p, settings.catalog_topic: p,
+            settings.dlq_topic: 1}
+
+
+def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:
+    """Create missing topics; waits for the broker up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap,
+                                     client_id=f"{settings.app_id}-admin")
+            break
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for broker %s: %s", settings.bootstrap, exc)
+            time.sleep(1)
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, n, 1) for name, n in topic_plan(settings).items()
+                   if name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
