@@ -48,6 +48,11 @@ class CrossSellRecommender:
         self.graph.dirty.clear()
         self.graph.dropped.clear()
 
+    def settle(self) -> None:
+        """Recompute every list against the current counts (the stream does this when idle)."""
+        self.graph.dirty.update(self.graph.rows)
+        self._refresh()
+
     def related(self, item_id: str, kind: str = "cross_sell", k: int = 10) -> list[dict]:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

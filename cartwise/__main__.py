@@ -1,0 +1,5 @@
+import sys
+
+from cartwise.cli import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""`cartwise` command line: demo, worker, simulate, show, stats (docs/operations.md)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+
+from cartwise.settings import Settings
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cartwise.worker import run_worker
+
+    run_worker(Settings.from_env(), loglevel=args.loglevel)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cartwise.producer import EventProducer
+    from cartwise.simulator import Shop
+
+    settings = Settings.from_env()
+    shop = Shop(seed=args.seed)
+    with EventProducer(settings.bootstrap, settings.events_topic, settings.catalog_topic) as p:
+        simulate(p, shop, rate=args.rate, seconds=args.seconds, users=args.users)
+    return 0
+
+
+def simulate(producer: object, shop: object, rate: float, seconds: float | None,
+             users: int = 1_000_000, bad_rate: float = 0.005, dup_rate: float = 0.005,
+             stop: list[bool] | None = None) -> int:
+    """Send the catalog, then live traffic at `rate` events/s (event time = wall time)."""
+    for item in shop.catalog:
+        producer.catalog(item)
+    producer.flush()
+    started = time.time()
+    sent = 0
+    for ev in shop.events(users, start_ts=started, mean_gap_s=0.0, bad_rate=bad_rate,
+                          dup_rate=dup_rate):
+        if stop and stop[0]:
+            break
+        now = time.time()
+        if seconds is not None and now - started >= seconds:
+            break
+        ahead = started + sent / rate - now
+        if ahead > 0:
+            time.sleep(ahead)
+        if isinstance(ev, bytes):
+            producer.send_raw(ev)
+        else:
+            ev["ts"] = time.time()
+            producer.send(ev)
+        sent += 1
+    producer.flush()
+    return sent
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from streams.store import Keys
+
+    settings = Settings.from_env()
+    keys = Keys(settings.prefix)
+    key = keys.item(args.id) if args.what == "item" else keys.user(args.id)
+    raw = _redis(settings).get(key)
+    if raw is None:
+        print(f"no suggestions yet under {key}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from streams.store import Keys
+
+    settings = Settings.from_env()
+    r = _redis(settings)
+    keys = sorted(r.scan_iter(Keys(settings.prefix).stats_pattern))
+    if not keys:
+        print("no worker has published stats yet", file=sys.stderr)
+        return 1
+    for key in keys:
+        raw = r.get(key)
+        if raw:
+            print(orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cartwise.embedded import EmbeddedStack
+    from cartwise.producer import EventProducer
+    from cartwise.simulator import Shop
+    from streams.topics import ensure_topics
+
+    workdir = Path(".cartwise/demo").resolve()
+    stack = EmbeddedStack(workdir=workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print("cartwise demo: starting Tansu broker and redis-server ...", flush=True)
+    stack.start()
+    settings = Settings.from_env(broker=stack.broker, redis_url=stack.redis_url,
+                                 session_timeout_s=10.0, rebalance_timeout_s=10.0,
+                                 heartbeat_interval_s=1.0)
+    ensure_topics(settings)
+    env = dict(os.environ, CARTWISE_BROKER=stack.broker, CARTWISE_REDIS_URL=stack.redis_url,
+               CARTWISE_SESSION_TIMEOUT_S="10", CARTWISE_REBALANCE_TIMEOUT_S="10",
+               CARTWISE_HEARTBEAT_INTERVAL_S="1")
+    worker_log = open(workdir / "worker.log", "ab")  # noqa: SIM115
+    worker = subprocess.Popen([sys.executable, "-m", "cartwise", "worker"], env=env,
+                              stdout=worker_log, stderr=subprocess.STDOUT)
+    stop = [False]
+
+    def on_signal(*_: object) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"""
+  broker (Kafka protocol)  {stack.broker}
+  redis                    {stack.redis_url}
+  worker log               {workdir / 'worker.log'}
+  traffic                  {args.rate:g} simulated events/s, with a few invalid and duplicate ones
+
+Where to look, in another terminal:
+  export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
+  .venv/bin/cartwise show item pho-000      # cross-sell and alternatives for an item
+  .venv/bin/cartwise show user u-00003      # a shopper's "you may also need" list
+  .venv/bin/cartwise stats                  # counters, dead letters, freshness
+
+Ctrl-C stops everything.
+""", flush=True)
+
+
+    def traffic() -> None:
+        try:
+            with EventProducer(settings.bootstrap, settings.events_topic,
+                               settings.catalog_topic) as producer:
+                simulate(producer, Shop(seed=args.seed), rate=args.rate, seconds=None, stop=stop)
+        finally:
+            if not stop[0]:
+                print("traffic simulator stopped unexpectedly", file=sys.stderr, flush=True)
+                stop[0] = True
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    r = _redis(settings)
+    try:
+        while not stop[0]:
+            for _ in range(50):
+                if stop[0] or worker.poll() is not None:
+                    break
+                time.sleep(0.1)
+            if worker.poll() is not None:
+                print(f"worker exited with {worker.returncode}; see {workdir / 'worker.log'}")
+                return 1
+            _print_status(r, settings)
+    finally:
+        print("\nstopping ...", flush=True)
+        stop[0] = True
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        thread.join(5)
+        stack.stop()
+    return 0
+
+
+def _print_status(r: redis.Redis, settings: Settings) -> None:
+    from streams.store import Keys
+
+    keys = Keys(settings.prefix)
+    counters: dict[str, int] = {}
+    fresh = None
+    for key in r.scan_iter(keys.stats_pattern):
+        raw = r.get(key)
+        if raw:
+            snap = orjson.loads(raw)
+            for k, v in snap["counters"].items():
+                counters[k] = counters.get(k, 0) + v
+            fresh = snap["freshness_s"]["user"]
+    applied = sum(v for k, v in counters.items() if k.startswith("applied."))
+    dlq = sum(v for k, v in counters.items() if k.startswith("dlq."))
+    p99 = f"{fresh['p99'] * 1000:.0f} ms" if fresh and fresh["p99"] is not None else "-"
+    items = sum(1 for _ in r.scan_iter(keys.item("*"), count=1000))
+    print(f"{time.strftime('%H:%M:%S')}  applied {applied}  duplicates "
+          f"{counters.get('duplicate', 0)}  dead-lettered {dlq}  item lists {items}  "
+          f"freshness p99 {p99}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cartwise", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run broker, Redis, worker and simulated traffic")
+    p.add_argument("--rate", type=float, default=50.0, help="simulated events per second")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("worker", help="run one stream worker (settings from CARTWISE_*)")
+    p.add_argument("--loglevel", default="WARNING")
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("simulate", help="send simulated shop traffic to the broker")
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("show", help="print the suggestions stored for an item or a shopper")
+    p.add_argument("what", choices=["item", "user"])
+    p.add_argument("id")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("stats", help="print worker counters and freshness")
+    p.set_defaults(func=cmd_stats)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

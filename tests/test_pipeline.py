@@ -1,0 +1,114 @@
+"""End to end on the real broker and Redis: events in, suggestions out, bad input dead-lettered."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import redis
+from kafka import KafkaConsumer
+
+from cartwise.harness import produce, snapshot, wait_complete
+from cartwise.simulator import Shop
+from models import CrossSellRecommender
+from streams.topics import ensure_topics
+
+START = 1_750_000_000.0
+
+
+def oracle(events: list, catalog: list) -> CrossSellRecommender:
+    """The single-process library fed the same events: what the stream must agree with."""
+    rec = CrossSellRecommender()
+    for item in catalog:
+        rec.learn_catalog(item)
+    for e in events:
+        if isinstance(e, dict):
+            rec.learn_one(e)
+    rec.settle()
+    return rec
+
+
+@pytest.fixture(scope="module")
+def traffic() -> tuple[list, list]:
+    shop = Shop(seed=3)
+    events = list(shop.events(250, start_ts=START, bad_rate=0.01, dup_rate=0.02))
+    return events, shop.catalog
+
+
+def test_events_become_suggestions_that_match_the_library(make_settings, workers, traffic):
+    events, catalog = traffic
+    settings = make_settings("e2e")
+    ensure_topics(settings)
+    ends = produce(settings, events, catalog)
+    w = workers(settings)
+    wait_complete(settings, ends, procs=[w])
+    snap = snapshot(settings)
+    ref = oracle(events, catalog)
+
+    # Item lists: the stream's equal the library's, list for list.
+    assert snap["items"], "no item lists were written"
+    for item in ref.graph.rows:
+        expected = ref.graph.lists(item)
+        got = snap["items"].get(f"item:{item}")
+        assert got is not None, item
+        assert got["cross_sell"] == expected["cross_sell"], item
+        assert got["alternatives"] == expected["alternatives"], item
+    assert any(d["cross_sell"] for d in snap["items"].values())
+    assert any(d["alternatives"] for d in snap["items"].values())
+
+    # Shopper lists: same ranking as the library's recommend().
+    users = {e["user_id"] for e in events if isinstance(e, dict)}
+    assert {k.removeprefix("user:") for k in snap["users"]} == users
+    non_empty = 0
+    for user in users:
+        got = snap["users"][f"user:{user}"]["items"]
+        assert got == ref.recommend(user, k=20), user
+        non_empty += bool(got)
+    assert non_empty > len(users) // 2
+
+    # Counters: every valid event applied once, duplicates counted, bad ones dead-lettered.
+    r = redis.Redis.from_url(settings.redis_url)
+    stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
+    counters: dict[str, int] = {}
+    for s in stats:
+        for k, v in s["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+    valid = [e for e in events if isinstance(e, dict)]
+    unique = {e["event_id"] for e in valid}
+    applied = sum(v for k, v in counters.items() if k.startswith("applied."))
+    assert applied == len(unique)
+    assert counters.get("duplicate", 0) == len(valid) - len(unique) > 0
+    bad = [e for e in events if isinstance(e, bytes)]
+    assert sum(v for k, v in counters.items() if k.startswith("dlq.")) == len(bad) > 0
+
+
+def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settings, workers):
+    settings = make_settings("dlq")
+    ensure_topics(settings)
+    bad = {
+        b"{oops": "bad_json",
+        b"[]": "not_an_object",
+        b'{"event_id":"1","type":"teleport","user_id":"u","item_id":"i","ts":1.7e9}':
+            "unknown_type",
+        b'{"event_id":"2","type":"view","item_id":"i","ts":1.7e9}': "missing_field",
+        b'{"event_id":"3","type":"view","user_id":"u","item_id":"i","ts":1.7e9,"price":-1}':
+            "negative_price",
+        b'{"event_id":"4","type":"view","user_id":"u","item_id":7.5,"ts":1.7e9}': "wrong_type",
+        b'{"event_id":"5","type":"view","user_id":"u","item_id":"i","ts":1.7e12}':
+            "bad_timestamp",
+        b'{"pad":"' + b"x" * 70_000 + b'"}': "oversized",
+    }
+    good = {"event_id": "ok-1", "type": "view", "user_id": "u", "item_id": "i", "ts": START}
+    ends = produce(settings, [*bad, good])
+    w = workers(settings)
+    wait_complete(settings, ends, procs=[w])
+    consumer = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    got = {}
+    for m in consumer:
+        headers = dict(m.headers)
+        got[m.value] = headers["cartwise-reason"].decode()
+        assert headers["cartwise-source"].startswith(settings.events_topic.encode())
+    consumer.close()
+    assert got == bad
+    ctx = snapshot(settings)["contexts"]
+    assert list(ctx) == ["u"] and [i[0] for i in ctx["u"]["i"]] == ["i"]
