@@ -120,7 +120,9 @@ def snapshot(settings: Settings) -> dict[str, Any]:
         out = {}
         for key in r.scan_iter(pattern, count=1000):
             d = orjson.loads(r.get(key))
+            # When a list was written, not what it says: an unchanged list is not rewritten.
             d.pop("generated_at", None)
+            d.pop("as_of", None)
             out[key.decode().removeprefix(settings.prefix)] = d
         return out
 

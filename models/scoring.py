@@ -5,24 +5,25 @@ from __future__ import annotations
 import math
 
 
-def _xlogx(x: float) -> float:
-    return x * math.log(x) if x > 0 else 0.0
-
-
 def llr(k11: float, k12: float, k21: float, k22: float) -> float:
     """Dunning's log-likelihood ratio (G^2) of a 2x2 table; ~chi-square with 1 dof.
 
     k11: both, k12: first without second, k21: second without first, k22: neither.
+    Written as 2 * sum(k * ln(k / expected)) rather than the entropy form: with decayed counts
+    in the millions the entropy form subtracts huge, nearly equal numbers and keeps only ~7
+    significant digits, enough to make two runs over the same events disagree.
     Negative cells (from rounding of decayed counts) are clipped to zero.
     """
     k11, k12, k21, k22 = (max(0.0, k) for k in (k11, k12, k21, k22))
     n = k11 + k12 + k21 + k22
     if n <= 0:
         return 0.0
-    cells = _xlogx(k11) + _xlogx(k12) + _xlogx(k21) + _xlogx(k22)
-    rows = _xlogx(k11 + k12) + _xlogx(k21 + k22)
-    cols = _xlogx(k11 + k21) + _xlogx(k12 + k22)
-    return max(0.0, 2.0 * (cells - rows - cols + _xlogx(n)))
+    r1, r2, c1, c2 = k11 + k12, k21 + k22, k11 + k21, k12 + k22
+    g2 = 0.0
+    for k, r, c in ((k11, r1, c1), (k12, r1, c2), (k21, r2, c1), (k22, r2, c2)):
+        if k > 0:
+            g2 += k * math.log(k * n / (r * c))
+    return max(0.0, 2.0 * g2)
 
 
 def association(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float, float]:
