@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import threading
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 

@@ -19,11 +19,11 @@ import orjson
 from kafka import KafkaProducer
 
 from cartwise.contract import (
+    MAX_EVENT_BYTES,
     ContractError,
     event_to_dict,
     validate_catalog,
     validate_event,
-    MAX_EVENT_BYTES,
 )
 
 __all__ = ["ContractError", "EventProducer"]

@@ -91,7 +91,8 @@ class Shop:
                 basket.pop()
             if rng.random() < 0.6:
                 lines = [{"item_id": i, "quantity": 1, "price": self.prices[i]} for i in basket]
-                out.append(("purchase", None, {"items": lines, "order_id": f"o-{rng.random():.8f}"}))
+                order = {"items": lines, "order_id": f"o-{rng.random():.8f}"}
+                out.append(("purchase", None, order))
         return out
 
     @staticmethod
@@ -99,7 +100,8 @@ class Shop:
         return rng.choice([
             b"{not json",
             b'{"type": "view", "user_id": "u-x", "ts": 1700000000}',
-            b'{"event_id": "b%d", "type": "teleport", "user_id": "u", "item_id": "i", "ts": 1.7e9}' % n,
+            b'{"event_id": "b%d", "type": "teleport", "user_id": "u", "item_id": "i",'
+            b' "ts": 1.7e9}' % n,
             b'{"event_id": "b%d", "type": "purchase", "user_id": "u", "ts": 1.7e9,'
             b' "items": [{"item_id": "i", "price": -3}]}' % n,
             b"[1, 2, 3]",

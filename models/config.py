@@ -29,7 +29,7 @@ class ModelConfig:
     max_items: int = 200_000
     # List building.
     list_size: int = 50
-    min_support: float = 2.0
+    min_support: float = 2.0  # shopper contexts (decayed) in which the pair occurred
     llr_min: float = 6.63  # chi-square, 1 dof, p < 0.01
     alt_max_buy_share: float = 0.2
     score_digits: int = 9

@@ -20,7 +20,9 @@ BUY_TYPES = frozenset({"add_to_cart", "purchase"})
 
 # Evidence entries, compact because they cross the internal pairs topic:
 #   ("m", item, d_all, d_buy, ts)            item entered a context / got stronger
-#   ("p", item, other, d_all, d_buy, ts)     the pair (item, other) got stronger
+#   ("p", item, other, d_all, d_buy, n_all, n_buy, ts)
+#                                            the pair (item, other) got stronger; n_* is 1 when
+#                                            the pair is new in this context (counts shoppers)
 Evidence = tuple
 
 
@@ -154,8 +156,10 @@ class ContextBook:
                 da = (min(w_new, t.w) - min(w_old, t.w)) * f
                 db = (min(b_new, t.b) - min(b_old, t.b)) * f
                 if da > 0 or db > 0:
-                    out.append(("p", item, other, da, db, now))
-                    out.append(("p", other, item, da, db, now))
+                    na = f if w_old == 0 else 0.0
+                    nb = f if db > 0 and min(b_old, t.b) == 0 else 0.0
+                    out.append(("p", item, other, da, db, na, nb, now))
+                    out.append(("p", other, item, da, db, na, nb, now))
         ctx.items[item] = Touch(w_new, b_new, max(now, old.ts if old else now), ctx.session)
         while len(ctx.items) > cfg.context_max_items:
             del ctx.items[next(iter(ctx.items))]

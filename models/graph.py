@@ -57,8 +57,8 @@ class ItemGraph:
             m[1] *= c
         for row in self.rows.values():
             for v in row.values():
-                v[0] *= c
-                v[1] *= c
+                for n in range(4):
+                    v[n] *= c
         self.total = [self.total[0] * c, self.total[1] * c]
         self.landmark = landmark
 
@@ -79,19 +79,21 @@ class ItemGraph:
                 self.total[1] += db * g
                 self.dirty_marg.add(item)
             else:
-                _, item, other, da, db, ts = e
+                _, item, other, da, db, na, nb, ts = e
                 g = self._factor(ts)
                 row = self.rows.get(item)
                 if row is None:
                     row = self.rows[item] = {}
                 v = row.get(other)
                 if v is None:
-                    row[other] = [da * g, db * g]
+                    row[other] = [da * g, db * g, na * g, nb * g]
                     if len(row) > self.config.max_neighbours:
                         self._prune_row(row)
                 else:
                     v[0] += da * g
                     v[1] += db * g
+                    v[2] += na * g
+                    v[3] += nb * g
                 self.dirty.add(item)
             if ts > self.now:
                 self.now = ts
@@ -129,24 +131,25 @@ class ItemGraph:
         ni_a, ni_b = mi[0] * s, mi[1] * s
         tot_a, tot_b = self.total[0] * s, self.total[1] * s
         digits = cfg.score_digits
-        for other, (a, b) in row.items():
+        for other, (a, b, na, nb) in row.items():
             mj = self.marg.get(other)
             if mj is None:
                 continue
-            a, b = a * s, b * s
-            if b >= cfg.min_support and ni_b > 0:
+            a, b, na, nb = a * s, b * s, na * s, nb * s
+            # Support is counted in shopper contexts, not weights: one keen shopper is noise.
+            if nb >= cfg.min_support and ni_b > 0:
                 conf, lift, g2 = association(b, ni_b, mj[1] * s, tot_b)
                 if lift > 1.0 and g2 >= cfg.llr_min:
                     out["cross_sell"].append(
-                        _entry(other, "cross_sell", conf, lift, g2, b, digits,
+                        _entry(other, "cross_sell", conf, lift, g2, nb, digits,
                                f"bought together by {conf:.0%} of {item}'s buyers")
                     )
                     continue
-            if a >= cfg.min_support and b <= cfg.alt_max_buy_share * a:
+            if na >= cfg.min_support and b <= cfg.alt_max_buy_share * a:
                 conf, lift, g2 = association(a, ni_a, mj[0] * s, tot_a)
                 if lift > 1.0 and g2 >= cfg.llr_min:
                     out["alternatives"].append(
-                        _entry(other, "alternatives", conf, lift, g2, a, digits,
+                        _entry(other, "alternatives", conf, lift, g2, na, digits,
                                f"viewed together by {conf:.0%} of {item}'s viewers")
                     )
         for kind in KINDS:
@@ -185,7 +188,7 @@ class ItemGraph:
         return {
             "all": m[0] * s,
             "buy": m[1] * s,
-            "pairs": {k: [v[0] * s, v[1] * s] for k, v in self.rows.get(item, {}).items()},
+            "pairs": {k: [x * s for x in v] for k, v in self.rows.get(item, {}).items()},
         }
 
 

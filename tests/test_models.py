@@ -1,0 +1,239 @@
+"""Pure model logic: contexts and their evidence, decayed counts, list building, ranking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cartwise.contract import ContractError, validate_event
+from models import ContextBook, CrossSellRecommender, ItemGraph, ModelConfig, ShopperContext
+from models.ranking import rank_for_user
+
+T0 = 1_700_000_000.0
+DAY = 86400.0
+
+
+def event(n, etype, item, user="u", ts=T0, session="s1", **kw):
+    d = {"event_id": f"e{n}", "type": etype, "user_id": user, "item_id": item, "ts": ts, **kw}
+    if session:
+        d["session_id"] = session
+    return validate_event(d)
+
+
+# -- contexts -------------------------------------------------------------------------------
+
+
+def test_evidence_follows_event_weights_and_channels():
+    book = ContextBook()
+    assert book.learn(event(1, "view", "A")) == [("m", "A", 1.0, 0.0, T0)]
+    assert book.learn(event(2, "view", "B")) == [
+        ("m", "B", 1.0, 0.0, T0),
+        ("p", "B", "A", 1.0, 0.0, 1.0, 0.0, T0), ("p", "A", "B", 1.0, 0.0, 1.0, 0.0, T0)]
+    # Carting B: stronger in both channels, but A was only viewed, so no pair grows.
+    assert book.learn(event(3, "add_to_cart", "B")) == [("m", "B", 2.0, 3.0, T0)]
+    # Carting A too: now the pair is a buy-together pair.
+    assert book.learn(event(4, "add_to_cart", "A")) == [
+        ("m", "A", 2.0, 3.0, T0),
+        ("p", "A", "B", 2.0, 3.0, 0.0, 1.0, T0), ("p", "B", "A", 2.0, 3.0, 0.0, 1.0, T0)]
+    # Buying both (purchase weight 5) adds the difference only.
+    order = validate_event({"event_id": "e5", "type": "purchase", "user_id": "u", "ts": T0,
+                            "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
+    assert book.learn(order) == [
+        ("m", "A", 2.0, 2.0, T0),
+        ("m", "B", 2.0, 2.0, T0),
+        ("p", "B", "A", 2.0, 2.0, 0.0, 0.0, T0), ("p", "A", "B", 2.0, 2.0, 0.0, 0.0, T0)]
+    ctx = book.get("u")
+    assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
+
+
+def test_duplicates_are_applied_once():
+    book = ContextBook()
+    assert book.learn(event(1, "view", "A")) is not None
+    assert book.learn(event(1, "view", "A")) is None
+    assert list(book.get("u").seen) == ["e1"]
+
+
+def test_earlier_sessions_count_less_and_old_items_leave():
+    cfg = ModelConfig()
+    book = ContextBook(cfg)
+    book.learn(event(1, "view", "A", session="s1"))
+    out = book.learn(event(2, "view", "B", session="s2", ts=T0 + 3600))
+    f = cfg.history_factor
+    assert ("p", "B", "A", f, 0.0, f, 0.0, T0 + 3600) in out
+    later = T0 + cfg.history_s + 7200
+    out = book.learn(event(3, "view", "C", session="s3", ts=later))
+    assert out == [("m", "C", 1.0, 0.0, later)]
+    assert list(book.get("u").items) == ["C"]
+
+
+def test_sessions_are_derived_from_gaps_when_apps_send_none():
+    cfg = ModelConfig()
+    book = ContextBook(cfg)
+    book.learn(event(1, "view", "A", session=None))
+    book.learn(event(2, "view", "B", session=None, ts=T0 + 60))
+    book.learn(event(3, "view", "C", session=None, ts=T0 + 60 + cfg.session_gap_s + 1))
+    sessions = [t.session for t in book.get("u").items.values()]
+    assert sessions[0] == sessions[1] != sessions[2]
+
+
+def test_cart_follows_add_and_remove():
+    book = ContextBook()
+    book.learn(event(1, "add_to_cart", "A", quantity=3))
+    book.learn(event(2, "remove_from_cart", "A", quantity=1))
+    assert book.get("u").cart == {"A": 2}
+    book.learn(event(3, "remove_from_cart", "A", quantity=5))
+    assert book.get("u").cart == {}
+
+
+def test_memory_bounds_on_context_items_and_shoppers():
+    cfg = ModelConfig(context_max_items=3, max_users=10)
+    book = ContextBook(cfg)
+    for n, item in enumerate("ABCDE"):
+        book.learn(event(n, "view", item, ts=T0 + n))
+    assert list(book.get("u").items) == ["C", "D", "E"]
+    for n in range(25):
+        book.learn(event(100 + n, "view", "A", user=f"x{n:02d}", ts=T0 + 100 + n))
+    assert len(book.users) <= 10
+    assert "x24" in book.users and "x00" not in book.users and "x00" in book.evicted
+
+
+def test_context_round_trips_through_json():
+    book = ContextBook()
+    book.learn(event(1, "add_to_cart", "A"))
+    book.learn(event(2, "view", "B"))
+    ctx = book.get("u")
+    assert ShopperContext.from_json(ctx.to_json()) == ctx
+
+
+# -- item graph -----------------------------------------------------------------------------
+
+
+def test_counts_halve_every_half_life_across_rebases():
+    cfg = ModelConfig(half_life_s=DAY)
+    g = ItemGraph(cfg)
+    g.apply([("m", "A", 8.0, 0.0, T0), ("p", "A", "B", 8.0, 4.0, 1.0, 1.0, T0)])
+    for days in (1, 3, 40):  # 40 half-lives crosses the rebase step
+        g.apply([("m", "Z", 0.0, 0.0, T0 + days * DAY)])
+        c = g.counts("A")
+        assert math.isclose(c["all"], 8.0 * 2.0**-days, rel_tol=1e-12)
+        assert math.isclose(c["pairs"]["B"][1], 4.0 * 2.0**-days, rel_tol=1e-12)
+
+
+def _graph_from(pairs, buy=True, config=None):
+    """Baskets as lists of items; each basket one shopper carting (or viewing) them all."""
+    rec = CrossSellRecommender(config or ModelConfig(llr_min=3.84))
+    n = 0
+    for u, basket in enumerate(pairs):
+        for item in basket:
+            n += 1
+            rec.learn_one({"event_id": str(n), "type": "add_to_cart" if buy else "view",
+                           "user_id": f"u{u}", "item_id": item, "ts": T0 + n})
+    rec.settle()
+    return rec
+
+
+def test_a_single_co_occurrence_never_becomes_a_suggestion():
+    baskets = [["A", "B"]] + [[f"x{i}", f"y{i}"] for i in range(50)] * 3
+    rec = _graph_from(baskets)
+    assert rec.related("A") == []
+
+
+def test_complements_and_alternatives_are_told_apart():
+    baskets = [["phone", "case"]] * 20 + [["tv", f"n{i}"] for i in range(40)]
+    views = [["laptopA", "laptopB"]] * 15 + [["tv", f"v{i}"] for i in range(40)]
+    rec = CrossSellRecommender(ModelConfig(llr_min=3.84))
+    n = 0
+    for u, basket in enumerate(baskets + views):
+        etype = "add_to_cart" if u < len(baskets) else "view"
+        for item in basket:
+            n += 1
+            rec.learn_one({"event_id": str(n), "type": etype, "user_id": f"u{u}",
+                           "item_id": item, "ts": T0 + n})
+    rec.settle()
+    cross = rec.related("phone", "cross_sell")
+    assert [e["item_id"] for e in cross] == ["case"]
+    assert cross[0]["kind"] == "cross_sell" and cross[0]["lift"] > 1 and cross[0]["llr"] > 3.84
+    assert "100% of phone's buyers" in cross[0]["reason"]
+    assert rec.related("phone", "alternatives") == []  # bought together: not an alternative
+    alts = rec.related("laptopA", "alternatives")
+    assert [e["item_id"] for e in alts] == ["laptopB"]
+    assert rec.related("laptopA", "cross_sell") == []
+    with pytest.raises(ValueError):
+        rec.related("phone", "upsell-ish")
+
+
+def test_lists_are_ranked_by_confidence_then_id():
+    baskets = [["A", "B"]] * 6 + [["A", "C"]] * 3 + [["A", "D"]] * 3 + [["x", "y"]] * 30
+    rec = _graph_from(baskets, config=ModelConfig(llr_min=3.84, half_life_s=1e15))
+    got = [(e["item_id"], e["score"]) for e in rec.related("A")]
+    assert [i for i, _ in got] == ["B", "C", "D"]
+    assert got[0][1] == pytest.approx(0.5) and got[1][1] == pytest.approx(0.25) == got[2][1]
+
+
+def test_graph_memory_bounds():
+    cfg = ModelConfig(max_neighbours=8, max_items=20)
+    g = ItemGraph(cfg)
+    g.apply([("p", "A", f"n{i}", float(i), 0.0, 1.0, 0.0, T0) for i in range(30)])
+    assert len(g.rows["A"]) <= 8
+    assert "n29" in g.rows["A"] and "n0" not in g.rows["A"]  # the strongest survive
+    g.apply([("m", f"i{i:02d}", 1.0, 0.0, T0 + i) for i in range(40)])
+    assert len(g.marg) <= 20 and "i39" in g.marg and "i00" not in g.marg
+
+
+# -- ranking --------------------------------------------------------------------------------
+
+
+def _lists(*entries):
+    return {"cross_sell": [{"item_id": i, "score": s, "kind": "cross_sell", "reason": f"r-{i}"}
+                           for i, s in entries], "alternatives": []}
+
+
+def test_ranking_excludes_what_must_never_be_suggested():
+    book = ContextBook()
+    book.learn(event(1, "purchase", "old-durable", ts=T0))
+    book.learn(event(2, "purchase", "old-pods", ts=T0))
+    later = T0 + 10 * DAY  # the purchases have left the context but are remembered as bought
+    book.learn(event(3, "add_to_cart", "phone", ts=later))
+    book.learn(event(4, "add_to_cart", "in-cart", ts=later + 1))
+    ctx = book.get("u")
+    lists = {"phone": _lists(("case", 0.9), ("in-cart", 0.8), ("old-durable", 0.7),
+                             ("old-pods", 0.6), ("sold-out", 0.5), ("phone", 0.4),
+                             ("charger", 0.3))}
+    catalog = {"old-pods": {"consumable": True}, "sold-out": {"in_stock": False},
+               "old-durable": {"consumable": False}}
+    got = rank_for_user(ctx, lists, catalog, k=10)
+    assert [e["item_id"] for e in got] == ["case", "old-pods", "charger"]
+    # phone is the second newest anchor ("in-cart" came later): its evidence counts 0.8.
+    assert got[0] == {"item_id": "case", "score": 0.72, "kind": "cross_sell", "reason": "r-case"}
+
+
+def test_ranking_blends_anchors_and_offers_alternatives_only_for_viewed_items():
+    book = ContextBook()
+    book.learn(event(1, "view", "tv", ts=T0))
+    book.learn(event(2, "add_to_cart", "phone", ts=T0 + 1))
+    ctx = book.get("u")
+    lists = {
+        "phone": _lists(("case", 0.5), ("cable", 0.2)),
+        "tv": {"cross_sell": [{"item_id": "cable", "score": 0.5, "kind": "cross_sell",
+                               "reason": "tv-cable"}],
+               "alternatives": [{"item_id": "tv2", "score": 0.4, "kind": "alternatives",
+                                 "reason": "tv-alt"}]},
+    }
+    got = {e["item_id"]: e for e in rank_for_user(ctx, lists, {}, k=10)}
+    # phone is newest and carted (weight 1); tv is older (0.8) and only viewed (0.6).
+    assert got["case"]["score"] == pytest.approx(0.5)
+    assert got["cable"]["score"] == pytest.approx(0.2 + 0.5 * 0.8 * 0.6)
+    assert got["cable"]["reason"] == "tv-cable"  # the larger contribution explains it
+    assert got["tv2"]["kind"] == "alternatives"
+    assert got["tv2"]["score"] == pytest.approx(0.4 * 0.8 * 0.6 * 0.5)
+
+
+def test_library_api_validates_and_deduplicates():
+    rec = CrossSellRecommender()
+    with pytest.raises(ContractError):
+        rec.learn_one({"type": "view"})
+    e = {"event_id": "1", "type": "view", "user_id": "u", "item_id": "A", "ts": T0}
+    assert rec.learn_one(e) is True
+    assert rec.learn_one(e) is False
+    assert rec.recommend("nobody") == []
