@@ -22,7 +22,13 @@ class Settings:
     dlq_topic: str = "cartwise.dlq"
     partitions: int = 4  # of the events and pairs topics; the most workers that share work
     batch_max: int = 1000
+    # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
+    # docs/architecture.md): it bounds the delay each topic hop can add when traffic is light.
+    fetch_max_wait_ms: int = 10
     batch_within_s: float = 0.05
+    # State reaches Redis (with the input offset) at most this often; a crash replays less.
+    checkpoint_interval_s: float = 1.0
+    lists_interval_s: float = 0.2  # how often changed item lists are published
     settle_idle_s: float = 1.0  # idle time after which a partition recomputes all its lists
     refresh_interval_s: float = 2.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time

@@ -38,17 +38,22 @@ class ItemGraph:
         self.dirty: set[str] = set()  # rows changed since the caller last cleared it
         self.dirty_marg: set[str] = set()  # marginals changed since the caller last cleared it
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
+        self._last_ts = self._last_landmark = self._last_factor = None  # _factor's cache
 
     # -- counting -----------------------------------------------------------------------------
 
     def _factor(self, ts: float) -> float:
+        if ts == self._last_ts and self.landmark == self._last_landmark:
+            return self._last_factor
         h = self.config.half_life_s
         step = h * _REBASE_STEP
         if self.landmark is None:
             self.landmark = math.floor(ts / step) * step
         elif ts - self.landmark > 2 * step:
             self._rebase(math.floor(ts / step) * step)
-        return 2.0 ** ((ts - self.landmark) / h)
+        g = 2.0 ** ((ts - self.landmark) / h)
+        self._last_ts, self._last_landmark, self._last_factor = ts, self.landmark, g
+        return g
 
     def _rebase(self, landmark: float) -> None:
         c = 2.0 ** (-(landmark - self.landmark) / self.config.half_life_s)
@@ -123,38 +128,32 @@ class ItemGraph:
     def lists(self, item: str) -> dict[str, list[dict[str, Any]]]:
         """Cross-sell and alternatives for `item`, as counted up to `self.now`."""
         cfg = self.config
-        out: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
         row, mi = self.rows.get(item), self.marg.get(item)
         if not row or mi is None or self.landmark is None:
-            return out
+            return {k: [] for k in KINDS}
         s = 2.0 ** (-(self.now - self.landmark) / cfg.half_life_s)
         ni_a, ni_b = mi[0] * s, mi[1] * s
         tot_a, tot_b = self.total[0] * s, self.total[1] * s
-        digits = cfg.score_digits
+        min_support, llr_min, share = cfg.min_support, cfg.llr_min, cfg.alt_max_buy_share
+        found: dict[str, list[tuple]] = {k: [] for k in KINDS}
+        marg = self.marg
         for other, (a, b, na, nb) in row.items():
-            mj = self.marg.get(other)
-            if mj is None:
-                continue
-            a, b, na, nb = a * s, b * s, na * s, nb * s
             # Support is counted in shopper contexts, not weights: one keen shopper is noise.
-            if nb >= cfg.min_support and ni_b > 0:
-                conf, lift, g2 = association(b, ni_b, mj[1] * s, tot_b)
-                if lift > 1.0 and g2 >= cfg.llr_min:
-                    out["cross_sell"].append(
-                        _entry(other, "cross_sell", conf, lift, g2, nb, digits,
-                               f"bought together by {conf:.0%} of {item}'s buyers")
-                    )
+            if nb * s >= min_support and ni_b > 0 and (mj := marg.get(other)) is not None:
+                conf, lift, g2 = association(b * s, ni_b, mj[1] * s, tot_b)
+                if lift > 1.0 and g2 >= llr_min:
+                    found["cross_sell"].append((conf, other, lift, g2, nb * s))
                     continue
-            if na >= cfg.min_support and b <= cfg.alt_max_buy_share * a:
-                conf, lift, g2 = association(a, ni_a, mj[0] * s, tot_a)
-                if lift > 1.0 and g2 >= cfg.llr_min:
-                    out["alternatives"].append(
-                        _entry(other, "alternatives", conf, lift, g2, na, digits,
-                               f"viewed together by {conf:.0%} of {item}'s viewers")
-                    )
-        for kind in KINDS:
-            out[kind].sort(key=lambda e: (-e["score"], e["item_id"]))
-            del out[kind][cfg.list_size :]
+            if na * s >= min_support and b <= share * a and (mj := marg.get(other)) is not None:
+                conf, lift, g2 = association(a * s, ni_a, mj[0] * s, tot_a)
+                if lift > 1.0 and g2 >= llr_min:
+                    found["alternatives"].append((conf, other, lift, g2, na * s))
+        digits = cfg.score_digits
+        out: dict[str, list[dict[str, Any]]] = {}
+        for kind, cands in found.items():
+            ranked = sorted(((round_sig(c[0], digits), c[1], c) for c in cands),
+                            key=lambda t: (-t[0], t[1]))[: cfg.list_size]
+            out[kind] = [_entry(item, kind, score, c, digits) for score, _, c in ranked]
         return out
 
     # -- persistence --------------------------------------------------------------------------
@@ -192,16 +191,20 @@ class ItemGraph:
         }
 
 
-def _entry(
-    item: str, kind: str, conf: float, lift: float, g2: float, support: float, digits: int,
-    reason: str,
-) -> dict[str, Any]:
+_REASONS = {
+    "cross_sell": "bought together by {:.0%} of {}'s buyers",
+    "alternatives": "viewed together by {:.0%} of {}'s viewers",
+}
+
+
+def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[str, Any]:
+    conf, item, lift, g2, support = c
     return {
         "item_id": item,
-        "score": round_sig(conf, digits),
+        "score": score,
         "kind": kind,
-        "reason": reason,
-        "confidence": round_sig(conf, digits),
+        "reason": _REASONS[kind].format(conf, anchor),
+        "confidence": score,
         "lift": round_sig(lift, digits),
         "llr": round_sig(g2, digits),
         "support": round_sig(support, digits),

@@ -12,6 +12,8 @@ MAX_ANCHORS = 10
 ANCHOR_DECAY = 0.8  # each older anchor counts this much less than the next newer one
 VIEWED_WEIGHT = 0.6  # an item only viewed says less about intent than one carted or bought
 ALTERNATIVES_WEIGHT = 0.5  # alternatives are offered for items viewed, never for items bought
+# Only the head of each anchor's lists can reach a shopper's top 20; reading more costs time.
+PER_ANCHOR = {"cross_sell": 20, "alternatives": 10}
 
 
 def anchors(ctx: ShopperContext) -> list[str]:
@@ -43,7 +45,7 @@ def rank_for_user(
         if touch.b == 0:
             sources.append(("alternatives", w * ALTERNATIVES_WEIGHT))
         for kind, kw in sources:
-            for e in lists.get(kind, ()):
+            for e in lists.get(kind, ())[: PER_ANCHOR[kind]]:
                 j, c = e["item_id"], e["score"] * kw
                 scores[j] = scores.get(j, 0.0) + c
                 if j not in best or c > best[j][0]:

@@ -27,11 +27,17 @@ def llr(k11: float, k12: float, k21: float, k22: float) -> float:
 
 
 def association(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float, float]:
-    """(confidence i->j, lift, LLR) from the pair count, both marginals and the total."""
+    """(confidence i->j, lift, LLR) from the pair count, both marginals and the total.
+
+    LLR is only computed for positive association (lift > 1); otherwise it is reported as 0,
+    since a pair seen less often than chance is never suggested.
+    """
     if n_i <= 0 or n_j <= 0 or total <= 0:
         return 0.0, 0.0, 0.0
     conf = min(1.0, pair / n_i)
     lift = conf / min(1.0, n_j / total)
+    if lift <= 1.0:
+        return conf, lift, 0.0
     g2 = llr(pair, n_i - pair, n_j - pair, total - n_i - n_j + pair)
     return conf, lift, g2
 

@@ -23,6 +23,30 @@ def _records(batch: list[Any]) -> list[tuple[bytes, int, int, float]]:
     return [(e.value, e.message.partition, e.message.offset, e.message.timestamp) for e in batch]
 
 
+def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
+    """Faust passes a fixed fetch_max_wait_ms=1500 to aiokafka; use ours instead.
+
+    A broker may hold an empty fetch for the whole wait (Tansu does), and each topic hop then
+    adds up to that much delay between an event and its suggestions.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    app._cartwise_fetch_max_wait_ms = fetch_max_wait_ms  # type: ignore[attr-defined]
+    original = driver.AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(original, "_cartwise", False):
+        return
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        wait = getattr(self.app, "_cartwise_fetch_max_wait_ms", None)
+        if wait is not None:
+            consumer._fetch_max_wait_ms = wait
+        return consumer
+
+    create._cartwise = True  # type: ignore[attr-defined]
+    driver.AIOKafkaConsumerThread._create_worker_consumer = create
+
+
 def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
     settings = settings or Settings.from_env()
     config = config or ModelConfig()
@@ -40,6 +64,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
     )
+    _limit_fetch_wait(app, settings.fetch_max_wait_ms)
     topics = {
         name: app.topic(name, key_type=bytes, value_type=bytes, internal=False)
         for name in (settings.events_topic, settings.pairs_topic, settings.catalog_topic,
@@ -59,15 +84,18 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     app.cartwise = {"context": context, "cooccurrence": graph, "catalog": catalog,
                     "stats": stats, "store": store}
 
+    # The stages acknowledge records themselves, once a checkpoint covers them.
     @app.agent(topics[settings.events_topic], name="context")
     async def context_agent(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
-            await context.handle(_records(batch))
+        context.ack = stream.ack
+        async for batch in stream.noack_take(settings.batch_max, settings.batch_within_s):
+            await context.handle(_records(batch), batch)
 
     @app.agent(topics[settings.pairs_topic], name="cooccurrence")
     async def cooccurrence_agent(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
-            await graph.handle(_records(batch))
+        graph.ack = stream.ack
+        async for batch in stream.noack_take(settings.batch_max, settings.batch_within_s):
+            await graph.handle(_records(batch), batch)
 
     @app.agent(topics[settings.catalog_topic], name="catalog")
     async def catalog_agent(stream: faust.StreamT) -> None:
@@ -86,9 +114,14 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
             stats.inc(f"{name}.errors")
             log.exception("%s failed; will run again at the next tick", name)
 
-    @app.timer(0.25)
-    async def settle_timer() -> None:
-        await guarded("settle", graph.settle())
+    @app.timer(settings.lists_interval_s)
+    async def lists_timer() -> None:
+        await guarded("lists", graph.publish_lists())
+
+    @app.timer(settings.checkpoint_interval_s / 2)
+    async def checkpoint_timer() -> None:
+        await guarded("checkpoint", context.checkpoint_all())
+        await guarded("checkpoint", graph.checkpoint_all())
 
     @app.timer(settings.refresh_interval_s)
     async def refresh_timer() -> None:

@@ -24,7 +24,7 @@ from cartwise.contract import ContractError, parse_catalog, parse_event
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
-from models.ranking import anchors, rank_for_user
+from models.ranking import PER_ANCHOR, anchors, rank_for_user
 from streams.stats import Stats
 from streams.store import Ops, Store
 
@@ -32,6 +32,7 @@ log = logging.getLogger("cartwise.pipeline")
 
 MODEL_VERSION = "cooc-1"
 USER_LIST_SIZE = 20
+YIELD_EVERY = 50  # long loops on the event loop give other tasks a turn this often
 
 # (value, partition, offset, broker timestamp in seconds)
 Record = tuple[bytes, int, int, float]
@@ -64,12 +65,49 @@ def list_digest(payload: dict[str, Any], fields: Sequence[str]) -> int:
     return hash(orjson.dumps([payload.get(f) for f in fields]))
 
 
+class ReadCache:
+    """A short-lived, worker-local copy of documents read on the hot path.
+
+    Every batch of every partition ranks shoppers against the same hot items; reading and
+    parsing their lists once per `max_age` instead of once per batch saves most of that work.
+    Suggestions may then be up to `max_age` older than the newest lists, no more.
+    """
+
+    def __init__(self, max_age: float, max_size: int = 100_000) -> None:
+        self.max_age = max_age
+        self.max_size = max_size
+        self.docs: dict[str, tuple[float, Any]] = {}
+
+    async def get_many(self, keys: list[str], fetch: Callable[[list[str]], Awaitable[dict]],
+                       fresh: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        out: dict[str, Any] = {}
+        missing = []
+        for k in keys:
+            hit = None if fresh else self.docs.get(k)
+            if hit is not None and now - hit[0] < self.max_age:
+                out[k] = hit[1]
+            else:
+                missing.append(k)
+        if missing:
+            got = await fetch(missing)
+            if len(self.docs) + len(got) > self.max_size:
+                self.docs.clear()
+            for k, v in got.items():
+                self.docs[k] = (now, v)
+            out.update(got)
+        return out
+
+
 @dataclass
 class ContextPartition:
-    offset: int
+    offset: int  # last offset checkpointed to Redis
     book: ContextBook
+    applied: int = -1  # last offset applied in memory (>= offset)
     written: dict[str, int] = field(default_factory=dict)  # user -> digest of the last list
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
+    acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass
@@ -77,13 +115,26 @@ class GraphPartition:
     offset: int
     graph: ItemGraph
     hwm: dict[int, int]  # events partition -> highest source offset applied
+    applied: int = -1
     written: dict[str, int] = field(default_factory=dict)  # item -> digest of the last lists
+    pending: set[str] = field(default_factory=set)  # rows changed since lists were written
+    pending_ts: list[float] = field(default_factory=list)  # broker times of pending evidence
     last_batch: float = 0.0
     unsettled: bool = True
+    acks: list[Awaitable[Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class Stage:
-    """Shared plumbing: per-partition locks, lazy loading, and the retry-on-conflict loop."""
+    """Per-partition state in memory, applied per batch, checkpointed every interval.
+
+    A batch is applied to the in-memory state at once (and its outputs written); the state
+    and the input offset reach Redis together, in one atomic step, at most every
+    `checkpoint_interval_s`. Input records are acknowledged to Faust only once checkpointed,
+    so after a crash the consumer resumes at or before the checkpoint and replays the rest.
+    Records since the last checkpoint are kept (`since`) to redo them on reloaded state when
+    anything fails or another worker moved the checkpoint.
+    """
 
     name = "stage"
 
@@ -97,66 +148,134 @@ class Stage:
         self.settings = settings
         self.parts: dict[int, Any] = {}
         self.locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.since: dict[int, list[Record]] = defaultdict(list)
+        self.held: dict[int, list[Any]] = defaultdict(list)  # Faust events awaiting their ack
+        self.ack: Callable[[Any], Awaitable[Any]] | None = None
+        self.last_checkpoint: dict[int, float] = defaultdict(float)
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget state of partitions this worker no longer owns; Redis has the checkpoint."""
         for p in partitions:
             self.parts.pop(p, None)
+            self.since.pop(p, None)
+            self.held.pop(p, None)
 
     async def load(self, partition: int) -> Any:
         raise NotImplementedError
 
-    async def process(self, partition: int, st: Any, records: list[Record]) -> tuple[Ops, int]:
+    async def process(self, partition: int, st: Any, records: list[Record]) -> None:
         raise NotImplementedError
 
-    def committed(self, partition: int, st: Any, records: list[Record]) -> None:
-        """Hook after a successful checkpoint."""
+    def checkpoint_ops(self, partition: int, st: Any) -> Ops:
+        raise NotImplementedError
 
-    async def handle(self, records: Sequence[Record]) -> None:
-        """Process a batch; on any failure retry it on reloaded state, never skip it."""
-        for p, recs in group_by_partition(records).items():
-            async with self.locks[p]:
-                delay = 0.1
-                while True:
-                    try:
-                        await self._handle_partition(p, recs)
-                        break
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        # In-memory state may be half-updated: drop it, Redis has the truth.
-                        self.parts.pop(p, None)
-                        self.stats.inc(f"{self.name}.errors")
-                        log.exception("%s partition %d: batch failed, retrying in %.1fs",
-                                      self.name, p, delay)
-                        await asyncio.sleep(delay)
-                        delay = min(5.0, delay * 2)
+    def checkpointed(self, partition: int, st: Any) -> None:
+        """Hook after a successful checkpoint: clear what it covered."""
 
-    async def _handle_partition(self, p: int, recs: list[Record]) -> None:
+    async def handle(self, records: Sequence[Record], events: Sequence[Any] = ()) -> None:
+        """Apply a batch, its partitions concurrently (their I/O waits overlap)."""
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = time.time()
+        for e in events:
+            self.held[e.message.partition].append(e)
+        groups = group_by_partition(records)
+        await asyncio.gather(*(self._apply(p, recs) for p, recs in groups.items()))
+        due = time.monotonic() - self.settings.checkpoint_interval_s
+        await asyncio.gather(*(self.checkpoint(p) for p in groups if self.last_checkpoint[p] < due))
+
+    async def _apply(self, p: int, recs: list[Record]) -> None:
+        async with self.locks[p]:
+            self.since[p].extend(recs)
+            await self._catch_up(p)
+
+    async def _catch_up(self, p: int) -> Any:
+        """Bring partition p's memory up to date with `since`; on failure reload and redo."""
+        delay = 0.1
         while True:
-            st = self.parts.get(p)
-            if st is None:
-                st = self.parts[p] = await self.load(p)
-            todo = [r for r in recs if r[2] > st.offset]
-            self.stats.inc(f"{self.name}.replayed_skipped", len(recs) - len(todo))
-            if not todo:
-                return
-            ops, new_offset = await self.process(p, st, todo)
-            ok, found = await self.store.checkpoint(self.name, p, st.offset, new_offset, ops)
-            if ok:
-                st.offset = new_offset
-                self.committed(p, st, todo)
-                return
-            # Someone else checkpointed this partition (a rebalance overlap): reload and redo
-            # what is left of this batch on top of their state.
-            log.warning("%s partition %d: checkpoint moved to %d under us; reloading",
-                        self.name, p, found)
-            self.stats.inc(f"{self.name}.checkpoint_conflicts")
-            self.parts.pop(p, None)
+            try:
+                st = self.parts.get(p)
+                if st is None:
+                    st = self.parts[p] = await self.load(p)
+                    st.applied = st.offset
+                todo = [r for r in self.since[p] if r[2] > st.applied]
+                if todo:
+                    t0 = time.perf_counter()
+                    await self.process(p, st, todo)
+                    st.applied = todo[-1][2]
+                    self.stats.add_time(f"{self.name}.process", time.perf_counter() - t0)
+                return st
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # In-memory state may be half-updated: drop it, Redis has the truth.
+                self.parts.pop(p, None)
+                self.stats.inc(f"{self.name}.errors")
+                log.exception("%s partition %d: batch failed, retrying in %.1fs",
+                              self.name, p, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    async def checkpoint(self, p: int) -> None:
+        """Write state and offset atomically, then acknowledge the records it covers."""
+        async with self.locks[p]:
+            while True:
+                st = await self._catch_up(p)
+                self.last_checkpoint[p] = time.monotonic()
+                if st.applied == st.offset:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    await asyncio.gather(*st.acks)  # outputs durable before we claim the input
+                    ok, found = await self.store.checkpoint(
+                        self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s partition %d: checkpoint failed; will retry",
+                                  self.name, p)
+                    self.stats.inc(f"{self.name}.errors")
+                    self.parts.pop(p, None)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.stats.add_time(f"{self.name}.checkpoint", time.perf_counter() - t0)
+                if ok:
+                    st.offset = st.applied
+                    st.acks.clear()
+                    for k, n in st.counts.items():
+                        self.stats.inc(k, n)
+                    st.counts.clear()
+                    self.checkpointed(p, st)
+                    self.since[p] = [r for r in self.since[p] if r[2] > st.offset]
+                    break
+                # Another worker checkpointed this partition (a rebalance overlap): reload
+                # and redo what is left on top of their state.
+                log.warning("%s partition %d: checkpoint moved to %d under us; reloading",
+                            self.name, p, found)
+                self.stats.inc(f"{self.name}.checkpoint_conflicts")
+                self.parts.pop(p, None)
+            done = st.offset
+            held = self.held[p]
+            keep = [e for e in held if e.message.offset > done]
+            if self.ack is not None:
+                for e in held:
+                    if e.message.offset <= done:
+                        await self.ack(e)
+            self.held[p] = keep
+
+    async def checkpoint_all(self) -> None:
+        """Timer: checkpoint partitions that have waited an interval (idle ones included)."""
+        due = time.monotonic() - self.settings.checkpoint_interval_s
+        await asyncio.gather(*(self.checkpoint(p) for p in list(self.parts)
+                               if self.last_checkpoint[p] < due))
 
 
 class ContextStage(Stage):
     name = "context"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.list_cache = ReadCache(self.settings.lists_interval_s)
+        self.catalog_cache = ReadCache(self.settings.lists_interval_s)
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -168,21 +287,20 @@ class ContextStage(Stage):
         return ContextPartition(offset, book)
 
     async def process(self, partition: int, st: ContextPartition,
-                      records: list[Record]) -> tuple[Ops, int]:
+                      records: list[Record]) -> None:
         s = self.settings
         n_pairs = s.partitions
         out: list[list] = [[] for _ in range(n_pairs)]
         touched: list[str] = []
-        acks = []
-        counts: dict[str, int] = defaultdict(int)
+        counts = st.counts
         book = st.book
         for value, _, offset, _ in records:
             try:
                 event = parse_event(value)
             except ContractError as err:
                 counts[f"dlq.{err.reason}"] += 1
-                acks.append(await self.send(s.dlq_topic, value, None,
-                                            dlq_headers(err, s.events_topic, partition, offset)))
+                st.acks.append(await self.send(
+                    s.dlq_topic, value, None, dlq_headers(err, s.events_topic, partition, offset)))
                 continue
             evidence = book.learn(event)
             if evidence is None:
@@ -190,64 +308,73 @@ class ContextStage(Stage):
                 continue
             counts[f"applied.{event.type}"] += 1
             touched.append(event.user_id)
+            if not evidence:
+                continue
+            # Per pairs partition, this event's entries under its offset (stage 2 dedup key).
+            routed: list[list] = [[] for _ in range(n_pairs)]
             for e in evidence:
                 if e[0] == "m":
                     for q in range(n_pairs):
-                        out[q].append((*e, offset))
+                        routed[q].append(e)
                 else:
-                    out[item_partition(e[1], n_pairs)].append((*e, offset))
+                    routed[item_partition(e[1], n_pairs)].append(e)
+            for q in range(n_pairs):
+                if routed[q]:
+                    out[q].append((offset, routed[q]))
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
             msg = orjson.dumps({"src": partition, "last": last, "t": first_ts, "e": out[q]})
-            acks.append(await self.send(s.pairs_topic, msg, q, None))
-        await asyncio.gather(*acks)
+            st.acks.append(await self.send(s.pairs_topic, msg, q, None))
+        t_lists = time.perf_counter()
+        await self.user_lists(st, list(dict.fromkeys(touched)))
+        self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
+        now = time.time()
+        for _, _, _, ts in records:
+            self.stats.observe("user", now - ts)
+
+    def checkpoint_ops(self, partition: int, st: ContextPartition) -> Ops:
         ops = Ops()
-        users = list(dict.fromkeys(touched))
-        for user in users:
+        book = st.book
+        for user in book.dirty:
             ctx = book.users.get(user)
             if ctx is not None:
                 ops.hset(self.keys.contexts(partition), user, ctx.to_json())
         for user in book.evicted:
             ops.hdel(self.keys.contexts(partition), user)
-        await self.user_lists(st, users, ops)
-        self._counts = counts
-        return ops, last
+        return ops
 
-    def committed(self, partition: int, st: ContextPartition, records: list[Record]) -> None:
+    def checkpointed(self, partition: int, st: ContextPartition) -> None:
         st.book.dirty.clear()
         st.book.evicted.clear()
-        for k, n in self._counts.items():
-            self.stats.inc(k, n)
-        now = time.time()
-        for _, _, _, ts in records:
-            self.stats.observe("user", now - ts)
 
-    async def user_lists(self, st: ContextPartition, users: list[str], ops: Ops | None,
+    async def user_lists(self, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:
-        """Rank suggestions for `users`; add them to `ops`, or write them directly if None."""
+        """Rank suggestions for `users` and write them (a replay rewrites the same lists).
+
+        The periodic refresh (`only_changed`) reads past the cache: it must see the newest lists.
+        """
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
         wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c)))
-        lists = await self.store.item_lists(wanted)
+        lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
         candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
-                      for e in doc.get(k, ())}
-        catalog = await self.store.catalog_facts(sorted(candidates))
-        pipe = self.store.redis.pipeline(transaction=False) if ops is None else None
+                      for e in doc.get(k, ())[: PER_ANCHOR[k]]}
+        catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
+                                                    only_changed)
+        pipe = self.store.redis.pipeline(transaction=False)
         written = 0
-        for user, ctx in ctxs:
+        for n, (user, ctx) in enumerate(ctxs):
+            if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a long refresh must not stall the event loop
             payload = self._user_payload(user, ctx, lists, catalog)
             digest = list_digest(payload, ("items", "context"))
             if only_changed and st.written.get(user) == digest:
                 continue
             st.written[user] = digest
-            raw = orjson.dumps(payload)
-            if ops is not None:
-                ops.set(self.keys.user(user), raw)
-            else:
-                pipe.set(self.keys.user(user), raw)
+            pipe.set(self.keys.user(user), orjson.dumps(payload))
             written += 1
-        if pipe is not None and written:
+        if written:
             await pipe.execute()
         return written
 
@@ -276,7 +403,7 @@ class ContextStage(Stage):
                 horizon = max((c.last_ts for c in users.values()), default=0) - s.refresh_window_s
                 recent = sorted((u for u, c in users.items() if c.last_ts >= horizon),
                                 key=lambda u: (-users[u].last_ts, u))[: s.refresh_max_users]
-                n = await self.user_lists(st, recent, None, only_changed=True)
+                n = await self.user_lists(st, recent, only_changed=True)
                 st.refreshed_version = version
                 self.stats.inc("context.refreshed_users", n)
                 await self.store.redis.set(
@@ -285,6 +412,13 @@ class ContextStage(Stage):
 
 
 class GraphStage(Stage):
+    """Counts are checkpointed per batch; lists are published on a timer (`publish_lists`).
+
+    Building a list costs far more than counting (every neighbour is scored), and a hot item
+    changes in almost every batch. Publishing changed lists every `lists_interval_s` instead
+    of every batch bounds that cost without bounding throughput.
+    """
+
     name = "cooccurrence"
 
     async def load(self, partition: int) -> GraphPartition:
@@ -304,21 +438,29 @@ class GraphStage(Stage):
         return GraphPartition(offset, graph, hwm)
 
     async def process(self, partition: int, st: GraphPartition,
-                      records: list[Record]) -> tuple[Ops, int]:
+                      records: list[Record]) -> None:
         g = st.graph
-        oldest = None
         for value, _, _, _ in records:
             msg = orjson.loads(value)
             src, last = msg["src"], msg["last"]
             seen = st.hwm.get(src, -1)
             if last <= seen:
-                self.stats.inc("cooccurrence.duplicate_batches")
+                st.counts["cooccurrence.duplicate_batches"] += 1
                 continue
-            entries = msg["e"]
-            g.apply(e[:-1] for e in entries if e[-1] > seen)
+            groups = msg["e"]
+            for offset, entries in groups:
+                if offset > seen:
+                    g.apply(entries)
             st.hwm[src] = last
-            if entries and (oldest is None or msg["t"] < oldest):
-                oldest = msg["t"]
+            if groups:
+                st.pending_ts.append(msg["t"])
+        st.pending |= g.dirty
+        st.pending -= g.dropped
+        st.last_batch = time.monotonic()
+        st.unsettled = True
+
+    def checkpoint_ops(self, partition: int, st: GraphPartition) -> Ops:
+        g = st.graph
         keys = self.keys
         ops = Ops()
         for item in g.dirty:
@@ -330,63 +472,67 @@ class GraphStage(Stage):
         meta = g.meta()
         meta["hwm"] = {str(k): v for k, v in st.hwm.items()}
         ops.set(keys.meta(partition), orjson.dumps(meta))
-        changed = self._item_lists(st, sorted(g.dirty), ops)
-        if changed:
-            ops.incr(keys.lists_version)
-        self._oldest = oldest
-        return ops, records[-1][2]
+        st.counts["cooccurrence.rows_checkpointed"] += len(g.dirty)
+        return ops
 
-    def committed(self, partition: int, st: GraphPartition, records: list[Record]) -> None:
+    def checkpointed(self, partition: int, st: GraphPartition) -> None:
         g = st.graph
-        self.stats.inc("cooccurrence.rows_updated", len(g.dirty))
         g.dirty.clear()
         g.dirty_marg.clear()
         g.dropped.clear()
-        st.last_batch = time.monotonic()
-        st.unsettled = True
-        if self._oldest is not None:
-            self.stats.observe("item", time.time() - self._oldest)
 
-    def _item_lists(self, st: GraphPartition, items: list[str], ops: Ops | Any) -> int:
-        """Write lists that changed; `ops` is an Ops or a Redis pipeline (both have set)."""
+    async def _item_lists(self, st: GraphPartition, items: list[str], pipe: Any) -> int:
+        """Queue the lists of `items` that changed since last written; returns how many."""
         g = st.graph
         changed = 0
-        for item in items:
+        for n, item in enumerate(items):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a settle of many rows must not stall the event loop
             payload: dict[str, Any] = {"item_id": item, **g.lists(item)}
             digest = list_digest(payload, KINDS)
             if st.written.get(item) == digest:
                 continue
             st.written[item] = digest
             payload.update(as_of=g.now, generated_at=time.time(), model=MODEL_VERSION)
-            ops.set(self.keys.item(item), orjson.dumps(payload))
+            pipe.set(self.keys.item(item), orjson.dumps(payload))
             changed += 1
         return changed
 
-    async def settle(self) -> None:
-        """Recompute every list of an idle partition against its final counts.
+    async def publish_lists(self) -> None:
+        """Write changed lists; once a partition is idle, recompute all of them.
 
-        Lists are recomputed for changed rows after each batch; a row's list also depends on
-        other items' totals, which keep moving. Once a partition goes quiet, one pass over all
-        its rows makes every list a function of the counts alone.
+        A row's list also depends on other items' totals, which keep moving. Once a partition
+        goes quiet (`settle_idle_s`), one pass over all its rows makes every list a function
+        of the counts alone, so two runs over the same events end with the same lists.
         """
         idle = self.settings.settle_idle_s
         for p in list(self.parts):
-            st = self.parts.get(p)
-            if st is None or not st.unsettled or time.monotonic() - st.last_batch < idle:
-                continue
             async with self.locks[p]:
                 st = self.parts.get(p)
-                if st is None or not st.unsettled:
+                if st is None:
                     continue
+                # Settle only what is checkpointed, so the settled mark means "final".
+                settle = (st.unsettled and time.monotonic() - st.last_batch >= idle
+                          and st.offset == st.applied)
+                if not settle and not st.pending:
+                    continue
+                items = sorted(st.graph.rows if settle else st.pending)
                 pipe = self.store.redis.pipeline(transaction=True)
-                changed = self._item_lists(st, sorted(st.graph.rows), pipe)
+                changed = await self._item_lists(st, items, pipe)
                 if changed:
                     pipe.incr(self.keys.lists_version)
-                pipe.set(self.keys.settled(p), orjson.dumps(
-                    {"offset": st.offset, "at": time.time(), "rewritten": changed}))
+                if settle:
+                    pipe.set(self.keys.settled(p), orjson.dumps(
+                        {"offset": st.offset, "at": time.time(), "rewritten": changed}))
                 await pipe.execute()
-                st.unsettled = False
-                self.stats.inc("cooccurrence.settled_lists", changed)
+                now = time.time()
+                for t in st.pending_ts:
+                    self.stats.observe("item", now - t)
+                st.pending.clear()
+                st.pending_ts.clear()
+                self.stats.inc("cooccurrence.lists_written", changed)
+                if settle:
+                    st.unsettled = False
 
 
 class CatalogStage:

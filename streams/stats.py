@@ -20,7 +20,9 @@ class Stats:
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self.started = time.time()
+        self.first_batch_at: float | None = None
         self.counters: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {}
         # Seconds from the event's broker timestamp to its suggestions being written in Redis.
         self.freshness: dict[str, deque[float]] = {
             "user": deque(maxlen=FRESHNESS_SAMPLES),
@@ -29,6 +31,10 @@ class Stats:
 
     def inc(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+    def add_time(self, name: str, seconds: float) -> None:
+        """Accumulate time spent in a processing step (seconds, as a float counter)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def observe(self, kind: str, seconds: float) -> None:
         self.freshness[kind].append(seconds)
@@ -40,4 +46,5 @@ class Stats:
             fresh[kind] = {"n": len(s), "p50": percentile(s, 0.5), "p99": percentile(s, 0.99),
                            "max": s[-1] if s else None}
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
-                "counters": dict(self.counters), "freshness_s": fresh}
+                "first_batch_at": self.first_batch_at,
+                "counters": dict(self.counters), "seconds": self.seconds, "freshness_s": fresh}

@@ -1,0 +1,199 @@
+"""Throughput, freshness and memory of one worker on the embedded broker and Redis.
+
+    make bench            # or: .venv/bin/python -m bench.throughput --events 60000
+
+1. Throughput: a backlog of simulated shop events is produced once. A no-op Faust agent
+   (the baseline) and the cartwise worker (both stages, Redis checkpoints, suggestion lists)
+   each consume all of it, alternating, `--rounds` times. Reported: events/s of each and the
+   ratio worker / no-op (the figure that means something on a shared, noisy machine).
+2. Freshness: a fresh worker gets a steady `--rate` events/s for `--seconds`; reported are the
+   p50/p99 seconds from an event's broker timestamp to the shopper's list and to the item
+   lists being written in Redis.
+3. Memory: peak RSS (VmHWM) of each process, worker next to the no-op agent.
+
+Results are printed and written to bench/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+
+from cartwise.embedded import EmbeddedStack
+from cartwise.harness import produce, progress, start_worker, stop_worker
+from cartwise.producer import EventProducer
+from cartwise.settings import Settings
+from cartwise.simulator import Shop
+from streams.topics import ensure_topics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def settings_for(stack: EmbeddedStack, name: str, topics: Settings | None = None,
+                 **overrides: object) -> Settings:
+    s = Settings(**overrides,broker=stack.broker, redis_url=stack.redis_url, prefix=f"{name}:",
+                 app_id=name, session_timeout_s=6.0, rebalance_timeout_s=6.0,
+                 heartbeat_interval_s=1.0,
+                 events_topic=topics.events_topic if topics else f"{name}.events",
+                 catalog_topic=topics.catalog_topic if topics else f"{name}.catalog",
+                 dlq_topic=f"{name}.dlq")
+    ensure_topics(s)
+    return s
+
+
+def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.noop", "--broker", stack.broker, "--redis-url",
+         stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        deadline = time.monotonic() + 600
+        while (raw := r.get(f"bench:{name}")) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no-op agent failed; see {log}")
+            time.sleep(0.05)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    d = orjson.loads(raw)
+    return {"events_per_s": (d["n"] - 1) / (d["last"] - d["first"]), "peak_rss_mb": rss}
+
+
+def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> dict:
+    proc = start_worker(settings, log, settings.app_id)
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            pr = progress(r, settings)
+            done = all(pr["context"][p] == e for p, e in ends.items()) and all(
+                all(h.get(p, -1) == e for p, e in ends.items()) for h in pr["hwm"])
+            if done:
+                t_done = time.time()
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker failed; see {log}")
+            time.sleep(0.02)
+        time.sleep(1.2)  # let the stats timer publish first_batch_at
+        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
+        first = min(s["first_batch_at"] for s in stats if s["first_batch_at"])
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        stop_worker(proc)
+    seconds: dict[str, float] = {}
+    for st in stats:
+        for k, v in st["seconds"].items():
+            seconds[k] = round(seconds.get(k, 0.0) + v, 3)
+    return {"events_per_s": n / (t_done - first), "peak_rss_mb": rss,
+            "wall_s": round(t_done - first, 3), "step_seconds": seconds}
+
+
+def freshness(stack: EmbeddedStack, rate: float, seconds: float, log: Path,
+              **overrides: object) -> dict:
+    settings = settings_for(stack, f"fresh{int(time.time())}", **overrides)
+    shop = Shop(seed=5)
+    produce(settings, [], shop.catalog)
+    proc = start_worker(settings, log, "fresh")
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        # Warm up until the worker has joined and written something.
+        with EventProducer(settings.bootstrap, settings.events_topic) as p:
+            events = shop.events(1_000_000, start_ts=time.time(), mean_gap_s=0.0)
+            while not r.get(f"{settings.prefix}state:offset:context:0") and not any(
+                r.scan_iter(f"{settings.prefix}state:offset:context:*")
+            ):
+                ev = next(events)
+                ev["ts"] = time.time()
+                p.send(ev)
+                p.flush()
+                time.sleep(0.1)
+            start = time.time()
+            sent = 0
+            while (now := time.time()) - start < seconds:
+                ahead = start + sent / rate - now
+                if ahead > 0:
+                    time.sleep(ahead)
+                ev = next(events)
+                ev["ts"] = time.time()
+                p.send(ev)
+                sent += 1
+            p.flush()
+        time.sleep(3)
+        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        stop_worker(proc)
+    fresh = stats[0]["freshness_s"]
+    return {"rate": rate, "seconds": seconds, "sent": sent, "achieved_rate": sent / seconds,
+            "user_p50_ms": fresh["user"]["p50"] * 1000, "user_p99_ms": fresh["user"]["p99"] * 1000,
+            "item_p50_ms": fresh["item"]["p50"] * 1000, "item_p99_ms": fresh["item"]["p99"] * 1000,
+            "samples": fresh["user"]["n"], "peak_rss_mb": rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=60_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(exist_ok=True)
+    with EmbeddedStack() as stack:
+        topics = settings_for(stack, "backlog")
+        shop = Shop(seed=1)
+        events = []
+        gen = shop.events(10**7, start_ts=1_750_000_000.0)
+        while len(events) < args.events:
+            events.append(next(gen))
+        t = time.time()
+        ends = produce(topics, events, shop.catalog)
+        produce_s = time.time() - t
+        n = sum(e + 1 for e in ends.values())
+        print(f"backlog: {n} events in {len(ends)} partitions (produced in {produce_s:.1f}s)")
+        rounds = []
+        for i in range(args.rounds):
+            noop = run_noop(stack, topics.events_topic, n, f"noop{i}", logs / f"noop{i}.log")
+            work = run_worker(settings_for(stack, f"worker{i}", topics), ends, n,
+                              logs / f"worker{i}.log")
+            ratio = work["events_per_s"] / noop["events_per_s"]
+            rounds.append({"noop": noop, "worker": work, "ratio": ratio})
+            print(f"round {i}: no-op {noop['events_per_s']:.0f} ev/s, worker "
+                  f"{work['events_per_s']:.0f} ev/s, ratio {ratio:.2f}; peak RSS no-op "
+                  f"{noop['peak_rss_mb']:.0f} MB, worker {work['peak_rss_mb']:.0f} MB")
+            print(f"  worker wall {work['wall_s']}s, time by step: {work['step_seconds']}")
+        fresh = freshness(stack, args.rate, args.seconds, logs / "fresh.log")
+        print(f"freshness at {fresh['achieved_rate']:.0f} ev/s: shopper list p50 "
+              f"{fresh['user_p50_ms']:.0f} ms p99 {fresh['user_p99_ms']:.0f} ms; item lists "
+              f"p50 {fresh['item_p50_ms']:.0f} ms p99 {fresh['item_p99_ms']:.0f} ms "
+              f"({fresh['samples']} samples); worker peak RSS {fresh['peak_rss_mb']:.0f} MB")
+    result = {
+        "events": n, "rounds": rounds,
+        "ratio_median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
+        "freshness": fresh,
+        "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
+    }
+    if rounds:
+        print(f"median ratio worker / no-op: {result['ratio_median']:.2f}")
+    (RESULTS / "throughput.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()
