@@ -55,10 +55,11 @@ def settings_for(stack: EmbeddedStack, name: str, topics: Settings | None = None
     return s
 
 
-def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path) -> dict:
+def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path,
+             mode: str = "iterate") -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.noop", "--broker", stack.broker, "--redis-url",
-         stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n)],
+         stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n), "--mode", mode],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
     r = redis.Redis.from_url(stack.redis_url)
     try:
@@ -72,7 +73,8 @@ def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path) -> 
         proc.terminate()
         proc.wait(30)
     d = orjson.loads(raw)
-    return {"events_per_s": (d["n"] - 1) / (d["last"] - d["first"]), "peak_rss_mb": rss}
+    return {"events_per_s": (d["n"] - 1) / (d["last"] - d["first"]), "peak_rss_mb": rss,
+            "cpu_us_per_event": 1e6 * d["cpu_s"] / d["n"]}
 
 
 def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> dict:
@@ -85,14 +87,18 @@ def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> d
             done = all(pr["context"][p] == e for p, e in ends.items()) and all(
                 all(h.get(p, -1) == e for p, e in ends.items()) for h in pr["hwm"])
             if done:
-                t_done = time.time()
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker failed; see {log}")
-            time.sleep(0.02)
-        time.sleep(1.2)  # let the stats timer publish first_batch_at
+            time.sleep(0.5)  # slow polling: the bench must not compete for the CPU
+        time.sleep(1.5)  # let the stats timer publish the last batch's times
+        # From the first batch to the last batch applied, as the worker saw them: neither
+        # the polling interval nor the checkpoint interval adds to the measured time.
         stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
         first = min(s["first_batch_at"] for s in stats if s["first_batch_at"])
+        cpu_first = min(s["first_batch_cpu"] for s in stats if s["first_batch_at"])
+        t_done = max(s["last_batch_at"] for s in stats if s["last_batch_at"])
+        cpu_done = max(s["last_batch_cpu"] for s in stats if s["last_batch_at"])
         rss = peak_rss_mb(proc.pid)
     finally:
         stop_worker(proc)
@@ -101,6 +107,7 @@ def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> d
         for k, v in st["seconds"].items():
             seconds[k] = round(seconds.get(k, 0.0) + v, 3)
     return {"events_per_s": n / (t_done - first), "peak_rss_mb": rss,
+            "cpu_us_per_event": 1e6 * (cpu_done - cpu_first) / n,
             "wall_s": round(t_done - first, 3), "step_seconds": seconds}
 
 
@@ -174,9 +181,12 @@ def main() -> None:
             work = run_worker(settings_for(stack, f"worker{i}", topics), ends, n,
                               logs / f"worker{i}.log")
             ratio = work["events_per_s"] / noop["events_per_s"]
-            rounds.append({"noop": noop, "worker": work, "ratio": ratio})
+            cpu_ratio = noop["cpu_us_per_event"] / work["cpu_us_per_event"]
+            rounds.append({"noop": noop, "worker": work, "ratio": ratio, "cpu_ratio": cpu_ratio})
             print(f"round {i}: no-op {noop['events_per_s']:.0f} ev/s, worker "
-                  f"{work['events_per_s']:.0f} ev/s, ratio {ratio:.2f}; peak RSS no-op "
+                  f"{work['events_per_s']:.0f} ev/s, ratio {ratio:.2f}; CPU per event no-op "
+                  f"{noop['cpu_us_per_event']:.0f} us, worker {work['cpu_us_per_event']:.0f} us "
+                  f"(ratio {cpu_ratio:.2f}); peak RSS no-op "
                   f"{noop['peak_rss_mb']:.0f} MB, worker {work['peak_rss_mb']:.0f} MB")
             print(f"  worker wall {work['wall_s']}s, time by step: {work['step_seconds']}")
         fresh = freshness(stack, args.rate, args.seconds, logs / "fresh.log")
@@ -187,11 +197,13 @@ def main() -> None:
     result = {
         "events": n, "rounds": rounds,
         "ratio_median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
+        "cpu_ratio_median": statistics.median(r["cpu_ratio"] for r in rounds) if rounds else None,
         "freshness": fresh,
         "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
     }
     if rounds:
-        print(f"median ratio worker / no-op: {result['ratio_median']:.2f}")
+        print(f"median ratio worker / no-op: events/s {result['ratio_median']:.2f}, "
+              f"CPU per event {result['cpu_ratio_median']:.2f}")
     (RESULTS / "throughput.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
 
 

@@ -166,8 +166,12 @@ class ContextBook:
 
     def _expire(self, ctx: ShopperContext) -> None:
         horizon = ctx.last_ts - self.config.history_s
-        for item in [k for k, t in ctx.items.items() if t.ts < horizon]:
-            del ctx.items[item]
+        items = ctx.items
+        # Items are kept in order of last touch, so expired ones are at the front; a late
+        # (out-of-order) event can leave an older one behind, which the full pass catches.
+        if items and next(iter(items.values())).ts < horizon:
+            for item in [k for k, t in items.items() if t.ts < horizon]:
+                del items[item]
 
     def _evict(self) -> None:
         """Drop the least recently active tenth of shoppers (by event time, ties by id)."""

@@ -102,6 +102,13 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
             await catalog.handle(_records(batch))
 
+    @app.task
+    async def drop_monitor() -> None:
+        """Faust's Monitor sensor feeds its web UI (disabled here) and costs work per event;
+        our own stats (streams/stats.py) replace it."""
+        if app.monitor in set(app.sensors):
+            app.sensors.remove(app.monitor)
+
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
         for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):

@@ -45,6 +45,21 @@ def item_partition(item_id: str, partitions: int) -> int:
     return zlib.crc32(item_id.encode()) % partitions
 
 
+class PartitionOf(dict):
+    """item -> pairs partition, memoised: hot items are routed thousands of times a second."""
+
+    def __init__(self, partitions: int, max_size: int = 500_000) -> None:
+        super().__init__()
+        self.partitions = partitions
+        self.max_size = max_size
+
+    def __missing__(self, item: str) -> int:
+        if len(self) >= self.max_size:
+            self.clear()
+        q = self[item] = zlib.crc32(item.encode()) % self.partitions
+        return q
+
+
 def dlq_headers(err: ContractError, topic: str, partition: int, offset: int) -> dict[str, bytes]:
     return {
         "cartwise-reason": err.reason.encode(),
@@ -176,20 +191,26 @@ class Stage:
         """Apply a batch, its partitions concurrently (their I/O waits overlap)."""
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = time.time()
+            self.stats.first_batch_cpu = time.process_time()
         for e in events:
             self.held[e.message.partition].append(e)
         groups = group_by_partition(records)
         await asyncio.gather(*(self._apply(p, recs) for p, recs in groups.items()))
+        self.stats.last_batch_at, self.stats.last_batch_cpu = time.time(), time.process_time()
         due = time.monotonic() - self.settings.checkpoint_interval_s
         await asyncio.gather(*(self.checkpoint(p) for p in groups if self.last_checkpoint[p] < due))
 
     async def _apply(self, p: int, recs: list[Record]) -> None:
         async with self.locks[p]:
             self.since[p].extend(recs)
-            await self._catch_up(p)
+            await self._catch_up(p, recs)
 
-    async def _catch_up(self, p: int) -> Any:
-        """Bring partition p's memory up to date with `since`; on failure reload and redo."""
+    async def _catch_up(self, p: int, recs: list[Record] | None = None) -> Any:
+        """Bring partition p's memory up to date with `since`; on failure reload and redo.
+
+        `recs` is the newest part of `since`: when the state in memory has seen everything
+        before it, only that part needs a look.
+        """
         delay = 0.1
         while True:
             try:
@@ -197,7 +218,9 @@ class Stage:
                 if st is None:
                     st = self.parts[p] = await self.load(p)
                     st.applied = st.offset
-                todo = [r for r in self.since[p] if r[2] > st.applied]
+                    recs = None
+                fresh = recs is not None and (not recs or recs[0][2] > st.applied)
+                todo = recs if fresh else [r for r in self.since[p] if r[2] > st.applied]
                 if todo:
                     t0 = time.perf_counter()
                     await self.process(p, st, todo)
@@ -210,6 +233,7 @@ class Stage:
                 # In-memory state may be half-updated: drop it, Redis has the truth.
                 self.parts.pop(p, None)
                 self.stats.inc(f"{self.name}.errors")
+                recs = None
                 log.exception("%s partition %d: batch failed, retrying in %.1fs",
                               self.name, p, delay)
                 await asyncio.sleep(delay)
@@ -274,6 +298,7 @@ class ContextStage(Stage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.partition_of = PartitionOf(self.settings.partitions)
         self.list_cache = ReadCache(self.settings.lists_interval_s)
         self.catalog_cache = ReadCache(self.settings.lists_interval_s)
 
@@ -294,6 +319,8 @@ class ContextStage(Stage):
         touched: list[str] = []
         counts = st.counts
         book = st.book
+        partition_of = self.partition_of
+        all_pairs = range(n_pairs)
         for value, _, offset, _ in records:
             try:
                 event = parse_event(value)
@@ -310,17 +337,19 @@ class ContextStage(Stage):
             touched.append(event.user_id)
             if not evidence:
                 continue
-            # Per pairs partition, this event's entries under its offset (stage 2 dedup key).
-            routed: list[list] = [[] for _ in range(n_pairs)]
+            # Per pairs partition, this event's entries under its offset (stage 2 dedup key):
+            # marginals go to every partition, a pair to the partition of its first item.
+            marginals = [e for e in evidence if e[0] == "m"]
+            pairs: dict[int, list] = {}
             for e in evidence:
-                if e[0] == "m":
-                    for q in range(n_pairs):
-                        routed[q].append(e)
-                else:
-                    routed[item_partition(e[1], n_pairs)].append(e)
-            for q in range(n_pairs):
-                if routed[q]:
-                    out[q].append((offset, routed[q]))
+                if e[0] == "p":
+                    pairs.setdefault(partition_of[e[1]], []).append(e)
+            for q in all_pairs:
+                extra = pairs.get(q)
+                if extra:
+                    out[q].append((offset, marginals + extra))
+                elif marginals:
+                    out[q].append((offset, marginals))
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.

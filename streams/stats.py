@@ -21,6 +21,9 @@ class Stats:
         self.worker_id = worker_id
         self.started = time.time()
         self.first_batch_at: float | None = None
+        self.first_batch_cpu: float | None = None  # process CPU seconds then (bench)
+        self.last_batch_at: float | None = None
+        self.last_batch_cpu: float | None = None
         self.counters: Counter[str] = Counter()
         self.seconds: dict[str, float] = {}
         # Seconds from the event's broker timestamp to its suggestions being written in Redis.
@@ -46,5 +49,6 @@ class Stats:
             fresh[kind] = {"n": len(s), "p50": percentile(s, 0.5), "p99": percentile(s, 0.99),
                            "max": s[-1] if s else None}
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
-                "first_batch_at": self.first_batch_at,
+                "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
+                "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
                 "counters": dict(self.counters), "seconds": self.seconds, "freshness_s": fresh}
