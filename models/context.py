@@ -18,12 +18,13 @@ from models.config import ModelConfig
 
 BUY_TYPES = frozenset({"add_to_cart", "purchase"})
 
-# Evidence entries, compact because they cross the internal pairs topic:
-#   ("m", item, d_all, d_buy, ts)            item entered a context / got stronger
-#   ("p", item, other, d_all, d_buy, n_all, n_buy, ts)
+# What one event adds to the item graph, compact because it crosses the internal pairs topic:
+#   (ts, marginals, pairs)
+#   marginals: [(item, d_all, d_buy)]        item entered a context / got stronger
+#   pairs: [(item, other, d_all, d_buy, n_all, n_buy)]
 #                                            the pair (item, other) got stronger; n_* is 1 when
 #                                            the pair is new in this context (counts shoppers)
-Evidence = tuple
+Evidence = tuple[float, list[tuple], list[tuple]]
 
 
 @dataclass(slots=True)
@@ -96,7 +97,7 @@ class ContextBook:
     def load(self, user_id: str, raw: bytes | str) -> None:
         self.users[user_id] = ShopperContext.from_json(raw)
 
-    def learn(self, event: Event) -> list[Evidence] | None:
+    def learn(self, event: Event) -> Evidence | None:
         """Apply one event; returns its evidence, or None when the event_id was seen already."""
         cfg = self.config
         ctx = self.users.get(event.user_id)
@@ -118,6 +119,8 @@ class ContextBook:
             ctx.session = f"~{ctx.session_n}"
         ctx.last_ts = max(ctx.last_ts, now)
         self._expire(ctx)
+        marginals: list[tuple] = []
+        pairs: list[tuple] = []
         if event.type == "remove_from_cart":
             for line in event.lines:
                 left = ctx.cart.get(line.item_id, 0) - line.quantity
@@ -125,12 +128,11 @@ class ContextBook:
                     ctx.cart[line.item_id] = left
                 else:
                     ctx.cart.pop(line.item_id, None)
-            return []
-        evidence: list[Evidence] = []
+            return now, marginals, pairs
         w_type = cfg.weight(event.type)
         b_type = w_type if event.type in BUY_TYPES else 0.0
         for line in event.lines:
-            self._touch(ctx, line.item_id, w_type, b_type, now, evidence)
+            self._touch(ctx, line.item_id, w_type, b_type, now, marginals, pairs)
             if event.type == "add_to_cart":
                 ctx.cart[line.item_id] = ctx.cart.get(line.item_id, 0) + line.quantity
             elif event.type == "purchase":
@@ -139,18 +141,18 @@ class ContextBook:
                 ctx.bought[line.item_id] = now
         while len(ctx.bought) > cfg.bought_max:
             del ctx.bought[next(iter(ctx.bought))]
-        return evidence
+        return now, marginals, pairs
 
     def _touch(
         self, ctx: ShopperContext, item: str, w_type: float, b_type: float, now: float,
-        out: list[Evidence],
+        marginals: list[tuple], pairs: list[tuple],
     ) -> None:
         cfg = self.config
         old = ctx.items.pop(item, None)
         w_old, b_old = (old.w, old.b) if old else (0.0, 0.0)
         w_new, b_new = max(w_old, w_type), max(b_old, b_type)
         if w_new > w_old or b_new > b_old:
-            out.append(("m", item, w_new - w_old, b_new - b_old, now))
+            marginals.append((item, w_new - w_old, b_new - b_old))
             for other, t in ctx.items.items():
                 f = 1.0 if t.session == ctx.session else cfg.history_factor
                 da = (min(w_new, t.w) - min(w_old, t.w)) * f
@@ -158,8 +160,8 @@ class ContextBook:
                 if da > 0 or db > 0:
                     na = f if w_old == 0 else 0.0
                     nb = f if db > 0 and min(b_old, t.b) == 0 else 0.0
-                    out.append(("p", item, other, da, db, na, nb, now))
-                    out.append(("p", other, item, da, db, na, nb, now))
+                    pairs.append((item, other, da, db, na, nb))
+                    pairs.append((other, item, da, db, na, nb))
         ctx.items[item] = Touch(w_new, b_new, max(now, old.ts if old else now), ctx.session)
         while len(ctx.items) > cfg.context_max_items:
             del ctx.items[next(iter(ctx.items))]

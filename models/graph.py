@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 
 from models.config import ModelConfig
-from models.context import Evidence
 from models.scoring import association, round_sig
 
 KINDS = ("cross_sell", "alternatives")
@@ -38,22 +37,17 @@ class ItemGraph:
         self.dirty: set[str] = set()  # rows changed since the caller last cleared it
         self.dirty_marg: set[str] = set()  # marginals changed since the caller last cleared it
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
-        self._last_ts = self._last_landmark = self._last_factor = None  # _factor's cache
 
     # -- counting -----------------------------------------------------------------------------
 
     def _factor(self, ts: float) -> float:
-        if ts == self._last_ts and self.landmark == self._last_landmark:
-            return self._last_factor
         h = self.config.half_life_s
         step = h * _REBASE_STEP
         if self.landmark is None:
             self.landmark = math.floor(ts / step) * step
         elif ts - self.landmark > 2 * step:
             self._rebase(math.floor(ts / step) * step)
-        g = 2.0 ** ((ts - self.landmark) / h)
-        self._last_ts, self._last_landmark, self._last_factor = ts, self.landmark, g
-        return g
+        return 2.0 ** ((ts - self.landmark) / h)
 
     def _rebase(self, landmark: float) -> None:
         c = 2.0 ** (-(landmark - self.landmark) / self.config.half_life_s)
@@ -67,42 +61,43 @@ class ItemGraph:
         self.total = [self.total[0] * c, self.total[1] * c]
         self.landmark = landmark
 
-    def apply(self, evidence: Iterable[Evidence]) -> None:
-        """Add evidence. Pair entries are for rows this graph owns; marginals for all items."""
-        for e in evidence:
-            if e[0] == "m":
-                _, item, da, db, ts = e
-                g = self._factor(ts)
-                m = self.marg.get(item)
-                if m is None:
-                    self.marg[item] = [da * g, db * g, ts]
-                else:
-                    m[0] += da * g
-                    m[1] += db * g
-                    m[2] = max(m[2], ts)
-                self.total[0] += da * g
-                self.total[1] += db * g
-                self.dirty_marg.add(item)
+    def apply(self, ts: float, marginals: Iterable[tuple], pairs: Iterable[tuple]) -> None:
+        """Add one event's evidence (models/context.py). Pairs are for rows this graph owns;
+        marginals for all items."""
+        g = self._factor(ts)
+        total = self.total
+        marg = self.marg
+        for item, da, db in marginals:
+            m = marg.get(item)
+            if m is None:
+                marg[item] = [da * g, db * g, ts]
             else:
-                _, item, other, da, db, na, nb, ts = e
-                g = self._factor(ts)
-                row = self.rows.get(item)
-                if row is None:
-                    row = self.rows[item] = {}
-                v = row.get(other)
-                if v is None:
-                    row[other] = [da * g, db * g, na * g, nb * g]
-                    if len(row) > self.config.max_neighbours:
-                        self._prune_row(row)
-                else:
-                    v[0] += da * g
-                    v[1] += db * g
-                    v[2] += na * g
-                    v[3] += nb * g
-                self.dirty.add(item)
-            if ts > self.now:
-                self.now = ts
-        if len(self.marg) > self.config.max_items:
+                m[0] += da * g
+                m[1] += db * g
+                if ts > m[2]:
+                    m[2] = ts
+            total[0] += da * g
+            total[1] += db * g
+            self.dirty_marg.add(item)
+        rows = self.rows
+        for item, other, da, db, na, nb in pairs:
+            row = rows.get(item)
+            if row is None:
+                row = rows[item] = {}
+            v = row.get(other)
+            if v is None:
+                row[other] = [da * g, db * g, na * g, nb * g]
+                if len(row) > self.config.max_neighbours:
+                    self._prune_row(row)
+            else:
+                v[0] += da * g
+                v[1] += db * g
+                v[2] += na * g
+                v[3] += nb * g
+            self.dirty.add(item)
+        if ts > self.now:
+            self.now = ts
+        if len(marg) > self.config.max_items:
             self._prune_items()
 
     def _prune_row(self, row: dict[str, list[float]]) -> None:

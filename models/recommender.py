@@ -31,7 +31,7 @@ class CrossSellRecommender:
         evidence = self.contexts.learn(event)
         if evidence is None:
             return False
-        self.graph.apply(evidence)
+        self.graph.apply(*evidence)
         return True
 
     def learn_catalog(self, item: CatalogItem | dict[str, Any]) -> None:

@@ -335,21 +335,22 @@ class ContextStage(Stage):
                 continue
             counts[f"applied.{event.type}"] += 1
             touched.append(event.user_id)
-            if not evidence:
+            ts, marginals, pairs = evidence
+            if not marginals and not pairs:
                 continue
-            # Per pairs partition, this event's entries under its offset (stage 2 dedup key):
-            # marginals go to every partition, a pair to the partition of its first item.
-            marginals = [e for e in evidence if e[0] == "m"]
-            pairs: dict[int, list] = {}
-            for e in evidence:
-                if e[0] == "p":
-                    pairs.setdefault(partition_of[e[1]], []).append(e)
+            # Per pairs partition, [offset, ts, marginals, pairs]: the offset is stage 2's
+            # dedup key; marginals go everywhere, a pair to the partition of its first item.
+            if not pairs:
+                for q in all_pairs:
+                    out[q].append((offset, ts, marginals, ()))
+                continue
+            by_q: dict[int, list] = {}
+            for pair in pairs:
+                by_q.setdefault(partition_of[pair[0]], []).append(pair)
             for q in all_pairs:
-                extra = pairs.get(q)
-                if extra:
-                    out[q].append((offset, marginals + extra))
-                elif marginals:
-                    out[q].append((offset, marginals))
+                mine = by_q.get(q, ())
+                if mine or marginals:
+                    out[q].append((offset, ts, marginals, mine))
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
@@ -477,9 +478,9 @@ class GraphStage(Stage):
                 st.counts["cooccurrence.duplicate_batches"] += 1
                 continue
             groups = msg["e"]
-            for offset, entries in groups:
+            for offset, ts, marginals, pairs in groups:
                 if offset > seen:
-                    g.apply(entries)
+                    g.apply(ts, marginals, pairs)
             st.hwm[src] = last
             if groups:
                 st.pending_ts.append(msg["t"])

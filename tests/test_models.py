@@ -26,23 +26,20 @@ def event(n, etype, item, user="u", ts=T0, session="s1", **kw):
 
 def test_evidence_follows_event_weights_and_channels():
     book = ContextBook()
-    assert book.learn(event(1, "view", "A")) == [("m", "A", 1.0, 0.0, T0)]
-    assert book.learn(event(2, "view", "B")) == [
-        ("m", "B", 1.0, 0.0, T0),
-        ("p", "B", "A", 1.0, 0.0, 1.0, 0.0, T0), ("p", "A", "B", 1.0, 0.0, 1.0, 0.0, T0)]
+    assert book.learn(event(1, "view", "A")) == (T0, [("A", 1.0, 0.0)], [])
+    assert book.learn(event(2, "view", "B")) == (
+        T0, [("B", 1.0, 0.0)], [("B", "A", 1.0, 0.0, 1.0, 0.0), ("A", "B", 1.0, 0.0, 1.0, 0.0)])
     # Carting B: stronger in both channels, but A was only viewed, so no pair grows.
-    assert book.learn(event(3, "add_to_cart", "B")) == [("m", "B", 2.0, 3.0, T0)]
-    # Carting A too: now the pair is a buy-together pair.
-    assert book.learn(event(4, "add_to_cart", "A")) == [
-        ("m", "A", 2.0, 3.0, T0),
-        ("p", "A", "B", 2.0, 3.0, 0.0, 1.0, T0), ("p", "B", "A", 2.0, 3.0, 0.0, 1.0, T0)]
+    assert book.learn(event(3, "add_to_cart", "B")) == (T0, [("B", 2.0, 3.0)], [])
+    # Carting A too: now the pair is a buy-together pair, counted once as a new buy pair.
+    assert book.learn(event(4, "add_to_cart", "A")) == (
+        T0, [("A", 2.0, 3.0)], [("A", "B", 2.0, 3.0, 0.0, 1.0), ("B", "A", 2.0, 3.0, 0.0, 1.0)])
     # Buying both (purchase weight 5) adds the difference only.
     order = validate_event({"event_id": "e5", "type": "purchase", "user_id": "u", "ts": T0,
                             "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
-    assert book.learn(order) == [
-        ("m", "A", 2.0, 2.0, T0),
-        ("m", "B", 2.0, 2.0, T0),
-        ("p", "B", "A", 2.0, 2.0, 0.0, 0.0, T0), ("p", "A", "B", 2.0, 2.0, 0.0, 0.0, T0)]
+    assert book.learn(order) == (
+        T0, [("A", 2.0, 2.0), ("B", 2.0, 2.0)],
+        [("B", "A", 2.0, 2.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0)])
     ctx = book.get("u")
     assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
 
@@ -60,10 +57,10 @@ def test_earlier_sessions_count_less_and_old_items_leave():
     book.learn(event(1, "view", "A", session="s1"))
     out = book.learn(event(2, "view", "B", session="s2", ts=T0 + 3600))
     f = cfg.history_factor
-    assert ("p", "B", "A", f, 0.0, f, 0.0, T0 + 3600) in out
+    assert ("B", "A", f, 0.0, f, 0.0) in out[2]
     later = T0 + cfg.history_s + 7200
     out = book.learn(event(3, "view", "C", session="s3", ts=later))
-    assert out == [("m", "C", 1.0, 0.0, later)]
+    assert out == (later, [("C", 1.0, 0.0)], [])
     assert list(book.get("u").items) == ["C"]
 
 
@@ -112,9 +109,9 @@ def test_context_round_trips_through_json():
 def test_counts_halve_every_half_life_across_rebases():
     cfg = ModelConfig(half_life_s=DAY)
     g = ItemGraph(cfg)
-    g.apply([("m", "A", 8.0, 0.0, T0), ("p", "A", "B", 8.0, 4.0, 1.0, 1.0, T0)])
+    g.apply(T0, [("A", 8.0, 0.0)], [("A", "B", 8.0, 4.0, 1.0, 1.0)])
     for days in (1, 3, 40):  # 40 half-lives crosses the rebase step
-        g.apply([("m", "Z", 0.0, 0.0, T0 + days * DAY)])
+        g.apply(T0 + days * DAY, [("Z", 0.0, 0.0)], [])
         c = g.counts("A")
         assert math.isclose(c["all"], 8.0 * 2.0**-days, rel_tol=1e-12)
         assert math.isclose(c["pairs"]["B"][1], 4.0 * 2.0**-days, rel_tol=1e-12)
@@ -174,10 +171,11 @@ def test_lists_are_ranked_by_confidence_then_id():
 def test_graph_memory_bounds():
     cfg = ModelConfig(max_neighbours=8, max_items=20)
     g = ItemGraph(cfg)
-    g.apply([("p", "A", f"n{i}", float(i), 0.0, 1.0, 0.0, T0) for i in range(30)])
+    g.apply(T0, [], [("A", f"n{i}", float(i), 0.0, 1.0, 0.0) for i in range(30)])
     assert len(g.rows["A"]) <= 8
     assert "n29" in g.rows["A"] and "n0" not in g.rows["A"]  # the strongest survive
-    g.apply([("m", f"i{i:02d}", 1.0, 0.0, T0 + i) for i in range(40)])
+    for i in range(40):
+        g.apply(T0 + i, [(f"i{i:02d}", 1.0, 0.0)], [])
     assert len(g.marg) <= 20 and "i39" in g.marg and "i00" not in g.marg
 
 
