@@ -29,10 +29,11 @@ class Settings:
     # State reaches Redis (with the input offset) at most this often; a crash replays less.
     checkpoint_interval_s: float = 1.0
     lists_interval_s: float = 0.2  # how often changed item lists are published
+    lists_min_interval_s: float = 1.0  # one item's list is recomputed at most this often
     settle_idle_s: float = 1.0  # idle time after which a partition recomputes all its lists
-    refresh_interval_s: float = 2.0  # how often recently active shoppers' lists are refreshed
+    refresh_interval_s: float = 10.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time
-    refresh_max_users: int = 2000  # per partition per refresh
+    refresh_max_users: int = 200  # per partition per refresh: bounds its cost under load
     # Group membership: a killed worker's partitions move after `session_timeout_s`.
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 30.0

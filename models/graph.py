@@ -36,6 +36,7 @@ class ItemGraph:
         self.now = 0.0
         self.dirty: set[str] = set()  # rows changed since the caller last cleared it
         self.dirty_marg: set[str] = set()  # marginals changed since the caller last cleared it
+        self.touched: set[str] = set()  # like dirty, for a second consumer (list publishing)
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
 
     # -- counting -----------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class ItemGraph:
                 v[2] += na * g
                 v[3] += nb * g
             self.dirty.add(item)
+            self.touched.add(item)
         if ts > self.now:
             self.now = ts
         if len(marg) > self.config.max_items:
@@ -116,6 +118,7 @@ class ItemGraph:
             self.dirty_marg.discard(item)
             if self.rows.pop(item, None) is not None:
                 self.dirty.discard(item)
+                self.touched.discard(item)
                 self.dropped.add(item)
 
     # -- scoring ------------------------------------------------------------------------------

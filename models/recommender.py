@@ -46,6 +46,7 @@ class CrossSellRecommender:
         for item in self.graph.dropped:
             self._lists.pop(item, None)
         self.graph.dirty.clear()
+        self.graph.touched.clear()
         self.graph.dropped.clear()
 
     def settle(self) -> None:

@@ -132,8 +132,9 @@ class GraphPartition:
     hwm: dict[int, int]  # events partition -> highest source offset applied
     applied: int = -1
     written: dict[str, int] = field(default_factory=dict)  # item -> digest of the last lists
-    pending: set[str] = field(default_factory=set)  # rows changed since lists were written
-    pending_ts: list[float] = field(default_factory=list)  # broker times of pending evidence
+    # rows changed since their lists were written -> broker time of the oldest such evidence
+    pending: dict[str, float] = field(default_factory=dict)
+    computed_at: dict[str, float] = field(default_factory=dict)  # item -> monotonic time
     last_batch: float = 0.0
     unsettled: bool = True
     acks: list[Awaitable[Any]] = field(default_factory=list)
@@ -470,6 +471,7 @@ class GraphStage(Stage):
     async def process(self, partition: int, st: GraphPartition,
                       records: list[Record]) -> None:
         g = st.graph
+        oldest = None
         for value, _, _, _ in records:
             msg = orjson.loads(value)
             src, last = msg["src"], msg["last"]
@@ -482,10 +484,13 @@ class GraphStage(Stage):
                 if offset > seen:
                     g.apply(ts, marginals, pairs)
             st.hwm[src] = last
-            if groups:
-                st.pending_ts.append(msg["t"])
-        st.pending |= g.dirty
-        st.pending -= g.dropped
+            if groups and (oldest is None or msg["t"] < oldest):
+                oldest = msg["t"]
+        for item in g.touched:
+            st.pending.setdefault(item, oldest if oldest is not None else time.time())
+        g.touched.clear()
+        for item in g.dropped:
+            st.pending.pop(item, None)
         st.last_batch = time.monotonic()
         st.unsettled = True
 
@@ -531,11 +536,16 @@ class GraphStage(Stage):
     async def publish_lists(self) -> None:
         """Write changed lists; once a partition is idle, recompute all of them.
 
+        Scoring a row costs a look at every neighbour, and a hot item changes in every batch:
+        a row's list is recomputed at most every `lists_min_interval_s`, so the cost is bounded
+        by the number of items, not by the traffic. Quiet items are published within one tick.
+
         A row's list also depends on other items' totals, which keep moving. Once a partition
         goes quiet (`settle_idle_s`), one pass over all its rows makes every list a function
         of the counts alone, so two runs over the same events end with the same lists.
         """
         idle = self.settings.settle_idle_s
+        min_interval = self.settings.lists_min_interval_s
         for p in list(self.parts):
             async with self.locks[p]:
                 st = self.parts.get(p)
@@ -546,7 +556,14 @@ class GraphStage(Stage):
                           and st.offset == st.applied)
                 if not settle and not st.pending:
                     continue
-                items = sorted(st.graph.rows if settle else st.pending)
+                now_m = time.monotonic()
+                if settle:
+                    items = sorted(st.graph.rows)
+                else:
+                    items = sorted(i for i in st.pending
+                                   if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
+                    if not items:
+                        continue
                 pipe = self.store.redis.pipeline(transaction=True)
                 changed = await self._item_lists(st, items, pipe)
                 if changed:
@@ -556,10 +573,11 @@ class GraphStage(Stage):
                         {"offset": st.offset, "at": time.time(), "rewritten": changed}))
                 await pipe.execute()
                 now = time.time()
-                for t in st.pending_ts:
-                    self.stats.observe("item", now - t)
-                st.pending.clear()
-                st.pending_ts.clear()
+                for item in items:
+                    t = st.pending.pop(item, None)
+                    if t is not None:
+                        self.stats.observe("item", now - t)
+                    st.computed_at[item] = now_m
                 self.stats.inc("cooccurrence.lists_written", changed)
                 if settle:
                     st.unsettled = False
