@@ -147,24 +147,36 @@ class ContextBook:
         self, ctx: ShopperContext, item: str, w_type: float, b_type: float, now: float,
         marginals: list[tuple], pairs: list[tuple],
     ) -> None:
-        cfg = self.config
-        old = ctx.items.pop(item, None)
-        w_old, b_old = (old.w, old.b) if old else (0.0, 0.0)
-        w_new, b_new = max(w_old, w_type), max(b_old, b_type)
+        # Hot path (every event): plain comparisons instead of min()/max() calls.
+        items = ctx.items
+        old = items.pop(item, None)
+        w_old, b_old = (old.w, old.b) if old is not None else (0.0, 0.0)
+        w_new = w_type if w_type > w_old else w_old
+        b_new = b_type if b_type > b_old else b_old
         if w_new > w_old or b_new > b_old:
             marginals.append((item, w_new - w_old, b_new - b_old))
-            for other, t in ctx.items.items():
-                f = 1.0 if t.session == ctx.session else cfg.history_factor
-                da = (min(w_new, t.w) - min(w_old, t.w)) * f
-                db = (min(b_new, t.b) - min(b_old, t.b)) * f
+            session, history = ctx.session, self.config.history_factor
+            new_item = w_old == 0
+            for other, t in items.items():
+                f = 1.0 if t.session == session else history
+                tw, tb = t.w, t.b
+                da = ((w_new if w_new < tw else tw) - (w_old if w_old < tw else tw)) * f
+                b_before = b_old if b_old < tb else tb
+                db = ((b_new if b_new < tb else tb) - b_before) * f
                 if da > 0 or db > 0:
-                    na = f if w_old == 0 else 0.0
-                    nb = f if db > 0 and min(b_old, t.b) == 0 else 0.0
+                    na = f if new_item else 0.0
+                    nb = f if db > 0 and b_before == 0 else 0.0
                     pairs.append((item, other, da, db, na, nb))
                     pairs.append((other, item, da, db, na, nb))
-        ctx.items[item] = Touch(w_new, b_new, max(now, old.ts if old else now), ctx.session)
-        while len(ctx.items) > cfg.context_max_items:
-            del ctx.items[next(iter(ctx.items))]
+        if old is None:
+            items[item] = Touch(w_new, b_new, now, ctx.session)
+            if len(items) > self.config.context_max_items:
+                del items[next(iter(items))]
+        else:  # move to the end (most recent), updated in place
+            old.w, old.b, old.session = w_new, b_new, ctx.session
+            if now > old.ts:
+                old.ts = now
+            items[item] = old
 
     def _expire(self, ctx: ShopperContext) -> None:
         horizon = ctx.last_ts - self.config.history_s

@@ -321,7 +321,7 @@ class ContextStage(Stage):
         counts = st.counts
         book = st.book
         partition_of = self.partition_of
-        all_pairs = range(n_pairs)
+        all_marginals: list[tuple] = []
         for value, _, offset, _ in records:
             try:
                 event = parse_event(value)
@@ -339,24 +339,26 @@ class ContextStage(Stage):
             ts, marginals, pairs = evidence
             if not marginals and not pairs:
                 continue
-            # Per pairs partition, [offset, ts, marginals, pairs]: the offset is stage 2's
-            # dedup key; marginals go everywhere, a pair to the partition of its first item.
-            if not pairs:
-                for q in all_pairs:
-                    out[q].append((offset, ts, marginals, ()))
-                continue
-            by_q: dict[int, list] = {}
-            for pair in pairs:
-                by_q.setdefault(partition_of[pair[0]], []).append(pair)
-            for q in all_pairs:
-                mine = by_q.get(q, ())
-                if mine or marginals:
-                    out[q].append((offset, ts, marginals, mine))
+            # Stage 2 gets [offset, ts, entries]: the offset is its dedup key. Marginals go to
+            # every pairs partition (one shared list), a pair to the partition of its first item.
+            if marginals:
+                all_marginals.append((offset, ts, marginals))
+            if pairs:
+                by_q: dict[int, list] = {}
+                for pair in pairs:
+                    q = partition_of[pair[0]]
+                    if q in by_q:
+                        by_q[q].append(pair)
+                    else:
+                        by_q[q] = [pair]
+                for q, mine in by_q.items():
+                    out[q].append((offset, ts, mine))
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
-            msg = orjson.dumps({"src": partition, "last": last, "t": first_ts, "e": out[q]})
+            msg = orjson.dumps({"src": partition, "last": last, "t": first_ts,
+                                "m": all_marginals, "p": out[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
         await self.user_lists(st, list(dict.fromkeys(touched)))
@@ -479,12 +481,14 @@ class GraphStage(Stage):
             if last <= seen:
                 st.counts["cooccurrence.duplicate_batches"] += 1
                 continue
-            groups = msg["e"]
-            for offset, ts, marginals, pairs in groups:
+            for offset, ts, marginals in msg["m"]:
                 if offset > seen:
-                    g.apply(ts, marginals, pairs)
+                    g.apply(ts, marginals, ())
+            for offset, ts, pairs in msg["p"]:
+                if offset > seen:
+                    g.apply(ts, (), pairs)
             st.hwm[src] = last
-            if groups and (oldest is None or msg["t"] < oldest):
+            if msg["p"] and (oldest is None or msg["t"] < oldest):
                 oldest = msg["t"]
         for item in g.touched:
             st.pending.setdefault(item, oldest if oldest is not None else time.time())
