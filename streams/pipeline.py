@@ -32,7 +32,7 @@ log = logging.getLogger("cartwise.pipeline")
 
 MODEL_VERSION = "cooc-1"
 USER_LIST_SIZE = 20
-YIELD_EVERY = 50  # long loops on the event loop give other tasks a turn this often
+YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this often
 
 # (value, partition, offset, broker timestamp in seconds)
 Record = tuple[bytes, int, int, float]
@@ -401,10 +401,14 @@ class ContextStage(Stage):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
             payload = self._user_payload(user, ctx, lists, catalog)
-            digest = list_digest(payload, ("items", "context"))
-            if only_changed and st.written.get(user) == digest:
-                continue
-            st.written[user] = digest
+            if only_changed:
+                digest = list_digest(payload, ("items", "context"))
+                if st.written.get(user) == digest:
+                    continue
+                st.written[user] = digest
+            else:
+                # The hot path skips the digest; the next refresh rewrites this one once.
+                st.written.pop(user, None)
             pipe.set(self.keys.user(user), orjson.dumps(payload))
             written += 1
         if written:
