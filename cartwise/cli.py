@@ -193,11 +193,12 @@ def _print_status(r: redis.Redis, settings: Settings) -> None:
             fresh = snap["freshness_s"]["user"]
     applied = sum(v for k, v in counters.items() if k.startswith("applied."))
     dlq = sum(v for k, v in counters.items() if k.startswith("dlq."))
-    p99 = f"{fresh['p99'] * 1000:.0f} ms" if fresh and fresh["p99"] is not None else "-"
+    p99 = (f"{fresh['recent_p50'] * 1000:.0f}/{fresh['recent_p99'] * 1000:.0f} ms"
+           if fresh and fresh["recent_p99"] is not None else "-")
     items = sum(1 for _ in r.scan_iter(keys.item("*"), count=1000))
     print(f"{time.strftime('%H:%M:%S')}  applied {applied}  duplicates "
           f"{counters.get('duplicate', 0)}  dead-lettered {dlq}  item lists {items}  "
-          f"freshness p99 {p99}", flush=True)
+          f"freshness p50/p99 (last 1000 events) {p99}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from collections import Counter, deque
 from typing import Any
 
 FRESHNESS_SAMPLES = 20_000
+RECENT_SAMPLES = 1_000  # "recent" percentiles: the last this many events, for live views
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -46,8 +47,11 @@ class Stats:
         fresh = {}
         for kind, samples in self.freshness.items():
             s = sorted(samples)
+            recent = sorted(list(samples)[-RECENT_SAMPLES:])
             fresh[kind] = {"n": len(s), "p50": percentile(s, 0.5), "p99": percentile(s, 0.99),
-                           "max": s[-1] if s else None}
+                           "max": s[-1] if s else None,
+                           "recent_p50": percentile(recent, 0.5),
+                           "recent_p99": percentile(recent, 0.99)}
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
