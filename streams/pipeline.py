@@ -395,8 +395,7 @@ class ContextStage(Stage):
                       for e in doc.get(k, ())[: PER_ANCHOR[k]]}
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
-        pipe = self.store.redis.pipeline(transaction=False)
-        written = 0
+        docs: dict[str, bytes] = {}
         for n, (user, ctx) in enumerate(ctxs):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
@@ -409,11 +408,10 @@ class ContextStage(Stage):
             else:
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
-            pipe.set(self.keys.user(user), orjson.dumps(payload))
-            written += 1
-        if written:
-            await pipe.execute()
-        return written
+            docs[self.keys.user(user)] = orjson.dumps(payload)
+        if docs:
+            await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
+        return len(docs)
 
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
         return {
@@ -527,7 +525,7 @@ class GraphStage(Stage):
     async def _item_lists(self, st: GraphPartition, items: list[str], pipe: Any) -> int:
         """Queue the lists of `items` that changed since last written; returns how many."""
         g = st.graph
-        changed = 0
+        docs: dict[str, bytes] = {}
         for n, item in enumerate(items):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a settle of many rows must not stall the event loop
@@ -537,9 +535,10 @@ class GraphStage(Stage):
                 continue
             st.written[item] = digest
             payload.update(as_of=g.now, generated_at=time.time(), model=MODEL_VERSION)
-            pipe.set(self.keys.item(item), orjson.dumps(payload))
-            changed += 1
-        return changed
+            docs[self.keys.item(item)] = orjson.dumps(payload)
+        if docs:
+            pipe.mset(docs)
+        return len(docs)
 
     async def publish_lists(self) -> None:
         """Write changed lists; once a partition is idle, recompute all of them.
