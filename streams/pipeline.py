@@ -56,7 +56,7 @@ class PartitionOf(dict):
     def __missing__(self, item: str) -> int:
         if len(self) >= self.max_size:
             self.clear()
-        q = self[item] = zlib.crc32(item.encode()) % self.partitions
+        q = self[item] = item_partition(item, self.partitions)
         return q
 
 
