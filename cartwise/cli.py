@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -100,6 +98,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cartwise.embedded import EmbeddedStack
+    from cartwise.harness import start_worker, stop_worker
     from cartwise.producer import EventProducer
     from cartwise.simulator import Shop
     from streams.topics import ensure_topics
@@ -113,12 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  session_timeout_s=10.0, rebalance_timeout_s=10.0,
                                  heartbeat_interval_s=1.0)
     ensure_topics(settings)
-    env = dict(os.environ, CARTWISE_BROKER=stack.broker, CARTWISE_REDIS_URL=stack.redis_url,
-               CARTWISE_SESSION_TIMEOUT_S="10", CARTWISE_REBALANCE_TIMEOUT_S="10",
-               CARTWISE_HEARTBEAT_INTERVAL_S="1")
-    worker_log = open(workdir / "worker.log", "ab")  # noqa: SIM115
-    worker = subprocess.Popen([sys.executable, "-m", "cartwise", "worker"], env=env,
-                              stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = start_worker(settings, workdir / "worker.log", "demo")
     stop = [False]
 
     def on_signal(*_: object) -> None:
@@ -168,11 +162,7 @@ Ctrl-C stops everything.
     finally:
         print("\nstopping ...", flush=True)
         stop[0] = True
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_worker(worker)
         thread.join(5)
         stack.stop()
     return 0
