@@ -1,4 +1,4 @@
-"""`cartwise` command line: demo, worker, simulate, show, stats (docs/operations.md)."""
+"""`cartwise` command line: demo, worker, api, simulate, inspection (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cartwise.worker import run_worker
 
     run_worker(Settings.from_env(), loglevel=args.loglevel)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.auth import KeyConfigError
+
+    settings = Settings.from_env()
+    try:
+        app = create_app(settings)
+    except (KeyConfigError, ValueError) as exc:
+        print(f"cartwise api: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
+                loop="uvloop", http="httptools", access_log=False, log_level=args.loglevel,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from api.auth import new_key
+
+    key, entry = new_key(args.role)
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print(f"config entry (append to CARTWISE_API_KEYS, comma-separated): {entry}")
     return 0
 
 
@@ -97,8 +124,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cartwise.embedded import EmbeddedStack
-    from cartwise.harness import start_worker, stop_worker
+    from api.auth import new_key
+    from cartwise.embedded import EmbeddedStack, free_port
+    from cartwise.harness import start_api, start_worker, stop_worker, wait_http
     from cartwise.producer import EventProducer
     from cartwise.simulator import Shop
     from streams.topics import ensure_topics
@@ -108,11 +136,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print("cartwise demo: starting Tansu broker and redis-server ...", flush=True)
     stack.start()
+    # Fresh keys every run; the demo page gets the read and ingest ones in clear.
+    read_key, read_entry = new_key("read")
+    ingest_key, ingest_entry = new_key("ingest")
+    admin_key, admin_entry = new_key("admin")
+    port = args.port if _port_free(args.port) else free_port()
     settings = Settings.from_env(broker=stack.broker, redis_url=stack.redis_url,
                                  session_timeout_s=10.0, rebalance_timeout_s=10.0,
-                                 heartbeat_interval_s=1.0)
+                                 heartbeat_interval_s=1.0, api_port=port,
+                                 api_keys=",".join((read_entry, ingest_entry, admin_entry)),
+                                 demo_read_key=read_key, demo_ingest_key=ingest_key)
     ensure_topics(settings)
     worker = start_worker(settings, workdir / "worker.log", "demo")
+    api = start_api(settings, workdir / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/ready", api)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"the API did not start ({exc}); see {workdir / 'api.log'}", file=sys.stderr)
+        stop_worker(api, hard=True)
+        stop_worker(worker)
+        stack.stop()
+        return 1
     stop = [False]
 
     def on_signal(*_: object) -> None:
@@ -124,13 +169,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
   broker (Kafka protocol)  {stack.broker}
   redis                    {stack.redis_url}
   worker log               {workdir / 'worker.log'}
+  API                      {base}   (docs: {base}/docs, log: {workdir / 'api.log'})
   traffic                  {args.rate:g} simulated events/s, with a few invalid and duplicate ones
 
-Where to look, in another terminal:
-  export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
-  .venv/bin/cartwise show item pho-000      # cross-sell and alternatives for an item
-  .venv/bin/cartwise show user u-00003      # a shopper's "you may also need" list
-  .venv/bin/cartwise stats                  # counters, dead letters, freshness
+Where to look:
+  demo storefront          {base}/demo/   (browse, add to cart, watch the suggestions)
+  API, with the demo's keys (read / ingest / admin):
+    curl -H 'X-API-Key: {read_key}' {base}/v1/items/pho-000/suggestions
+    curl -H 'X-API-Key: {read_key}' '{base}/v1/users/u-00003/suggestions?placement=cart'
+    ingest key {ingest_key}
+    admin key  {admin_key}
+  from another terminal:
+    export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
+    .venv/bin/cartwise show item pho-000    # the stored lists of an item
+    .venv/bin/cartwise stats                # counters, dead letters, freshness
 
 Ctrl-C stops everything.
 """, flush=True)
@@ -152,20 +204,33 @@ Ctrl-C stops everything.
     try:
         while not stop[0]:
             for _ in range(50):
-                if stop[0] or worker.poll() is not None:
+                if stop[0] or worker.poll() is not None or api.poll() is not None:
                     break
                 time.sleep(0.1)
-            if worker.poll() is not None:
-                print(f"worker exited with {worker.returncode}; see {workdir / 'worker.log'}")
-                return 1
+            for name, proc in (("worker", worker), ("api", api)):
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; see {workdir / name}.log")
+                    return 1
             _print_status(r, settings)
     finally:
         print("\nstopping ...", flush=True)
         stop[0] = True
+        stop_worker(api)
         stop_worker(worker)
         thread.join(5)
         stack.stop()
     return 0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _print_status(r: redis.Redis, settings: Settings) -> None:
@@ -197,10 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run broker, Redis, worker and simulated traffic")
     p.add_argument("--rate", type=float, default=50.0, help="simulated events per second")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--port", type=int, default=8000, help="API port (a free one if taken)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("worker", help="run one stream worker (settings from CARTWISE_*)")
     p.add_argument("--loglevel", default="WARNING")
     p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("api", help="serve the HTTP API (settings from CARTWISE_*)")
+    p.add_argument("--host", default=None, help="default: CARTWISE_API_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: CARTWISE_API_PORT or 8000")
+    p.add_argument("--loglevel", default="warning")
+    p.set_defaults(func=cmd_api)
+    p = sub.add_parser("api-key", help="make an API key and the hashed entry for the config")
+    p.add_argument("role", choices=["read", "ingest", "admin"])
+    p.set_defaults(func=cmd_api_key)
     p = sub.add_parser("simulate", help="send simulated shop traffic to the broker")
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=None)

@@ -7,6 +7,7 @@ judged by one set of rules wherever it enters. Pure: no I/O.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
 RESERVED_TYPES = ("impression", "click")
 MAX_EVENT_BYTES = 64 * 1024
 MAX_ID_LEN = 128
+MAX_TEXT_LEN = 200  # catalog category, tier, brand and name
 MAX_ORDER_LINES = 200
 MAX_QUANTITY = 10_000
 # Event times before 2000-01-01 or after 2100-01-01 are almost surely a unit mistake (ms vs s).
@@ -72,6 +74,7 @@ class CatalogItem:
     consumable: bool = False
     tier: str | None = None
     brand: str | None = None
+    name: str | None = None  # display name, for storefronts that render suggestions as-is
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,7 @@ class CatalogItem:
             "consumable": self.consumable,
             "tier": self.tier,
             "brand": self.brand,
+            "name": self.name,
         }
 
 
@@ -215,16 +219,19 @@ def validate_catalog(d: dict[str, Any]) -> CatalogItem:
         if not isinstance(v, bool):
             raise ContractError("wrong_type", field, f"'{field}' must be true or false")
         flags[field] = v
-    for field in ("category", "tier", "brand"):
+    for field in ("category", "tier", "brand", "name"):
         v = d.get(field)
         if v is not None and not isinstance(v, str):
             raise ContractError("wrong_type", field, f"'{field}' must be a string")
+        if v is not None and len(v) > MAX_TEXT_LEN:
+            raise ContractError("bad_value", field, f"'{field}' is over {MAX_TEXT_LEN} characters")
     return CatalogItem(
         item_id=_id(d, "item_id"),
         price=_price(d.get("price"), "price"),
         category=d.get("category"),
         tier=d.get("tier"),
         brand=d.get("brand"),
+        name=d.get("name"),
         **flags,
     )
 
@@ -235,6 +242,42 @@ def parse_event(raw: bytes | str) -> Event:
 
 def parse_catalog(raw: bytes | str) -> CatalogItem:
     return validate_catalog(decode(raw))
+
+
+def prepare_event(d: dict[str, Any], now: float) -> tuple[Event, bytes]:
+    """Fill in what a sender may omit, validate, and encode the canonical wire form.
+
+    Used by every entry point that produces events (producer library, HTTP collector): a
+    missing `event_id` becomes a uuid4 and a missing `ts` becomes `now`. Senders that may
+    retry should set their own event_id, so a retried event is applied once.
+    """
+    if not isinstance(d, dict):
+        raise ContractError("not_an_object", None, "an event must be a JSON object")
+    d = dict(d)
+    d.setdefault("event_id", uuid.uuid4().hex)
+    d.setdefault("ts", now)
+    valid = validate_event(d)
+    value = orjson.dumps(event_to_dict(valid))
+    if len(value) > MAX_EVENT_BYTES:
+        raise ContractError("oversized", None, f"{len(value)} bytes > {MAX_EVENT_BYTES}")
+    return valid, value
+
+
+def prepare_catalog(d: dict[str, Any]) -> tuple[CatalogItem, bytes]:
+    if not isinstance(d, dict):
+        raise ContractError("not_an_object", None, "a catalog record must be a JSON object")
+    valid = validate_catalog(d)
+    return valid, orjson.dumps(valid.as_dict() | {"v": CONTRACT_VERSION})
+
+
+def dlq_headers(err: ContractError, source: str) -> dict[str, bytes]:
+    """Headers of a dead-lettered record: why it was rejected and where it came from."""
+    return {
+        "cartwise-reason": err.reason.encode(),
+        "cartwise-field": (err.field or "").encode(),
+        "cartwise-detail": err.detail.encode()[:500],
+        "cartwise-source": source.encode()[:500],
+    }
 
 
 def event_to_dict(e: Event) -> dict[str, Any]:

@@ -44,6 +44,34 @@ def start_worker(settings: Settings, log_path: Path, name: str = "w") -> subproc
     )
 
 
+def start_api(settings: Settings, log_path: Path, **env_extra: str) -> subprocess.Popen:
+    """`cartwise api` in its own process group, configured like the workers."""
+    env = worker_env(settings) | env_extra
+    log = open(log_path, "ab")  # noqa: SIM115 - the process owns it
+    return subprocess.Popen([sys.executable, "-m", "cartwise", "api"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Wait until `url` answers 200 (e.g. /ready), or fail with what went wrong."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s (last: {last})")
+
+
 def stop_worker(proc: subprocess.Popen, hard: bool = False) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)

@@ -12,19 +12,11 @@ Invalid events raise `ContractError` here, before they leave the app; the worker
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
-import orjson
 from kafka import KafkaProducer
 
-from cartwise.contract import (
-    MAX_EVENT_BYTES,
-    ContractError,
-    event_to_dict,
-    validate_catalog,
-    validate_event,
-)
+from cartwise.contract import ContractError, prepare_catalog, prepare_event
 
 __all__ = ["ContractError", "EventProducer"]
 
@@ -51,13 +43,7 @@ class EventProducer:
         Missing `event_id` and `ts` are filled in (a uuid4 and now): pass your own event_id
         when you may retry, so a retried event is applied once.
         """
-        event = dict(event)
-        event.setdefault("event_id", uuid.uuid4().hex)
-        event.setdefault("ts", time.time())
-        valid = validate_event(event)
-        value = orjson.dumps(event_to_dict(valid))
-        if len(value) > MAX_EVENT_BYTES:
-            raise ContractError("oversized", None, f"{len(value)} bytes > {MAX_EVENT_BYTES}")
+        valid, value = prepare_event(event, time.time())
         # Keyed by shopper: one shopper's events stay in order on one partition.
         return self._producer.send(self.events_topic, key=valid.user_id.encode(), value=value)
 
@@ -81,9 +67,8 @@ class EventProducer:
         return self.send({"type": "purchase", "user_id": user_id, "items": items, **fields})
 
     def catalog(self, item: dict[str, Any]) -> Any:
-        valid = validate_catalog(item)
-        return self._producer.send(self.catalog_topic, key=valid.item_id.encode(),
-                                   value=orjson.dumps(valid.as_dict() | {"v": 1}))
+        valid, value = prepare_catalog(item)
+        return self._producer.send(self.catalog_topic, key=valid.item_id.encode(), value=value)
 
     def flush(self, timeout: float | None = None) -> None:
         self._producer.flush(timeout)

@@ -34,10 +34,30 @@ class Settings:
     refresh_interval_s: float = 10.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time
     refresh_max_users: int = 200  # per partition per refresh: bounds its cost under load
+    trending_size: int = 500  # items kept in each trending set (shop-wide and per category)
     # Group membership: a killed worker's partitions move after `session_timeout_s`.
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 30.0
     heartbeat_interval_s: float = 3.0
+    # HTTP API (docs/api.md).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # Comma-separated "role:sha256:<hex>" entries; `cartwise api-key ROLE` makes one.
+    api_keys: str = ""
+    api_auth: str = "on"  # "off" serves every route without a key: local development only
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    max_body_bytes: int = 1_048_576
+    max_batch: int = 500  # events or catalog records per POST
+    max_k: int = 50  # the most suggestions one request may ask for
+    # Requests per second per API key (bursts of twice as many), per API process.
+    rate_read: float = 2000.0
+    rate_ingest: float = 500.0
+    rate_admin: float = 50.0
+    produce_timeout_s: float = 5.0  # how long POST /v1/events waits for the broker's ack
+    # The demo storefront page (served at /demo) is on only when both keys are set. They are
+    # handed to the browser in clear: never set them in production.
+    demo_read_key: str = ""
+    demo_ingest_key: str = ""
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @classmethod
@@ -59,6 +79,10 @@ class Settings:
     @property
     def faust_broker(self) -> str:
         return ";".join(f"kafka://{h}" for h in self.bootstrap)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def pairs_topic(self) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CATEGORIES = ("phones", "laptops", "audio", "coffee", "kitchen", "garden", "toys", "books")
+_NOUNS = {"phones": "phone", "laptops": "laptop", "audio": "headphones", "coffee": "coffee",
+          "kitchen": "kitchen tool", "garden": "garden tool", "toys": "toy", "books": "book"}
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Shop:
                     "in_stock": rng.random() > 0.03, "consumable": cat in ("coffee", "books"),
                     "brand": f"brand-{rng.randint(1, 6)}",
                 })
+                self.catalog[-1]["name"] = (f"{self.catalog[-1]['brand'].title()} "
+                                            f"{_NOUNS[cat]} {tier} {n}")
         self.prices = {c["item_id"]: c["price"] for c in self.catalog}
         others = {c: [i for d, ids in self.by_category.items() if d != c for i in ids]
                   for c in CATEGORIES}

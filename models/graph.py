@@ -21,6 +21,7 @@ import orjson
 
 from models.config import ModelConfig
 from models.scoring import association, round_sig
+from models.trending import trending_score
 
 KINDS = ("cross_sell", "alternatives")
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
@@ -37,6 +38,7 @@ class ItemGraph:
         self.dirty: set[str] = set()  # rows changed since the caller last cleared it
         self.dirty_marg: set[str] = set()  # marginals changed since the caller last cleared it
         self.touched: set[str] = set()  # like dirty, for a second consumer (list publishing)
+        self.marg_touched: set[str] = set()  # like dirty_marg, for trending publishing
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
 
     # -- counting -----------------------------------------------------------------------------
@@ -80,6 +82,7 @@ class ItemGraph:
             total[0] += da * g
             total[1] += db * g
             self.dirty_marg.add(item)
+            self.marg_touched.add(item)
         rows = self.rows
         for item, other, da, db, na, nb in pairs:
             row = rows.get(item)
@@ -116,6 +119,7 @@ class ItemGraph:
         for item in victims:
             del self.marg[item]
             self.dirty_marg.discard(item)
+            self.marg_touched.discard(item)
             if self.rows.pop(item, None) is not None:
                 self.dirty.discard(item)
                 self.touched.discard(item)
@@ -153,6 +157,14 @@ class ItemGraph:
                             key=lambda t: (-t[0], t[1]))[: cfg.list_size]
             out[kind] = [_entry(item, kind, score, c, digits) for score, _, c in ranked]
         return out
+
+    def trending(self, items: Iterable[str]) -> dict[str, float]:
+        """Trending scores of `items` (models/trending.py), comparable across partitions."""
+        if self.landmark is None:
+            return {}
+        h = self.config.half_life_s
+        return {i: trending_score(m[0], self.landmark, h) for i in items
+                if (m := self.marg.get(i)) is not None and m[0] > 0}
 
     # -- persistence --------------------------------------------------------------------------
 

@@ -33,16 +33,47 @@ def rank_for_user(
     Excluded: the context items themselves, items in the cart, bought durable items
     (consumables may come back) and items the catalog marks out of stock.
     """
+    seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx)]
+    exclude = set(ctx.items) | set(ctx.cart)
+    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), digits)
+
+
+def rank_for_cart(
+    cart: list[str],
+    item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    k: int,
+    exclude: set[str] | None = None,
+    digits: int = 9,
+) -> list[dict[str, Any]]:
+    """An anonymous cart, newest item last, ranked as a shopper who carted those items."""
+    seeds = [(a, True) for a in reversed(list(dict.fromkeys(cart)))][:MAX_ANCHORS]
+    return blend(seeds, item_lists, catalog, k, set(cart) | (exclude or set()), set(), digits)
+
+
+def blend(
+    seeds: list[tuple[str, bool]],
+    item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    k: int,
+    exclude: set[str],
+    bought: set[str],
+    digits: int = 9,
+) -> list[dict[str, Any]]:
+    """Sum the anchors' list scores, newer anchors and carted anchors counting more.
+
+    `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
+    items merely viewed: once a shopper commits to an item, substitutes are noise.
+    """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
-    for rank, anchor in enumerate(anchors(ctx)):
+    for rank, (anchor, committed) in enumerate(seeds):
         lists = item_lists.get(anchor)
         if not lists:
             continue
-        touch = ctx.items[anchor]
-        w = (1.0 if touch.b > 0 else VIEWED_WEIGHT) * ANCHOR_DECAY**rank
+        w = (1.0 if committed else VIEWED_WEIGHT) * ANCHOR_DECAY**rank
         sources = [("cross_sell", w)]
-        if touch.b == 0:
+        if not committed:
             sources.append(("alternatives", w * ALTERNATIVES_WEIGHT))
         for kind, kw in sources:
             for e in lists.get(kind, ())[: PER_ANCHOR[kind]]:
@@ -52,12 +83,12 @@ def rank_for_user(
                     best[j] = (c, kind, e["reason"])
     out = []
     for j, score in scores.items():
-        if j in ctx.items or j in ctx.cart:
+        if j in exclude:
             continue
         facts = catalog.get(j) or {}
         if facts.get("in_stock") is False:
             continue
-        if j in ctx.bought and not facts.get("consumable", False):
+        if j in bought and not facts.get("consumable", False):
             continue
         _, kind, reason = best[j]
         out.append({"item_id": j, "score": round_sig(score, digits), "kind": kind,

@@ -67,3 +67,11 @@ class CrossSellRecommender:
         self._refresh()
         lists = {a: self._lists.get(a) for a in anchors(ctx)}
         return rank_for_user(ctx, lists, self.catalog, k, self.config.score_digits)
+
+    def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:
+        """(item, trending score) best first, as the stream keeps them (models/trending.py)."""
+        scores = self.graph.trending(self.graph.marg)
+        if category is not None:
+            scores = {i: v for i, v in scores.items()
+                      if (self.catalog.get(i) or {}).get("category") == category}
+        return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]

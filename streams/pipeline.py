@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from cartwise.contract import ContractError, parse_catalog, parse_event
+from cartwise.contract import ContractError, dlq_headers, parse_catalog, parse_event
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
@@ -58,15 +58,6 @@ class PartitionOf(dict):
             self.clear()
         q = self[item] = item_partition(item, self.partitions)
         return q
-
-
-def dlq_headers(err: ContractError, topic: str, partition: int, offset: int) -> dict[str, bytes]:
-    return {
-        "cartwise-reason": err.reason.encode(),
-        "cartwise-field": (err.field or "").encode(),
-        "cartwise-detail": err.detail.encode()[:500],
-        "cartwise-source": f"{topic}/{partition}/{offset}".encode(),
-    }
 
 
 def group_by_partition(records: Sequence[Record]) -> dict[int, list[Record]]:
@@ -327,8 +318,8 @@ class ContextStage(Stage):
                 event = parse_event(value)
             except ContractError as err:
                 counts[f"dlq.{err.reason}"] += 1
-                st.acks.append(await self.send(
-                    s.dlq_topic, value, None, dlq_headers(err, s.events_topic, partition, offset)))
+                source = f"{s.events_topic}/{partition}/{offset}"
+                st.acks.append(await self.send(s.dlq_topic, value, None, dlq_headers(err, source)))
                 continue
             evidence = book.learn(event)
             if evidence is None:
@@ -456,6 +447,10 @@ class GraphStage(Stage):
 
     name = "cooccurrence"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25)
+
     async def load(self, partition: int) -> GraphPartition:
         graph = ItemGraph(self.config)
         for item, raw in (await self.store.hgetall(self.keys.rows(partition))).items():
@@ -540,6 +535,32 @@ class GraphStage(Stage):
             pipe.mset(docs)
         return len(docs)
 
+    async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> None:
+        """Queue trending scores of the items this partition owns whose totals moved.
+
+        Every partition holds every item's totals; only the owner (the partition of the
+        item's row) writes its score, so each item is written once. Per-category sets need
+        the catalog; an item not in it yet is only in the shop-wide set.
+        """
+        g = st.graph
+        n = self.settings.partitions
+        mine = sorted(i for i in g.marg_touched if item_partition(i, n) == p)
+        g.marg_touched.clear()
+        scores = g.trending(mine)
+        if not scores:
+            return
+        facts = await self.catalog_cache.get_many(mine, self.store.catalog_facts)
+        by_cat: dict[str, dict[str, float]] = defaultdict(dict)
+        for item, score in scores.items():
+            cat = (facts.get(item) or {}).get("category")
+            if cat:
+                by_cat[cat][item] = score
+        keep = self.settings.trending_size
+        for key, members in ((self.keys.trending(), scores),
+                             *((self.keys.trending(c), m) for c, m in by_cat.items())):
+            pipe.zadd(key, members)
+            pipe.zremrangebyrank(key, 0, -keep - 1)
+
     async def publish_lists(self) -> None:
         """Write changed lists; once a partition is idle, recompute all of them.
 
@@ -561,7 +582,7 @@ class GraphStage(Stage):
                 # Settle only what is checkpointed, so the settled mark means "final".
                 settle = (st.unsettled and time.monotonic() - st.last_batch >= idle
                           and st.offset == st.applied)
-                if not settle and not st.pending:
+                if not settle and not st.pending and not st.graph.marg_touched:
                     continue
                 now_m = time.monotonic()
                 if settle:
@@ -569,9 +590,10 @@ class GraphStage(Stage):
                 else:
                     items = sorted(i for i in st.pending
                                    if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
-                    if not items:
+                    if not items and not st.graph.marg_touched:
                         continue
                 pipe = self.store.redis.pipeline(transaction=True)
+                await self._trending(p, st, pipe)
                 changed = await self._item_lists(st, items, pipe)
                 if changed:
                     pipe.incr(self.keys.lists_version)
@@ -605,8 +627,8 @@ class CatalogStage:
                 item = parse_catalog(value)
             except ContractError as err:
                 self.stats.inc(f"dlq.{err.reason}")
-                acks.append(await self.send(s.dlq_topic, value, None,
-                                            dlq_headers(err, s.catalog_topic, partition, offset)))
+                source = f"{s.catalog_topic}/{partition}/{offset}"
+                acks.append(await self.send(s.dlq_topic, value, None, dlq_headers(err, source)))
                 continue
             facts[item.item_id] = orjson.dumps(item.as_dict())
         await asyncio.gather(*acks)

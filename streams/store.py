@@ -47,6 +47,10 @@ class Keys:
     def catalog(self) -> str:
         return f"{self.prefix}catalog"
 
+    def trending(self, category: str | None = None) -> str:
+        """Sorted set of trending scores (models/trending.py): shop-wide or one category's."""
+        return f"{self.prefix}trending" if category is None else f"{self.prefix}trending:{category}"
+
     @property
     def lists_version(self) -> str:
         return f"{self.prefix}state:lists_version"

@@ -65,8 +65,18 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
         non_empty += bool(got)
     assert non_empty > len(users) // 2
 
-    # Counters: every valid event applied once, duplicates counted, bad ones dead-lettered.
+    # Trending (the cold-start answer): the same scores as the library's, shop-wide and per
+    # category, trimmed to the configured size.
     r = redis.Redis.from_url(settings.redis_url)
+    for category in (None, "phones", "coffee"):
+        key = f"{settings.prefix}trending" + (f":{category}" if category else "")
+        got = {m.decode(): v for m, v in r.zrange(key, 0, -1, withscores=True)}
+        expected = dict(ref.trending(k=settings.trending_size, category=category))
+        assert got.keys() == expected.keys(), category
+        assert all(abs(got[i] - expected[i]) < 1e-9 for i in got), category
+        assert len(got) > 10
+
+    # Counters: every valid event applied once, duplicates counted, bad ones dead-lettered.
     stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
     counters: dict[str, int] = {}
     for s in stats:

@@ -1,0 +1,607 @@
+"""The HTTP service: FastAPI routes over Redis reads and a Kafka producer (docs/api.md).
+
+Reads never score anything: the workers keep ready lists in Redis and models/serving.py only
+selects, filters by the live catalog and fills short answers with trending items. Responses
+are serialised with orjson and returned as raw Responses; the pydantic models in
+api/schemas.py document them in the OpenAPI spec without costing a validation per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path as FsPath
+from typing import Annotated, Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from api.auth import KeyRing, RateLimiter, allows
+from api.metrics import ApiMetrics
+from api.schemas import (
+    CATALOG_SCHEMA,
+    EVENT_SCHEMA,
+    CartRequest,
+    CatalogPage,
+    ErrorBody,
+    IngestResponse,
+    Suggestions,
+    Trending,
+    batch_body,
+)
+from cartwise.contract import (
+    MAX_ID_LEN,
+    ContractError,
+    dlq_headers,
+    prepare_catalog,
+    prepare_event,
+)
+from cartwise.settings import Settings
+from models import serving
+from models.ranking import PER_ANCHOR, rank_for_cart
+from streams.store import Keys
+
+log = logging.getLogger("cartwise.api")
+STATIC = FsPath(__file__).parent / "static"
+TRENDING_READ = 60  # trending entries read per set: enough to fill k after filtering
+API_VERSION = "1"
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer with a stable reason code and the field at fault."""
+
+    def __init__(self, status: int, reason: str, detail: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail, self.field = status, reason, detail, field
+        self.headers = headers or {}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def request_id(request: Request) -> str:
+    rid = request.scope.get("cartwise.request_id")
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+        request.scope["cartwise.request_id"] = rid
+    return rid
+
+
+def error_body(request: Request, status: int, reason: str, detail: str,
+               field: str | None = None) -> dict[str, Any]:
+    problem: dict[str, Any] = {"status": status, "reason": reason, "detail": detail}
+    if field:
+        problem["field"] = field
+    return {"error": problem, "request_id": request_id(request)}
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413) before they are read into memory."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, send)
+
+    async def _refuse(self, scope: dict, send: Callable) -> None:
+        body = orjson.dumps({"error": {"status": 413, "reason": "body_too_large",
+                                       "detail": f"request body over {self.limit} bytes"}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Backend:
+    """Connections and shared state of one API process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.keyring = KeyRing(settings.api_keys)
+        self.auth = settings.api_auth != "off"
+        if self.auth and not len(self.keyring):
+            raise ValueError("no API keys configured: set CARTWISE_API_KEYS (make one with "
+                             "`cartwise api-key ROLE`) or CARTWISE_API_AUTH=off for local "
+                             "development")
+        self.limiter = RateLimiter({"read": settings.rate_read, "ingest": settings.rate_ingest,
+                                    "admin": settings.rate_admin})
+        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256,
+                                             socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.producer: AIOKafkaProducer | None = None
+        self._producer_task: asyncio.Task | None = None
+        self.metrics = ApiMetrics()
+
+    async def start(self) -> None:
+        self._producer_task = asyncio.create_task(self._start_producer())
+
+    async def _start_producer(self) -> None:
+        """Connect to the broker in the background: reads work while it is unreachable."""
+        delay = 0.5
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap, acks="all", linger_ms=2,
+                request_timeout_ms=int(self.settings.produce_timeout_s * 1000))
+            try:
+                await producer.start()
+            except asyncio.CancelledError:
+                await producer.stop()
+                raise
+            except Exception as exc:
+                await producer.stop()
+                log.warning("broker not reachable yet (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+                continue
+            self.producer = producer
+            return
+
+    async def stop(self) -> None:
+        if self._producer_task is not None:
+            self._producer_task.cancel()
+        if self.producer is not None:
+            await self.producer.stop()
+        await self.redis.aclose()
+
+    def require(self, needed: str) -> Callable[..., Awaitable[str]]:
+        header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description=f"An API key with role '{needed}' or above")
+
+        async def check(request: Request, key: Annotated[str | None, Security(header)]) -> str:
+            if not self.auth:
+                return "anonymous"
+            if not key:
+                raise ApiError(401, "missing_api_key", "send an API key in the X-API-Key header",
+                               "header.X-API-Key")
+            found = self.keyring.role_of(key)
+            if found is None:
+                raise ApiError(401, "unknown_api_key", "this API key is not configured",
+                               "header.X-API-Key")
+            role, digest = found
+            if not allows(role, needed):
+                raise ApiError(403, "forbidden", f"a '{role}' key cannot use this route; it "
+                               f"needs '{needed}'", "header.X-API-Key")
+            wait = self.limiter.take(digest, role, time.monotonic())
+            if wait > 0:
+                self.metrics.rate_limited.labels(role).inc()
+                raise ApiError(429, "rate_limited", f"over the '{role}' rate limit; retry in "
+                               f"{wait:.2f}s", headers={"Retry-After": str(max(1, round(wait)))})
+            return role
+
+        return check
+
+    # -- Redis reads ------------------------------------------------------------------------
+
+    async def facts(self, items: list[str]) -> dict[str, dict | None]:
+        if not items:
+            return {}
+        raws = await self.redis.hmget(self.keys.catalog, items)
+        return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}
+
+    async def trending_sets(self, categories: list[str | None]) -> list[tuple[list, str | None]]:
+        """Trending (item, score) lists for each category (None: shop-wide), best first."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c in categories:
+            pipe.zrevrange(self.keys.trending(c), 0, TRENDING_READ - 1, withscores=True)
+        got = await pipe.execute()
+        return [([(i.decode(), s) for i, s in ranked], c)
+                for ranked, c in zip(got, categories, strict=True)]
+
+    async def fill(self, entries: list[dict], catalog: dict[str, dict | None], k: int,
+                   exclude: set[str], categories: list[str | None],
+                   first: Callable[[list, dict], list] | None = None
+                   ) -> tuple[list[dict], str | None]:
+        """Top up a short answer from trending sets (category first, then shop-wide)."""
+        if len(entries) >= k:
+            return entries, None
+        sets = await self.trending_sets(list(dict.fromkeys([*categories, None])))
+        missing = [i for ranked, _ in sets for i, _ in ranked if i not in catalog]
+        catalog.update(await self.facts(list(dict.fromkeys(missing))))
+        if first is not None:
+            sets = [(first(ranked, catalog), c) for ranked, c in sets if c is not None] + sets
+        entries, used = serving.fill(entries, sets, catalog, k, exclude)
+        if used:
+            self.metrics.fallback.labels(used.partition(":")[0]).inc()
+        return entries, used
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    s = settings or Settings.from_env()
+    backend = Backend(s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.stop()
+
+    app = FastAPI(
+        title="cartwise",
+        version=API_VERSION,
+        summary="Live cross-sell suggestions for online shops, and an event collector.",
+        lifespan=lifespan,
+        redoc_url=None,
+        responses={
+            400: {"model": ErrorBody, "description": "Malformed request"},
+            401: {"model": ErrorBody, "description": "Missing or unknown API key"},
+            403: {"model": ErrorBody, "description": "API key lacks the role"},
+            413: {"model": ErrorBody, "description": "Body or batch too large"},
+            422: {"model": ErrorBody, "description": "A parameter or field is invalid"},
+            429: {"model": ErrorBody, "description": "Rate limited; see Retry-After"},
+        },
+    )
+    app.state.backend = backend
+    m = backend.metrics
+    read = Depends(backend.require("read"))
+    ingest = Depends(backend.require("ingest"))
+    admin = Depends(backend.require("admin"))
+    k_param = Query(ge=1, le=s.max_k, description="How many suggestions")
+    id_path = Path(min_length=1, max_length=MAX_ID_LEN)
+
+    # -- errors -------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        return json_response(error_body(request, exc.status, exc.reason, exc.detail, exc.field),
+                             exc.status, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(p) for p in first.get("loc", ())]
+        field = ".".join(loc) or None
+        detail = f"{field}: {first.get('msg', 'invalid')}" if field else "invalid request"
+        reason = "invalid_body" if loc[:1] == ["body"] else "invalid_parameter"
+        return json_response(error_body(request, 422, reason, detail, field), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response(error_body(request, exc.status_code, reason, str(exc.detail)),
+                             exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        # Never a stack trace to the client: it is in the log, under the request id.
+        rid = request_id(request)
+        if isinstance(exc, aioredis.RedisError | OSError | asyncio.TimeoutError):
+            log.warning("request %s: store unavailable: %r", rid, exc)
+            return json_response(error_body(request, 503, "store_unavailable",
+                                            "suggestion store unreachable; retry shortly"),
+                                 503, {"Retry-After": "1"})
+        log.exception("request %s failed", rid)
+        return json_response(error_body(request, 500, "internal_error",
+                                        f"unexpected error; quote request id {rid}"), 500)
+
+    # -- suggestions --------------------------------------------------------------------------
+
+    def answer(request: Request, entries: list[dict], catalog: dict, fallback: str | None,
+               doc: dict | None, **extra: Any) -> Response:
+        body = {"items": serving.enrich(entries, catalog), "fallback": fallback,
+                "model": doc.get("model") if doc else None,
+                "as_of": doc.get("as_of") if doc else None,
+                "generated_at": doc.get("generated_at") if doc else None,
+                "served_at": time.time(), "request_id": request_id(request), **extra}
+        return json_response(body)
+
+    @app.get("/v1/items/{item_id}/suggestions", response_model=Suggestions,
+             tags=["suggestions"], summary="Suggestions for an item page")
+    async def item_suggestions(
+        request: Request,
+        item_id: Annotated[str, id_path],
+        kind: Annotated[Literal["cross_sell", "alternatives", "upsell"],
+                        Query(description="cross_sell: goes with it; alternatives: instead "
+                                          "of it; upsell: a dearer alternative")] = "cross_sell",
+        k: Annotated[int, k_param] = 10,
+        _: str = read,
+    ) -> Response:
+        pipe = backend.redis.pipeline(transaction=False)
+        pipe.get(backend.keys.item(item_id))
+        pipe.hget(backend.keys.catalog, item_id)
+        raw, anchor_raw = await pipe.execute()
+        doc = orjson.loads(raw) if raw else None
+        anchor = orjson.loads(anchor_raw) if anchor_raw else None
+        source = "alternatives" if kind == "upsell" else kind
+        listed = doc.get(source, []) if doc else []
+        wanted = ([e["item_id"] for e in listed] if kind == "upsell"
+                  else serving.candidates(listed, k))
+        catalog = await backend.facts(wanted)
+        catalog[item_id] = anchor
+        if kind == "upsell":
+            entries = serving.upsell(item_id, doc, anchor, catalog, k)
+        else:
+            entries = serving.in_stock(listed, catalog, k, {item_id})
+        category = (anchor or {}).get("category")
+        first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
+                 if kind == "upsell" else None)
+        entries, fallback = await backend.fill(entries, catalog, k, {item_id}, [category],
+                                               first)
+        return answer(request, entries, catalog, fallback, doc, item_id=item_id, kind=kind)
+
+    @app.get("/v1/users/{user_id}/suggestions", response_model=Suggestions,
+             tags=["suggestions"], summary="A shopper's \"you may also need\" list")
+    async def user_suggestions(
+        request: Request,
+        user_id: Annotated[str, id_path],
+        k: Annotated[int, k_param] = 10,
+        placement: Annotated[Literal["product", "cart", "home"],
+                             Query(description="Where the list is shown: a cart shows only "
+                                               "complements")] = "product",
+        _: str = read,
+    ) -> Response:
+        raw = await backend.redis.get(backend.keys.user(user_id))
+        doc = orjson.loads(raw) if raw else None
+        listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
+        recent = ((doc or {}).get("context") or {}).get("recent") or []
+        catalog = await backend.facts(list(dict.fromkeys(
+            [*serving.candidates(listed, k), *recent[:1]])))
+        exclude = serving.user_exclusions(doc, catalog)
+        entries = serving.in_stock(listed, catalog, k, exclude)
+        categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
+        entries, fallback = await backend.fill(entries, catalog, k, exclude, categories)
+        return answer(request, entries, catalog, fallback, doc, user_id=user_id,
+                      placement=placement)
+
+    @app.post("/v1/cart/suggestions", response_model=Suggestions, tags=["suggestions"],
+              summary="Suggestions for an anonymous cart")
+    async def cart_suggestions(request: Request, body: CartRequest, _: str = read) -> Response:
+        cart = list(dict.fromkeys(body.items))
+        for n, i in enumerate(cart):
+            if not 0 < len(i) <= MAX_ID_LEN:
+                raise ApiError(422, "invalid_body", f"item ids are 1..{MAX_ID_LEN} characters",
+                               f"body.items[{n}]")
+        raws = await backend.redis.mget([backend.keys.item(i) for i in cart])
+        lists = {i: orjson.loads(r) for i, r in zip(cart, raws, strict=True) if r}
+        wanted = {e["item_id"] for doc in lists.values() for e in
+                  doc.get("cross_sell", ())[: PER_ANCHOR["cross_sell"]]}
+        catalog = await backend.facts(sorted(wanted | set(cart)))
+        exclude = set(body.exclude) | set(cart)
+        entries = rank_for_cart(cart, lists, catalog, body.k, exclude)
+        categories = [(catalog.get(i) or {}).get("category") for i in reversed(cart)]
+        entries, fallback = await backend.fill(entries, catalog, body.k, exclude,
+                                               [c for c in categories if c][:3])
+        newest = max(lists.values(), key=lambda d: d.get("generated_at") or 0, default=None)
+        return answer(request, entries, catalog, fallback, newest)
+
+    @app.get("/v1/trending", response_model=Trending, tags=["suggestions"],
+             summary="Most popular items now, shop-wide or in one category")
+    async def trending(request: Request,
+                       category: Annotated[str | None, Query(max_length=200)] = None,
+                       k: Annotated[int, k_param] = 10, _: str = read) -> Response:
+        catalog: dict[str, dict | None] = {}
+        entries, _used = await backend.fill([], catalog, k, set(), [category] if category
+                                            else [])
+        return json_response({"items": serving.enrich(entries, catalog), "category": category,
+                              "served_at": time.time(), "request_id": request_id(request)})
+
+    @app.get("/v1/catalog", response_model=CatalogPage, tags=["catalog"],
+             summary="Page through the catalog the workers know")
+    async def catalog_page(cursor: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+                           count: Annotated[int, Query(ge=1, le=500)] = 100,
+                           category: Annotated[str | None, Query(max_length=200)] = None,
+                           _: str = read) -> Response:
+        nxt, found = await backend.redis.hscan(backend.keys.catalog, cursor, count=count)
+        items = [orjson.loads(v) for v in found.values()]
+        if category is not None:
+            items = [i for i in items if i.get("category") == category]
+        items.sort(key=lambda i: i["item_id"])
+        return json_response({"items": items, "next_cursor": int(nxt)})
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    async def ingest_batch(request: Request, plural: str, topic: str,
+                           prepare: Callable[[Any, float], tuple[Any, bytes]],
+                           key_of: Callable[[Any], str], id_of: Callable[[Any], str]
+                           ) -> Response:
+        rid = request_id(request)
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "bad_json", f"body is not JSON: {str(exc)[:200]}") from None
+        if isinstance(data, dict) and plural in data:
+            records = data[plural]
+            if not isinstance(records, list):
+                raise ApiError(422, "wrong_type", f"'{plural}' must be a list", f"body.{plural}")
+        elif isinstance(data, list):
+            records = data
+        elif isinstance(data, dict):
+            records = [data]
+        else:
+            raise ApiError(422, "not_an_object", "send an object, a list of objects or "
+                           f"{{\"{plural}\": [...]}}", "body")
+        if not records:
+            raise ApiError(422, "empty_batch", "no records in the request", "body")
+        if len(records) > s.max_batch:
+            raise ApiError(413, "batch_too_large", f"{len(records)} records > {s.max_batch}; "
+                           "split the batch", "body")
+        producer = backend.producer
+        if producer is None:
+            raise ApiError(503, "broker_unavailable", "the event broker is not reachable "
+                           "yet; retry shortly", headers={"Retry-After": "1"})
+        results: list[dict[str, Any]] = []
+        sends: list[Awaitable[Any]] = []
+        rejected: list[tuple[int, Any, ContractError]] = []
+        now = time.time()
+        for n, d in enumerate(records):
+            try:
+                valid, value = prepare(d, now)
+            except ContractError as err:
+                rejected.append((n, d, err))
+                results.append({"index": n, "status": "rejected", **err.as_dict()})
+                if err.field:
+                    results[-1]["field"] = f"{plural}[{n}].{err.field}"
+                continue
+            sends.append(producer.send(topic, value, key=key_of(valid).encode()))
+            results.append({"index": n, "status": "accepted", "id": id_of(valid)})
+        try:
+            futures = await asyncio.wait_for(asyncio.gather(*sends),
+                                             s.produce_timeout_s)
+            await asyncio.wait_for(asyncio.gather(*futures), s.produce_timeout_s)
+        except Exception as exc:  # a timeout or a Kafka error: nothing may be half-claimed
+            log.warning("request %s: produce failed: %r", rid, exc)
+            raise ApiError(503, "broker_unavailable", "events were not stored (broker did "
+                           "not acknowledge); retry with the same event_ids",
+                           headers={"Retry-After": "1"}) from None
+        await dead_letter(producer, rid, plural, rejected)
+        for _n, _d, err in rejected:
+            m.ingest.labels(plural, "rejected", err.reason).inc()
+        m.ingest.labels(plural, "accepted", "").inc(len(sends))
+        body = {"accepted": len(sends), "rejected": len(rejected), "results": results,
+                "request_id": rid}
+        return json_response(body, 202 if sends else 422)
+
+    async def dead_letter(producer: AIOKafkaProducer, rid: str, plural: str,
+                          rejected: list[tuple[int, Any, ContractError]]) -> None:
+        """Rejected records go to the dead-letter topic too: the sender may not log them."""
+        if not rejected:
+            return
+        try:
+            futures = [await producer.send(
+                s.dlq_topic, orjson.dumps(d), headers=list(
+                    dlq_headers(err, f"api/{rid}/{plural}[{n}]").items()))
+                for n, d, err in rejected]
+            await asyncio.wait_for(asyncio.gather(*futures), s.produce_timeout_s)
+        except Exception as exc:  # the client has its answer; losing the copy is logged
+            log.warning("request %s: dead-lettering %d records failed: %r", rid,
+                        len(rejected), exc)
+
+    @app.post("/v1/events", status_code=202, response_model=IngestResponse, tags=["ingest"],
+              summary="Collect events (one, a list, or {\"events\": [...]})",
+              openapi_extra=batch_body(EVENT_SCHEMA, "events"))
+    async def collect_events(request: Request, _: str = ingest) -> Response:
+        # Keyed by shopper: one shopper's events stay in order on one partition.
+        return await ingest_batch(request, "events", s.events_topic, prepare_event,
+                                  lambda e: e.user_id, lambda e: e.event_id)
+
+    @app.post("/v1/catalog", status_code=202, response_model=IngestResponse, tags=["catalog"],
+              summary="Add or update catalog records (admin)",
+              openapi_extra=batch_body(CATALOG_SCHEMA, "items"))
+    async def put_catalog(request: Request, _: str = admin) -> Response:
+        return await ingest_batch(request, "items", s.catalog_topic,
+                                  lambda d, _now: prepare_catalog(d), lambda c: c.item_id,
+                                  lambda c: c.item_id)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    @app.get("/health", tags=["operations"], summary="Liveness: the process serves requests")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"],
+             summary="Readiness: Redis and the broker are reachable",
+             responses={503: {"description": "A dependency is unreachable"}})
+    async def ready() -> Response:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(backend.redis.ping(), 1.0)
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        producer = backend.producer
+        if producer is None:
+            checks["broker"] = "unreachable: not connected yet"
+        else:
+            try:
+                await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+                checks["broker"] = "ok"
+            except Exception as exc:
+                checks["broker"] = f"unreachable: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             response_class=Response)
+    async def metrics() -> Response:
+        return Response(m.render(), media_type=m.content_type)
+
+    # -- demo storefront ----------------------------------------------------------------------
+
+    if s.demo_read_key and s.demo_ingest_key:
+        @app.get("/demo/config.json", include_in_schema=False)
+        async def demo_config() -> dict[str, str]:
+            return {"read_key": s.demo_read_key, "ingest_key": s.demo_ingest_key}
+
+        app.mount("/demo", StaticFiles(directory=STATIC / "demo", html=True), name="demo")
+
+    app.add_middleware(Observe, metrics=m)
+    app.add_middleware(CORSMiddleware, allow_origins=s.cors_origin_list,
+                       allow_methods=["GET", "POST"],
+                       allow_headers=["X-API-Key", "Content-Type", "X-Request-ID"],
+                       expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)
+    return app
+
+
+class Observe:
+    """Count and time every request, labelled by route template (bounded cardinality)."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def observed(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                rid = scope.get("cartwise.request_id")
+                if rid is not None:
+                    message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            path = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], path, status, time.perf_counter() - t0)

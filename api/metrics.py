@@ -1,0 +1,39 @@
+"""Prometheus metrics of one API process (served at /metrics; names in docs/operations.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+# Lookups take about a millisecond: buckets resolve the sub-millisecond range.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class ApiMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        # A registry per app: tests run several apps in one process.
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cartwise_api_requests", "HTTP requests answered",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("cartwise_api_request_seconds", "Time to answer a request",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ingest = Counter("cartwise_api_ingested", "Records received by POST routes",
+                              ["kind", "outcome", "reason"], registry=self.registry)
+        self.fallback = Counter("cartwise_api_fallback", "Answers topped up with trending items",
+                                ["source"], registry=self.registry)
+        self.rate_limited = Counter("cartwise_api_rate_limited", "Requests refused with 429",
+                                    ["role"], registry=self.registry)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,143 @@
+"""Request and response shapes, for validation and for the OpenAPI document (docs/api.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cartwise.contract import MAX_ID_LEN
+
+ItemId = str
+
+
+class Suggestion(BaseModel):
+    item_id: str
+    score: float = Field(description="Higher is better; comparable within one answer only")
+    kind: Literal["cross_sell", "alternatives", "upsell", "trending"]
+    reason: str = Field(description="Why it is suggested, fit to show to shoppers")
+    name: str | None = None
+    price: float | None = None
+    category: str | None = None
+    price_ratio: float | None = Field(None, description="upsell only: its price / the item's")
+
+
+class Suggestions(BaseModel):
+    items: list[Suggestion]
+    fallback: str | None = Field(
+        description="null when every item came from evidence; 'trending:<category>' or "
+                    "'trending' when trending items filled a short answer")
+    model: str | None = Field(description="Model version that computed the lists")
+    as_of: float | None = Field(description="Event time (epoch s) the lists reflect")
+    generated_at: float | None = Field(description="When a worker wrote the lists (epoch s)")
+    served_at: float
+    request_id: str
+    item_id: str | None = None
+    user_id: str | None = None
+    kind: str | None = None
+    placement: str | None = None
+
+
+class CartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[str] = Field(min_length=1, max_length=100,
+                             description="Item ids in the cart, oldest first")
+    k: int = Field(10, ge=1, le=50)
+    exclude: list[str] = Field(default_factory=list, max_length=500,
+                               description="Items never to suggest (e.g. already on the page)")
+
+
+class Problem(BaseModel):
+    status: int
+    reason: str = Field(description="Stable code, e.g. missing_api_key, invalid_parameter")
+    field: str | None = Field(None, description="Where the problem is, e.g. query.k, "
+                                                "events[3].user_id")
+    detail: str
+
+
+class ErrorBody(BaseModel):
+    error: Problem
+    request_id: str | None = None
+
+
+class IngestResult(BaseModel):
+    index: int
+    status: Literal["accepted", "rejected"]
+    id: str | None = Field(None, description="event_id or item_id of an accepted record")
+    reason: str | None = None
+    field: str | None = None
+    detail: str | None = None
+
+
+class IngestResponse(BaseModel):
+    accepted: int
+    rejected: int
+    results: list[IngestResult]
+    request_id: str
+
+
+class CatalogPage(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: int = Field(description="Pass back as `cursor`; 0 when the scan is complete")
+
+
+class Trending(BaseModel):
+    items: list[Suggestion]
+    category: str | None
+    served_at: float
+    request_id: str
+
+
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An event as in docs/events.md (contract v1)",
+    "properties": {
+        "v": {"type": "integer", "enum": [1]},
+        "event_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN},
+        "type": {"type": "string", "enum": ["view", "add_to_cart", "remove_from_cart",
+                                            "purchase"]},
+        "user_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN},
+        "item_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN},
+        "ts": {"type": "number", "description": "epoch seconds; default: now"},
+        "quantity": {"type": "integer", "minimum": 1},
+        "price": {"type": "number", "minimum": 0},
+        "session_id": {"type": "string"},
+        "order_id": {"type": "string"},
+        "category": {"type": "string"},
+        "items": {"type": "array", "items": {"type": "object"},
+                  "description": "purchase lines: {item_id, quantity, price}"},
+    },
+    "required": ["type", "user_id"],
+}
+
+CATALOG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A catalog record as in docs/events.md",
+    "properties": {
+        "item_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN},
+        "price": {"type": "number", "minimum": 0},
+        "category": {"type": "string"},
+        "name": {"type": "string"},
+        "brand": {"type": "string"},
+        "tier": {"type": "string"},
+        "in_stock": {"type": "boolean"},
+        "consumable": {"type": "boolean"},
+    },
+    "required": ["item_id"],
+}
+
+
+def batch_body(schema: dict[str, Any], plural: str) -> dict[str, Any]:
+    """OpenAPI request body: one record, a JSON array of them, or {plural: [...]}."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"anyOf": [
+                schema,
+                {"type": "array", "items": schema, "minItems": 1},
+                {"type": "object", "properties": {plural: {"type": "array", "items": schema,
+                                                           "minItems": 1}},
+                 "required": [plural]},
+            ]}}},
+        }
+    }

@@ -1,0 +1,186 @@
+// The demo storefront: plain browser JavaScript against the public API (docs/api.md).
+// Every page view and cart change is sent to POST /v1/events; suggestions are read back
+// from the API and refreshed every second, so the lists follow what the shopper does.
+"use strict";
+
+const state = { cfg: null, catalog: new Map(), cart: [], item: null, user: null,
+                category: null };
+const $ = (id) => document.getElementById(id);
+
+function shopperId(fresh) {
+  let id = fresh ? null : localStorage.getItem("cartwise-demo-user");
+  if (!id) {
+    id = "demo-" + Math.random().toString(36).slice(2, 10);
+    localStorage.setItem("cartwise-demo-user", id);
+  }
+  return id;
+}
+
+async function api(path, options = {}, key = state.cfg.read_key) {
+  const res = await fetch(path, { ...options,
+    headers: { "X-API-Key": key, "Content-Type": "application/json" } });
+  const body = await res.json();
+  if (!res.ok) throw new Error(`${res.status} ${body.error ? body.error.detail : ""}`);
+  return body;
+}
+
+async function send(type, extra) {
+  const event = { type, user_id: state.user, session_id: state.user + "-web", ...extra };
+  try {
+    await api("/v1/events", { method: "POST", body: JSON.stringify(event) },
+              state.cfg.ingest_key);
+    $("status").textContent = `sent ${type}`;
+  } catch (err) {
+    $("status").textContent = `event not sent: ${err.message}`;
+  }
+}
+
+function label(id) {
+  const item = state.catalog.get(id);
+  return item && item.name ? item.name : id;
+}
+
+function money(p) { return p == null ? "" : `€${Number(p).toFixed(2)}`; }
+
+async function loadCatalog() {
+  let cursor = 0;
+  do {
+    const page = await api(`/v1/catalog?cursor=${cursor}&count=500`);
+    page.items.forEach((it) => state.catalog.set(it.item_id, it));
+    cursor = page.next_cursor;
+  } while (cursor !== 0);
+  const cats = [...new Set([...state.catalog.values()].map((i) => i.category))].sort();
+  $("categories").replaceChildren(...cats.map((c) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = c;
+    b.onclick = () => showCategory(c);
+    return b;
+  }));
+  if (cats.length) showCategory(cats[0]);
+}
+
+function showCategory(cat) {
+  state.category = cat;
+  $("product").hidden = true;
+  $("catalog").hidden = false;
+  document.querySelectorAll("nav button").forEach((b) =>
+    b.classList.toggle("active", b.textContent === cat));
+  const items = [...state.catalog.values()].filter((i) => i.category === cat)
+    .sort((a, b) => a.item_id.localeCompare(b.item_id));
+  $("catalog").replaceChildren(...items.map((it) => {
+    const d = document.createElement("div");
+    d.className = "card";
+    d.dataset.item = it.item_id;
+    d.innerHTML = "<div class='name'></div><div class='price'></div>";
+    d.querySelector(".name").textContent = label(it.item_id);
+    d.querySelector(".price").textContent = money(it.price);
+    d.onclick = () => showItem(it.item_id);
+    return d;
+  }));
+}
+
+async function showItem(id) {
+  state.item = id;
+  const it = state.catalog.get(id) || { item_id: id };
+  $("catalog").hidden = true;
+  $("product").hidden = false;
+  $("product").dataset.item = id;
+  $("product-name").textContent = label(id);
+  $("product-price").textContent = money(it.price);
+  $("product-category").textContent = it.category || "";
+  $("product-stock").textContent = it.in_stock === false ? "out of stock" : "in stock";
+  await send("view", { item_id: id, price: it.price, category: it.category });
+  refresh();
+}
+
+function renderList(el, body) {
+  el.replaceChildren(...body.items.map((s) => {
+    const li = document.createElement("li");
+    li.dataset.item = s.item_id;
+    li.dataset.kind = s.kind;
+    li.innerHTML = "<span class='name'></span> <span class='price'></span>" +
+                   "<span class='kind'></span><span class='reason'></span>";
+    li.querySelector(".name").textContent = s.name || label(s.item_id);
+    li.querySelector(".price").textContent = money(s.price);
+    li.querySelector(".kind").textContent = s.kind.replace("_", "-");
+    li.querySelector(".reason").textContent = s.reason;
+    li.onclick = () => showItem(s.item_id);
+    return li;
+  }));
+}
+
+function renderCart() {
+  $("cart-count").textContent = state.cart.length;
+  $("buy").disabled = state.cart.length === 0;
+  $("cart").replaceChildren(...state.cart.map((id) => {
+    const li = document.createElement("li");
+    li.dataset.item = id;
+    li.textContent = `${label(id)} ${money((state.catalog.get(id) || {}).price)} `;
+    const rm = document.createElement("button");
+    rm.type = "button";
+    rm.textContent = "remove";
+    rm.onclick = async () => {
+      state.cart = state.cart.filter((x) => x !== id);
+      renderCart();
+      await send("remove_from_cart", { item_id: id });
+      refresh();
+    };
+    li.append(rm);
+    return li;
+  }));
+}
+
+async function refresh() {
+  try {
+    const placement = state.cart.length ? "cart" : "product";
+    const mine = await api(`/v1/users/${encodeURIComponent(state.user)}/suggestions` +
+                           `?k=6&placement=${placement}`);
+    renderList($("user-suggestions"), mine);
+    $("fallback-note").textContent = mine.fallback
+      ? "No evidence about you yet: showing what is popular." : "";
+    if (state.item && !$("product").hidden) {
+      const id = encodeURIComponent(state.item);
+      renderList($("item-suggestions"), await api(`/v1/items/${id}/suggestions?k=4`));
+      renderList($("upsell-suggestions"),
+                 await api(`/v1/items/${id}/suggestions?k=3&kind=upsell`));
+    }
+  } catch (err) {
+    $("status").textContent = `suggestions unavailable: ${err.message}`;
+  }
+}
+
+async function main() {
+  state.cfg = await (await fetch("config.json")).json();
+  state.user = shopperId(false);
+  $("user-id").textContent = state.user;
+  $("new-shopper").onclick = () => {
+    state.user = shopperId(true);
+    state.cart = [];
+    $("user-id").textContent = state.user;
+    renderCart();
+    refresh();
+  };
+  $("home-link").onclick = (e) => { e.preventDefault(); showCategory(state.category); };
+  $("add-to-cart").onclick = async () => {
+    const it = state.catalog.get(state.item) || {};
+    if (!state.cart.includes(state.item)) state.cart.push(state.item);
+    renderCart();
+    await send("add_to_cart", { item_id: state.item, price: it.price, category: it.category });
+    refresh();
+  };
+  $("buy").onclick = async () => {
+    const items = state.cart.map((id) => ({ item_id: id, quantity: 1,
+                                            price: (state.catalog.get(id) || {}).price }));
+    await send("purchase", { items, order_id: "o-" + Date.now() });
+    state.cart = [];
+    renderCart();
+    refresh();
+  };
+  await loadCatalog();
+  renderCart();
+  refresh();
+  setInterval(refresh, 1000);
+}
+
+main();
