@@ -1,12 +1,14 @@
 """The HTTP service: FastAPI routes over Redis reads and a Kafka producer (docs/api.md).
 
+No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime,
+and some of their annotations name local values.
+
 Reads never score anything: the workers keep ready lists in Redis and models/serving.py only
 selects, filters by the live catalog and fills short answers with trending items. Responses
 are serialised with orjson and returned as raw Responses; the pydantic models in
 api/schemas.py document them in the OpenAPI spec without costing a validation per request.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -298,6 +300,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         field = ".".join(loc) or None
         detail = f"{field}: {first.get('msg', 'invalid')}" if field else "invalid request"
         reason = "invalid_body" if loc[:1] == ["body"] else "invalid_parameter"
+        ctype = request.headers.get("content-type", "")
+        if loc == ["body"] and not ctype.startswith("application/json"):
+            detail = "send the body as JSON, with Content-Type: application/json"
         return json_response(error_body(request, 422, reason, detail, field), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -306,16 +311,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(error_body(request, exc.status_code, reason, str(exc.detail)),
                              exc.status_code, getattr(exc, "headers", None))
 
+    @app.exception_handler(aioredis.RedisError)
+    @app.exception_handler(OSError)
+    @app.exception_handler(asyncio.TimeoutError)
+    async def on_store_down(request: Request, exc: Exception) -> Response:
+        log.warning("request %s: store unavailable: %r", request_id(request), exc)
+        return json_response(error_body(request, 503, "store_unavailable",
+                                        "suggestion store unreachable; retry shortly"),
+                             503, {"Retry-After": "1"})
+
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
-        # Never a stack trace to the client: it is in the log, under the request id.
+        # Never a stack trace to the client; the server logs it (uvicorn, after this handler).
         rid = request_id(request)
-        if isinstance(exc, aioredis.RedisError | OSError | asyncio.TimeoutError):
-            log.warning("request %s: store unavailable: %r", rid, exc)
-            return json_response(error_body(request, 503, "store_unavailable",
-                                            "suggestion store unreachable; retry shortly"),
-                                 503, {"Retry-After": "1"})
-        log.exception("request %s failed", rid)
+        log.error("request %s failed: %r", rid, exc)
         return json_response(error_body(request, 500, "internal_error",
                                         f"unexpected error; quote request id {rid}"), 500)
 
