@@ -501,9 +501,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for _n, _d, err in rejected:
             m.ingest.labels(plural, "rejected", err.reason).inc()
         m.ingest.labels(plural, "accepted", "").inc(len(sends))
-        body = {"accepted": len(sends), "rejected": len(rejected), "results": results,
-                "request_id": rid}
-        return json_response(body, 202 if sends else 422)
+        body: dict[str, Any] = {"accepted": len(sends), "rejected": len(rejected),
+                                "results": results, "request_id": rid}
+        if not sends:
+            body["error"] = {"status": 422, "reason": "all_rejected",
+                             "detail": f"none of the {plural} was accepted; see results"}
+            return json_response(body, 422)
+        return json_response(body, 202)
 
     async def dead_letter(producer: AIOKafkaProducer, rid: str, plural: str,
                           rejected: list[tuple[int, Any, ContractError]]) -> None:

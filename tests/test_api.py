@@ -4,85 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import httpx
 import orjson
 import pytest
-import redis
 from kafka import KafkaConsumer
 
 from api.app import create_app
 from api.auth import new_key
 from cartwise.embedded import free_port
-from cartwise.harness import (
-    produce,
-    start_api,
-    start_worker,
-    stop_worker,
-    wait_complete,
-    wait_http,
-)
 from cartwise.settings import Settings
-from cartwise.simulator import Shop
 from models.ranking import rank_for_cart
-from streams.topics import ensure_topics
-
-START = 1_760_000_000.0
-
-
-@dataclass
-class Served:
-    settings: Settings
-    base: str
-    read: str
-    ingest: str
-    admin: str
-    shop: Shop
-    r: redis.Redis
-
-    def get(self, path: str, key: str | None = "read", **params: object) -> httpx.Response:
-        return httpx.get(self.base + path, params=params, headers=self._h(key), timeout=10)
-
-    def post(self, path: str, body: object, key: str | None = "ingest") -> httpx.Response:
-        return httpx.post(self.base + path, content=orjson.dumps(body), timeout=10,
-                          headers=self._h(key) | {"Content-Type": "application/json"})
-
-    def _h(self, key: str | None) -> dict[str, str]:
-        return {} if key is None else {"X-API-Key": getattr(self, key, key)}
-
-    def doc(self, kind: str, id_: str) -> dict | None:
-        raw = self.r.get(f"{self.settings.prefix}{kind}:{id_}")
-        return None if raw is None else orjson.loads(raw)
-
-
-@pytest.fixture(scope="module")
-def served(make_settings, tmp_path_factory) -> Iterator[Served]:
-    keys = {role: new_key(role) for role in ("read", "ingest", "admin")}
-    settings = make_settings(
-        "api", api_port=free_port(), api_keys=",".join(e for _, e in keys.values()),
-        cors_origins="https://shop.example")
-    ensure_topics(settings)
-    shop = Shop(seed=5)
-    events = list(shop.events(300, start_ts=START))
-    ends = produce(settings, events, shop.catalog)
-    logs = tmp_path_factory.mktemp("api-logs")
-    worker = start_worker(settings, logs / "worker.log", "api")
-    api = start_api(settings, logs / "api.log")
-    try:
-        wait_complete(settings, ends, procs=[worker])
-        base = f"http://127.0.0.1:{settings.api_port}"
-        wait_http(base + "/ready", api)
-        yield Served(settings, base, keys["read"][0], keys["ingest"][0], keys["admin"][0],
-                     shop, redis.Redis.from_url(settings.redis_url))
-    finally:
-        stop_worker(api)
-        stop_worker(worker, hard=True)
-        for log in sorted(logs.glob("*.log")):
-            tail = log.read_bytes().decode(errors="replace").splitlines()[-30:]
-            print(f"--- {log.name} ---", *tail, sep="\n")
+from tests.conftest import Served
 
 
 def hero_with_lists(s: Served) -> str:
@@ -250,7 +185,7 @@ def test_single_event_and_all_rejected(served):
     assert ok.status_code == 202 and ok.json()["results"][0]["id"]  # event_id filled in
     bad = served.post("/v1/events", [{"type": "view", "user_id": "u-one", "item_id": "t",
                                       "ts": 1e13}])
-    assert bad.status_code == 422
+    assert bad.status_code == 422 and bad.json()["error"]["reason"] == "all_rejected"
     assert bad.json()["results"][0] == {"index": 0, "status": "rejected",
                                         "reason": "bad_timestamp", "field": "events[0].ts",
                                         "detail": "'ts' must be epoch seconds (not ms)"}
