@@ -25,6 +25,10 @@ MAX_ORDER_LINES = 200
 MAX_QUANTITY = 10_000
 # Event times before 2000-01-01 or after 2100-01-01 are almost surely a unit mistake (ms vs s).
 MIN_TS, MAX_TS = 946_684_800.0, 4_102_444_800.0
+# How far an event may be ahead of the clock that receives it (device clocks drift). Counts
+# decay relative to the newest event time seen, so one event from the far future would age
+# all evidence at once: such events are rejected, not applied.
+MAX_FUTURE_S = 3600.0
 
 
 class ContractError(ValueError):
@@ -244,6 +248,14 @@ def parse_catalog(raw: bytes | str) -> CatalogItem:
     return validate_catalog(decode(raw))
 
 
+def check_not_future(event: Event, now: float) -> Event:
+    """Reject an event dated more than MAX_FUTURE_S after `now` (the receiver's clock)."""
+    if event.ts > now + MAX_FUTURE_S:
+        raise ContractError("future_timestamp", "ts", f"'ts' is {event.ts - now:.0f}s ahead "
+                            f"of the receiver's clock (at most {MAX_FUTURE_S:.0f}s allowed)")
+    return event
+
+
 def prepare_event(d: dict[str, Any], now: float) -> tuple[Event, bytes]:
     """Fill in what a sender may omit, validate, and encode the canonical wire form.
 
@@ -256,7 +268,7 @@ def prepare_event(d: dict[str, Any], now: float) -> tuple[Event, bytes]:
     d = dict(d)
     d.setdefault("event_id", uuid.uuid4().hex)
     d.setdefault("ts", now)
-    valid = validate_event(d)
+    valid = check_not_future(validate_event(d), now)
     value = orjson.dumps(event_to_dict(valid))
     if len(value) > MAX_EVENT_BYTES:
         raise ContractError("oversized", None, f"{len(value)} bytes > {MAX_EVENT_BYTES}")

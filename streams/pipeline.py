@@ -20,7 +20,13 @@ from typing import Any
 
 import orjson
 
-from cartwise.contract import ContractError, dlq_headers, parse_catalog, parse_event
+from cartwise.contract import (
+    ContractError,
+    check_not_future,
+    dlq_headers,
+    parse_catalog,
+    parse_event,
+)
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
@@ -313,9 +319,9 @@ class ContextStage(Stage):
         book = st.book
         partition_of = self.partition_of
         all_marginals: list[tuple] = []
-        for value, _, offset, _ in records:
+        for value, _, offset, broker_ts in records:
             try:
-                event = parse_event(value)
+                event = check_not_future(parse_event(value), broker_ts)
             except ContractError as err:
                 counts[f"dlq.{err.reason}"] += 1
                 source = f"{s.events_topic}/{partition}/{offset}"

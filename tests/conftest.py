@@ -7,6 +7,7 @@ other's data although they share the two servers.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,8 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., object]]:
         print(f"--- {log.name} (last lines) ---", *tail, sep="\n")
 
 
-API_START = 1_760_000_000.0
+# Simulated traffic a day before the test: events the browser sends "now" then extend it.
+API_START = time.time() - 86_400
 
 
 @dataclass
@@ -112,7 +114,8 @@ def served(make_settings: Callable[..., Settings],
     keys = {role: new_key(role) for role in ("read", "ingest", "admin")}
     settings = make_settings(
         "api", api_port=free_port(), api_keys=",".join(e for _, e in keys.values()),
-        cors_origins="https://shop.example", rate_admin=10_000.0)
+        cors_origins="https://shop.example", rate_admin=10_000.0,
+        demo_read_key=keys["read"][0], demo_ingest_key=keys["ingest"][0])
     ensure_topics(settings)
     shop = Shop(seed=5)
     events = list(shop.events(300, start_ts=API_START))

@@ -7,10 +7,13 @@ import pytest
 
 from cartwise.contract import (
     MAX_EVENT_BYTES,
+    MAX_FUTURE_S,
     ContractError,
     event_to_dict,
     parse_catalog,
     parse_event,
+    prepare_catalog,
+    prepare_event,
     validate_event,
 )
 
@@ -99,3 +102,24 @@ def test_catalog_records():
     with pytest.raises(ContractError) as info:
         parse_catalog(b'{"item_id": "i", "price": -5}')
     assert info.value.reason == "negative_price"
+
+
+def test_prepare_fills_defaults_and_rejects_the_far_future():
+    valid, raw = prepare_event({"type": "view", "user_id": "u", "item_id": "i"}, now=TS)
+    assert valid.ts == TS and len(valid.event_id) == 32
+    assert orjson.loads(raw) == event_to_dict(valid)
+    prepare_event(ev(ts=TS + MAX_FUTURE_S), now=TS)  # within the allowed clock drift
+    with pytest.raises(ContractError) as info:
+        prepare_event(ev(ts=TS + MAX_FUTURE_S + 1), now=TS)
+    assert (info.value.reason, info.value.field) == ("future_timestamp", "ts")
+    with pytest.raises(ContractError) as info:
+        prepare_event(["not", "an", "object"], now=TS)  # type: ignore[arg-type]
+    assert info.value.reason == "not_an_object"
+
+
+def test_catalog_names_are_bounded_text():
+    item, raw = prepare_catalog({"item_id": "i", "name": "Blue mug"})
+    assert item.name == "Blue mug" and orjson.loads(raw)["name"] == "Blue mug"
+    with pytest.raises(ContractError) as info:
+        prepare_catalog({"item_id": "i", "name": "x" * 201})
+    assert (info.value.reason, info.value.field) == ("bad_value", "name")

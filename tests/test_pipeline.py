@@ -106,6 +106,9 @@ def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settin
         b'{"event_id":"5","type":"view","user_id":"u","item_id":"i","ts":1.7e12}':
             "bad_timestamp",
         b'{"pad":"' + b"x" * 70_000 + b'"}': "oversized",
+        # 2090: within the contract's range, but decades ahead of the broker's clock.
+        b'{"event_id":"6","type":"view","user_id":"u","item_id":"i","ts":3.8e9}':
+            "future_timestamp",
     }
     good = {"event_id": "ok-1", "type": "view", "user_id": "u", "item_id": "i", "ts": START}
     ends = produce(settings, [*bad, good])

@@ -106,8 +106,22 @@ function renderList(el, body) {
     li.querySelector(".kind").textContent = s.kind.replace("_", "-");
     li.querySelector(".reason").textContent = s.reason;
     li.onclick = () => showItem(s.item_id);
+    const add = document.createElement("button");
+    add.type = "button";
+    add.className = "add";
+    add.textContent = "+ cart";
+    add.onclick = (e) => { e.stopPropagation(); addToCart(s.item_id); };
+    li.append(add);
     return li;
   }));
+}
+
+async function addToCart(id) {
+  const it = state.catalog.get(id) || {};
+  if (!state.cart.includes(id)) state.cart.push(id);
+  renderCart();
+  await send("add_to_cart", { item_id: id, price: it.price, category: it.category });
+  refresh();
 }
 
 function renderCart() {
@@ -162,13 +176,7 @@ async function main() {
     refresh();
   };
   $("home-link").onclick = (e) => { e.preventDefault(); showCategory(state.category); };
-  $("add-to-cart").onclick = async () => {
-    const it = state.catalog.get(state.item) || {};
-    if (!state.cart.includes(state.item)) state.cart.push(state.item);
-    renderCart();
-    await send("add_to_cart", { item_id: state.item, price: it.price, category: it.category });
-    refresh();
-  };
+  $("add-to-cart").onclick = () => addToCart(state.item);
   $("buy").onclick = async () => {
     const items = state.cart.map((id) => ({ item_id: id, quantity: 1,
                                             price: (state.catalog.get(id) || {}).price }));
