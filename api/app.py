@@ -12,6 +12,7 @@ api/schemas.py document them in the OpenAPI spec without costing a validation pe
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +51,7 @@ from cartwise.contract import (
     prepare_catalog,
     prepare_event,
 )
+from cartwise.runtime import tune_gc
 from cartwise.settings import Settings
 from models import serving
 from models.ranking import PER_ANCHOR, rank_for_cart
@@ -58,6 +60,9 @@ from streams.store import Keys
 log = logging.getLogger("cartwise.api")
 STATIC = FsPath(__file__).parent / "static"
 TRENDING_READ = 60  # trending entries read per set: enough to fill k after filtering
+TRENDING_TTL_S = 1.0  # how stale a process's copy of the trending sets may be
+CACHE_REFRESH_S = 0.5  # how often the catalog version and trending sets are checked
+CATALOG_CACHE_MAX = 200_000
 API_VERSION = "1"
 
 
@@ -80,18 +85,31 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def request_id(request: Request) -> str:
     rid = request.scope.get("cartwise.request_id")
     if rid is None:
-        given = request.headers.get("x-request-id", "")
-        rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
-        request.scope["cartwise.request_id"] = rid
+        rid = request.scope["cartwise.request_id"] = new_request_id(
+            request.headers.get("x-request-id"))
     return rid
+
+
+def new_request_id(given: str | None) -> str:
+    """The caller's X-Request-ID when it is sane, else a fresh one."""
+    return given if given and len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+
+
+def problem(rid: str, status: int, reason: str, detail: str,
+            field: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": status, "reason": reason, "detail": detail}
+    if field:
+        out["field"] = field
+    return {"error": out, "request_id": rid}
 
 
 def error_body(request: Request, status: int, reason: str, detail: str,
                field: str | None = None) -> dict[str, Any]:
-    problem: dict[str, Any] = {"status": status, "reason": reason, "detail": detail}
-    if field:
-        problem["field"] = field
-    return {"error": problem, "request_id": request_id(request)}
+    return problem(request_id(request), status, reason, detail, field)
+
+
+STORE_DOWN = (503, "store_unavailable", "suggestion store unreachable; retry shortly")
+STORE_ERRORS = (aioredis.RedisError, OSError, asyncio.TimeoutError)
 
 
 class BodyLimit:
@@ -155,10 +173,39 @@ class Backend:
                                              socket_timeout=2.0, socket_connect_timeout=2.0)
         self.producer: AIOKafkaProducer | None = None
         self._producer_task: asyncio.Task | None = None
+        self._refresh_task: asyncio.Task | None = None
         self.metrics = ApiMetrics()
+        # category (None: shop-wide) -> (read at, ranked (item, score), catalog facts)
+        self._trending: dict[str | None, tuple[float, list, dict]] = {}
+        self._catalog: dict[str, dict | None] = {}  # item -> facts (None: not in the catalog)
 
     async def start(self) -> None:
         self._producer_task = asyncio.create_task(self._start_producer())
+        self._refresh_task = asyncio.create_task(self._refresh_caches())
+
+    async def _refresh_caches(self) -> None:
+        """Keep the catalog and trending copies fresh off the request path.
+
+        Catalog facts are dropped when the workers bump the catalog version (checked every
+        CACHE_REFRESH_S); trending sets in use are re-read every TRENDING_TTL_S. A request
+        then waits on Redis only for facts or a category it has never seen.
+        """
+        version = None
+        while True:
+            await asyncio.sleep(CACHE_REFRESH_S)
+            try:
+                now_version = await self.redis.get(self.keys.catalog_version)
+                if now_version != version:
+                    version = now_version
+                    self._catalog.clear()
+                stale = [c for c, (at, _, _) in self._trending.items()
+                         if time.monotonic() - at >= TRENDING_TTL_S]
+                if stale:
+                    await self._read_trending(stale)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: requests will say so; keep trying
+                log.debug("cache refresh failed: %r", exc)
 
     async def _start_producer(self) -> None:
         """Connect to the broker in the background: reads work while it is unreachable."""
@@ -182,8 +229,9 @@ class Backend:
             return
 
     async def stop(self) -> None:
-        if self._producer_task is not None:
-            self._producer_task.cancel()
+        for task in (self._producer_task, self._refresh_task):
+            if task is not None:
+                task.cancel()
         if self.producer is not None:
             await self.producer.stop()
         await self.redis.aclose()
@@ -193,44 +241,86 @@ class Backend:
                               description=f"An API key with role '{needed}' or above")
 
         async def check(request: Request, key: Annotated[str | None, Security(header)]) -> str:
-            if not self.auth:
-                return "anonymous"
-            if not key:
-                raise ApiError(401, "missing_api_key", "send an API key in the X-API-Key header",
-                               "header.X-API-Key")
-            found = self.keyring.role_of(key)
-            if found is None:
-                raise ApiError(401, "unknown_api_key", "this API key is not configured",
-                               "header.X-API-Key")
-            role, digest = found
-            if not allows(role, needed):
-                raise ApiError(403, "forbidden", f"a '{role}' key cannot use this route; it "
-                               f"needs '{needed}'", "header.X-API-Key")
-            wait = self.limiter.take(digest, role, time.monotonic())
-            if wait > 0:
-                self.metrics.rate_limited.labels(role).inc()
-                raise ApiError(429, "rate_limited", f"over the '{role}' rate limit; retry in "
-                               f"{wait:.2f}s", headers={"Retry-After": str(max(1, round(wait)))})
-            return role
+            return self.authorize(key, needed)
 
         return check
+
+    def authorize(self, key: str | None, needed: str) -> str:
+        """The key's role, if it may use a route needing `needed` now; else an ApiError."""
+        if not self.auth:
+            return "anonymous"
+        if not key:
+            raise ApiError(401, "missing_api_key", "send an API key in the X-API-Key header",
+                           "header.X-API-Key")
+        found = self.keyring.role_of(key)
+        if found is None:
+            raise ApiError(401, "unknown_api_key", "this API key is not configured",
+                           "header.X-API-Key")
+        role, digest = found
+        if not allows(role, needed):
+            raise ApiError(403, "forbidden", f"a '{role}' key cannot use this route; it needs "
+                           f"'{needed}'", "header.X-API-Key")
+        wait = self.limiter.take(digest, role, time.monotonic())
+        if wait > 0:
+            self.metrics.rate_limited.labels(role).inc()
+            raise ApiError(429, "rate_limited", f"over the '{role}' rate limit; retry in "
+                           f"{wait:.2f}s", headers={"Retry-After": str(max(1, round(wait)))})
+        return role
 
     # -- Redis reads ------------------------------------------------------------------------
 
     async def facts(self, items: list[str]) -> dict[str, dict | None]:
-        if not items:
-            return {}
-        raws = await self.redis.hmget(self.keys.catalog, items)
-        return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}
+        """Catalog facts of `items`, as of at most CACHE_REFRESH_S ago.
 
-    async def trending_sets(self, categories: list[str | None]) -> list[tuple[list, str | None]]:
-        """Trending (item, score) lists for each category (None: shop-wide), best first."""
+        Every answer filters by stock and shows prices, for ten or more items: reading them
+        from Redis per request would cost more than the lookup itself.
+        """
+        cache = self._catalog
+        out: dict[str, dict | None] = {}
+        missing = []
+        for i in items:
+            if i in cache:
+                out[i] = cache[i]
+            else:
+                missing.append(i)
+        if missing:
+            raws = await self.redis.hmget(self.keys.catalog, missing)
+            if len(cache) + len(missing) > CATALOG_CACHE_MAX:
+                cache.clear()
+            for i, r in zip(missing, raws, strict=True):
+                out[i] = cache[i] = orjson.loads(r) if r else None
+        return out
+
+    async def _read_trending(self, categories: list[str | None]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for c in categories:
             pipe.zrevrange(self.keys.trending(c), 0, TRENDING_READ - 1, withscores=True)
         got = await pipe.execute()
-        return [([(i.decode(), s) for i, s in ranked], c)
-                for ranked, c in zip(got, categories, strict=True)]
+        ranked_sets = [[(i.decode(), s) for i, s in ranked] for ranked in got]
+        ids = list(dict.fromkeys(i for ranked in ranked_sets for i, _ in ranked))
+        facts = await self.facts(ids)
+        if len(self._trending) > 10_000:
+            self._trending.clear()
+        now = time.monotonic()
+        for c, ranked in zip(categories, ranked_sets, strict=True):
+            self._trending[c] = (now, ranked, {i: facts[i] for i, _ in ranked})
+
+    async def trending_sets(self, categories: list[str | None]
+                            ) -> tuple[list[tuple[list, str | None]], dict[str, dict | None]]:
+        """Trending (item, score) lists per category (None: shop-wide), with catalog facts.
+
+        A per-process copy, re-read in the background: trending moves slowly, and every
+        cold-start answer needs it, so reading it per request would make cold starts slow.
+        """
+        missing = [c for c in categories if c not in self._trending]
+        if missing:
+            await self._read_trending(missing)
+        sets, catalog = [], {}
+        for c in categories:
+            _, ranked, facts = self._trending.get(c, (0.0, [], {}))
+            sets.append((ranked, c))
+            catalog.update(facts)
+        return sets, catalog
 
     async def fill(self, entries: list[dict], catalog: dict[str, dict | None], k: int,
                    exclude: set[str], categories: list[str | None],
@@ -239,15 +329,58 @@ class Backend:
         """Top up a short answer from trending sets (category first, then shop-wide)."""
         if len(entries) >= k:
             return entries, None
-        sets = await self.trending_sets(list(dict.fromkeys([*categories, None])))
-        missing = [i for ranked, _ in sets for i, _ in ranked if i not in catalog]
-        catalog.update(await self.facts(list(dict.fromkeys(missing))))
+        sets, facts = await self.trending_sets(list(dict.fromkeys([*categories, None])))
+        for i, f in facts.items():
+            catalog.setdefault(i, f)
         if first is not None:
             sets = [(first(ranked, catalog), c) for ranked, c in sets if c is not None] + sets
         entries, used = serving.fill(entries, sets, catalog, k, exclude)
         if used:
             self.metrics.fallback.labels(used.partition(":")[0]).inc()
         return entries, used
+
+
+    # -- answers (shared by the FastAPI routes and the fast path) -----------------------------
+
+    def body(self, entries: list[dict], catalog: dict, fallback: str | None,
+             doc: dict | None, **extra: Any) -> dict[str, Any]:
+        return {"items": serving.enrich(entries, catalog), "fallback": fallback,
+                "model": doc.get("model") if doc else None,
+                "as_of": doc.get("as_of") if doc else None,
+                "generated_at": doc.get("generated_at") if doc else None,
+                "served_at": time.time(), **extra}
+
+    async def item_answer(self, item_id: str, kind: str, k: int) -> dict[str, Any]:
+        raw = await self.redis.get(self.keys.item(item_id))
+        doc = orjson.loads(raw) if raw else None
+        source = "alternatives" if kind == "upsell" else kind
+        listed = doc.get(source, []) if doc else []
+        wanted = ([e["item_id"] for e in listed] if kind == "upsell"
+                  else serving.candidates(listed, k))
+        catalog = await self.facts([item_id, *wanted])
+        anchor = catalog.get(item_id)
+        if kind == "upsell":
+            entries = serving.upsell(item_id, doc, anchor, catalog, k)
+        else:
+            entries = serving.in_stock(listed, catalog, k, {item_id})
+        category = (anchor or {}).get("category")
+        first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
+                 if kind == "upsell" else None)
+        entries, fallback = await self.fill(entries, catalog, k, {item_id}, [category], first)
+        return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind)
+
+    async def user_answer(self, user_id: str, placement: str, k: int) -> dict[str, Any]:
+        raw = await self.redis.get(self.keys.user(user_id))
+        doc = orjson.loads(raw) if raw else None
+        listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
+        recent = ((doc or {}).get("context") or {}).get("recent") or []
+        catalog = await self.facts(list(dict.fromkeys(
+            [*serving.candidates(listed, k), *recent[:1]])))
+        exclude = serving.user_exclusions(doc, catalog)
+        entries = serving.in_stock(listed, catalog, k, exclude)
+        categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
+        entries, fallback = await self.fill(entries, catalog, k, exclude, categories)
+        return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -257,6 +390,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.start()
+        tune_gc()
         try:
             yield
         finally:
@@ -311,14 +445,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(error_body(request, exc.status_code, reason, str(exc.detail)),
                              exc.status_code, getattr(exc, "headers", None))
 
-    @app.exception_handler(aioredis.RedisError)
-    @app.exception_handler(OSError)
-    @app.exception_handler(asyncio.TimeoutError)
     async def on_store_down(request: Request, exc: Exception) -> Response:
         log.warning("request %s: store unavailable: %r", request_id(request), exc)
-        return json_response(error_body(request, 503, "store_unavailable",
-                                        "suggestion store unreachable; retry shortly"),
-                             503, {"Retry-After": "1"})
+        return json_response(error_body(request, *STORE_DOWN), 503, {"Retry-After": "1"})
+
+    for kind in STORE_ERRORS:
+        app.add_exception_handler(kind, on_store_down)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
@@ -329,15 +461,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                         f"unexpected error; quote request id {rid}"), 500)
 
     # -- suggestions --------------------------------------------------------------------------
-
-    def answer(request: Request, entries: list[dict], catalog: dict, fallback: str | None,
-               doc: dict | None, **extra: Any) -> Response:
-        body = {"items": serving.enrich(entries, catalog), "fallback": fallback,
-                "model": doc.get("model") if doc else None,
-                "as_of": doc.get("as_of") if doc else None,
-                "generated_at": doc.get("generated_at") if doc else None,
-                "served_at": time.time(), "request_id": request_id(request), **extra}
-        return json_response(body)
 
     @app.get("/v1/items/{item_id}/suggestions", response_model=Suggestions,
              tags=["suggestions"], summary="Suggestions for an item page")
@@ -350,28 +473,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         k: Annotated[int, k_param] = 10,
         _: str = read,
     ) -> Response:
-        pipe = backend.redis.pipeline(transaction=False)
-        pipe.get(backend.keys.item(item_id))
-        pipe.hget(backend.keys.catalog, item_id)
-        raw, anchor_raw = await pipe.execute()
-        doc = orjson.loads(raw) if raw else None
-        anchor = orjson.loads(anchor_raw) if anchor_raw else None
-        source = "alternatives" if kind == "upsell" else kind
-        listed = doc.get(source, []) if doc else []
-        wanted = ([e["item_id"] for e in listed] if kind == "upsell"
-                  else serving.candidates(listed, k))
-        catalog = await backend.facts(wanted)
-        catalog[item_id] = anchor
-        if kind == "upsell":
-            entries = serving.upsell(item_id, doc, anchor, catalog, k)
-        else:
-            entries = serving.in_stock(listed, catalog, k, {item_id})
-        category = (anchor or {}).get("category")
-        first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
-                 if kind == "upsell" else None)
-        entries, fallback = await backend.fill(entries, catalog, k, {item_id}, [category],
-                                               first)
-        return answer(request, entries, catalog, fallback, doc, item_id=item_id, kind=kind)
+        body = await backend.item_answer(item_id, kind, k)
+        return json_response(body | {"request_id": request_id(request)})
 
     @app.get("/v1/users/{user_id}/suggestions", response_model=Suggestions,
              tags=["suggestions"], summary="A shopper's \"you may also need\" list")
@@ -384,18 +487,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                "complements")] = "product",
         _: str = read,
     ) -> Response:
-        raw = await backend.redis.get(backend.keys.user(user_id))
-        doc = orjson.loads(raw) if raw else None
-        listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
-        recent = ((doc or {}).get("context") or {}).get("recent") or []
-        catalog = await backend.facts(list(dict.fromkeys(
-            [*serving.candidates(listed, k), *recent[:1]])))
-        exclude = serving.user_exclusions(doc, catalog)
-        entries = serving.in_stock(listed, catalog, k, exclude)
-        categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
-        entries, fallback = await backend.fill(entries, catalog, k, exclude, categories)
-        return answer(request, entries, catalog, fallback, doc, user_id=user_id,
-                      placement=placement)
+        body = await backend.user_answer(user_id, placement, k)
+        return json_response(body | {"request_id": request_id(request)})
 
     @app.post("/v1/cart/suggestions", response_model=Suggestions, tags=["suggestions"],
               summary="Suggestions for an anonymous cart")
@@ -416,7 +509,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         entries, fallback = await backend.fill(entries, catalog, body.k, exclude,
                                                [c for c in categories if c][:3])
         newest = max(lists.values(), key=lambda d: d.get("generated_at") or 0, default=None)
-        return answer(request, entries, catalog, fallback, newest)
+        body = backend.body(entries, catalog, fallback, newest)
+        return json_response(body | {"request_id": request_id(request)})
 
     @app.get("/v1/trending", response_model=Trending, tags=["suggestions"],
              summary="Most popular items now, shop-wide or in one category")
@@ -582,6 +676,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.mount("/demo", StaticFiles(directory=STATIC / "demo", html=True), name="demo")
 
+    app.add_middleware(FastPath, backend=backend, origins=s.cors_origin_list)
     app.add_middleware(Observe, metrics=m)
     app.add_middleware(CORSMiddleware, allow_origins=s.cors_origin_list,
                        allow_methods=["GET", "POST"],
@@ -618,3 +713,94 @@ class Observe:
         finally:
             path = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - t0)
+
+
+_SUGGESTIONS = re.compile(r"^/v1/(items|users)/([^/]+)/suggestions$")
+_ROUTES = {"items": "/v1/items/{item_id}/suggestions", "users": "/v1/users/{user_id}/suggestions"}
+_CHOICES = {"items": ("kind", serving.ITEM_KINDS, "cross_sell"),
+            "users": ("placement", serving.PLACEMENTS, "product")}
+
+
+class FastPath:
+    """The two hot GET routes, served without FastAPI's routing and dependency machinery.
+
+    They are most of the traffic, and FastAPI's per-request work costs several times the
+    Redis read behind it (bench/api_latency.py). Same answers (Backend.item_answer and
+    user_answer), same key check, rate limit, metrics and CORS; anything unusual (a parameter
+    to validate, an origin not allowed) goes on to the full app, which owns every
+    validation error's exact shape.
+    """
+
+    def __init__(self, app: Any, backend: Backend, origins: list[str]) -> None:
+        self.app, self.backend = app, backend
+        self.origins = {o.encode() for o in origins}
+        self.max_k = backend.settings.max_k
+
+    def _parse(self, kind: str, ident: str, query: bytes) -> tuple[str, int] | None:
+        if not 0 < len(ident) <= MAX_ID_LEN:
+            return None
+        name, allowed, choice = _CHOICES[kind]
+        k = 10
+        seen = set()
+        for pair in query.decode("latin-1").split("&") if query else ():
+            key, _, value = pair.partition("=")
+            if key in seen:
+                return None
+            seen.add(key)
+            if key == "k" and value.isdigit() and 0 < len(value) <= 3:
+                k = int(value)
+                if not 1 <= k <= self.max_k:
+                    return None
+            elif key == name and value in allowed:
+                choice = value
+            else:
+                return None
+        return choice, k
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        match = (_SUGGESTIONS.match(scope["path"])
+                 if scope["type"] == "http" and scope["method"] == "GET" else None)
+        parsed = match and self._parse(match[1], match[2], scope.get("query_string", b""))
+        if not parsed:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin")
+        if origin is not None and origin not in self.origins:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        given = headers.get(b"x-request-id")
+        rid = new_request_id(given.decode("latin-1") if given else None)
+        key = headers.get(b"x-api-key")
+        extra: dict[str, str] = {}
+        b = self.backend
+        try:
+            b.authorize(key.decode("latin-1") if key else None, "read")
+            choice, k = parsed
+            if match[1] == "items":
+                body = await b.item_answer(match[2], choice, k)
+            else:
+                body = await b.user_answer(match[2], choice, k)
+            status, payload = 200, body | {"request_id": rid}
+        except ApiError as exc:
+            status, extra = exc.status, exc.headers
+            payload = problem(rid, exc.status, exc.reason, exc.detail, exc.field)
+        except STORE_ERRORS as exc:
+            log.warning("request %s: store unavailable: %r", rid, exc)
+            status, payload, extra = 503, problem(rid, *STORE_DOWN), {"Retry-After": "1"}
+        except Exception:
+            log.exception("request %s failed", rid)
+            status = 500
+            payload = problem(rid, 500, "internal_error",
+                              f"unexpected error; quote request id {rid}")
+        data = orjson.dumps(payload)
+        out = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(data)).encode()), (b"x-request-id", rid.encode())]
+        out += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        if origin is not None:
+            out += [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
+                    (b"access-control-expose-headers", b"X-Request-ID, Retry-After")]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
+        b.metrics.observe("GET", _ROUTES[match[1]], status, time.perf_counter() - t0)

@@ -40,7 +40,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 2
     uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
                 loop="uvloop", http="httptools", access_log=False, log_level=args.loglevel,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5,
+                # Longer than the usual 60 s idle timeout of load balancers in front of it.
+                timeout_keep_alive=65)
     return 0
 
 

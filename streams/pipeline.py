@@ -642,5 +642,6 @@ class CatalogStage:
             pipe = self.store.redis.pipeline(transaction=True)
             pipe.hset(self.store.keys.catalog, mapping=facts)
             pipe.incr(self.store.keys.lists_version)
+            pipe.incr(self.store.keys.catalog_version)
             await pipe.execute()
             self.stats.inc("catalog.applied", len(facts))

@@ -52,6 +52,10 @@ class Keys:
         return f"{self.prefix}trending" if category is None else f"{self.prefix}trending:{category}"
 
     @property
+    def catalog_version(self) -> str:
+        return f"{self.prefix}state:catalog_version"
+
+    @property
     def lists_version(self) -> str:
         return f"{self.prefix}state:lists_version"
 

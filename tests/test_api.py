@@ -321,3 +321,42 @@ def test_redis_down_is_503_and_not_ready(make_settings):
 def test_api_refuses_to_start_without_keys(make_settings):
     with pytest.raises(ValueError, match="no API keys configured"):
         create_app(make_settings("nokeys"))
+
+
+def test_fast_path_answers_like_the_full_app(served):
+    """Valid lookups skip FastAPI's routing; an extra parameter sends the same lookup through
+    it (FastAPI ignores unknown parameters). Both must answer alike."""
+    item = hero_with_lists(served)
+    for path in (f"/v1/items/{item}/suggestions", "/v1/users/u-00001/suggestions"):
+        fast = served.get(path, k=7).json()
+        full = served.get(path, k=7, utm_source="x").json()
+        for body in (fast, full):
+            body.pop("served_at"), body.pop("request_id")
+        assert fast == full
+
+
+def test_fast_path_cors_and_request_ids(served):
+    path = served.base + "/v1/items/pho-000/suggestions"
+    ok = httpx.get(path, headers={"X-API-Key": served.read, "Origin": "https://shop.example",
+                                  "X-Request-ID": "trace-42"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["request_id"] == "trace-42"
+    assert ok.headers["access-control-allow-origin"] == "https://shop.example"
+    assert ok.headers["x-request-id"] == "trace-42"
+    other = httpx.get(path, headers={"X-API-Key": served.read, "Origin": "https://evil.example"},
+                      timeout=10)
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+def test_catalog_changes_apply_to_answers_within_seconds(served):
+    item = hero_with_lists(served)
+    first = served.get(f"/v1/items/{item}/suggestions", k=3).json()["items"][0]["item_id"]
+    facts = next(c for c in served.shop.catalog if c["item_id"] == first)
+    assert served.post("/v1/catalog", facts | {"in_stock": False}, key="admin").status_code == 202
+    try:
+        deadline = time.monotonic() + 20
+        while first in {e["item_id"] for e in
+                        served.get(f"/v1/items/{item}/suggestions", k=3).json()["items"]}:
+            assert time.monotonic() < deadline, "out-of-stock item still suggested"
+            time.sleep(0.2)
+    finally:
+        served.post("/v1/catalog", facts, key="admin")

@@ -1,0 +1,248 @@
+"""Lookup latency and throughput of the HTTP API, next to raw Redis GETs in the same run.
+
+    make bench            # or: .venv/bin/python -m bench.api_latency --rounds 3 --seconds 10
+
+Setup: the embedded broker and Redis, a worker that turns simulated traffic into suggestion
+lists (then stopped, so it takes no CPU during the measurement), and one `cartwise api`
+process. The load generator is this process: minimal HTTP/1.1 and RESP clients on asyncio
+over keep-alive loopback connections, the same code path for both targets.
+
+1. Latency at a fixed rate (open loop, `--rate` requests/s over `--connections`
+   connections): latency runs from the moment a request was *due*, so a stalled server is
+   charged for the queue it causes (no coordinated omission). Targets, alternating each round:
+   item suggestions, shopper suggestions, and a raw Redis GET of the same item documents.
+2. Throughput (closed loop): as many requests as `--connections` connections can complete in
+   `--seconds`, for the API's item route and for Redis GET.
+
+Results are printed and written to bench/results/api_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from pathlib import Path
+
+import orjson
+
+from api.auth import new_key
+from cartwise.embedded import EmbeddedStack, free_port
+from cartwise.harness import produce, start_api, start_worker, stop_worker, wait_complete, wait_http
+from cartwise.settings import Settings
+from cartwise.simulator import Shop
+from streams.store import Keys
+from streams.topics import ensure_topics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class HttpConn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 key: str) -> None:
+        self.r, self.w, self.key = reader, writer, key
+
+    async def call(self, target: str) -> int:
+        self.w.write(f"GET {target} HTTP/1.1\r\nHost: bench\r\nX-API-Key: {self.key}\r\n\r\n"
+                     .encode())
+        head = await self.r.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.r.readexactly(length)
+        return status
+
+
+class RespConn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+
+    async def call(self, key: str) -> int:
+        k = key.encode()
+        self.w.write(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
+        line = await self.r.readline()
+        n = int(line[1:])
+        if n >= 0:
+            await self.r.readexactly(n + 2)
+        return 200 if n >= 0 else 404
+
+
+async def connect(kind: str, port: int, key: str, n: int) -> list:
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conns.append(HttpConn(reader, writer, key) if kind == "http" else RespConn(reader, writer))
+    return conns
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+async def open_loop(conns: list, targets: list[str], rate: float, seconds: float) -> dict:
+    """Requests due every 1/rate s; latency from due time to the last byte of the answer."""
+    queue: asyncio.Queue = asyncio.Queue()
+    lat: list[float] = []
+    errors = 0
+    n_total = int(rate * seconds)
+
+    async def run(conn: object) -> None:
+        nonlocal errors
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            due, target = item
+            status = await conn.call(target)
+            lat.append(time.perf_counter() - due)
+            errors += status >= 400
+
+    workers = [asyncio.create_task(run(c)) for c in conns]
+    start = time.perf_counter() + 0.05
+    for i in range(n_total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait((due, targets[i % len(targets)]))
+    for _ in workers:
+        queue.put_nowait(None)
+    await asyncio.gather(*workers)
+    elapsed = time.perf_counter() - start
+    return {"requests": len(lat), "errors": errors, "achieved_rps": len(lat) / elapsed,
+            "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
+            "p999_ms": pct(lat, 0.999) * 1000, "mean_ms": statistics.fmean(lat) * 1000}
+
+
+async def closed_loop(conns: list, targets: list[str], seconds: float) -> dict:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def run(conn: object, offset: int) -> None:
+        nonlocal done
+        i = offset
+        while time.perf_counter() < stop:
+            await conn.call(targets[i % len(targets)])
+            i += 1
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run(c, n * 7) for n, c in enumerate(conns)))
+    return {"requests": done, "rps": done / (time.perf_counter() - t0)}
+
+
+def prepare(stack: EmbeddedStack, users: int, log_dir: Path) -> tuple[Settings, Shop, str,
+                                                                        list]:
+    key, entry = new_key("read")
+    settings = Settings(broker=stack.broker, redis_url=stack.redis_url, prefix="bench:",
+                        app_id="bench-api", events_topic="bench-api.events",
+                        catalog_topic="bench-api.catalog", dlq_topic="bench-api.dlq",
+                        session_timeout_s=6.0, rebalance_timeout_s=6.0,
+                        heartbeat_interval_s=1.0, api_port=free_port(), api_keys=entry,
+                        rate_read=1e9)
+    ensure_topics(settings)
+    shop = Shop(seed=11)
+    events = list(shop.events(users, start_ts=time.time() - 86_400))
+    ends = produce(settings, events, shop.catalog)
+    worker = start_worker(settings, log_dir / "worker.log", "bench")
+    try:
+        wait_complete(settings, ends, timeout=600, procs=[worker])
+    finally:
+        stop_worker(worker)
+    api = start_api(settings, log_dir / "api.log")
+    wait_http(f"http://127.0.0.1:{settings.api_port}/ready", api)
+    return settings, shop, key, [api]
+
+
+async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key: str,
+                  redis_port: int) -> dict:
+    rng = random.Random(1)
+    items = [c["item_id"] for c in shop.catalog]
+    users = [f"u-{u:05d}" for u in range(args.users)]
+    keys = Keys(settings.prefix)
+    item_targets = [f"/v1/items/{rng.choice(items)}/suggestions?k=10" for _ in range(5000)]
+    user_targets = [f"/v1/users/{rng.choice(users)}/suggestions?k=10" for _ in range(5000)]
+    redis_targets = [keys.item(t.split("/")[3]) for t in item_targets]
+    http = await connect("http", settings.api_port, key, args.connections)
+    resp = await connect("resp", redis_port, "", args.connections)
+    arms = {"api_item": (http, item_targets), "api_user": (http, user_targets),
+            "redis_get": (resp, redis_targets)}
+    # Warm-up: connections, caches, the interpreter's first calls.
+    for conns, targets in arms.values():
+        await open_loop(conns, targets, args.rate, 2.0)
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        row = {}
+        for name, (conns, targets) in arms.items():
+            row[name] = await open_loop(conns, targets, args.rate, args.seconds)
+            print(f"round {r + 1} {name:10s} p50 {row[name]['p50_ms']:.2f} ms  p99 "
+                  f"{row[name]['p99_ms']:.2f} ms  ({row[name]['achieved_rps']:.0f} req/s, "
+                  f"{row[name]['errors']} errors)", flush=True)
+        rounds.append(row)
+    throughput = {"api_item": await closed_loop(http, item_targets, args.seconds),
+                  "redis_get": await closed_loop(resp, redis_targets, args.seconds)}
+    print(f"closed loop: API item {throughput['api_item']['rps']:.0f} req/s, Redis GET "
+          f"{throughput['redis_get']['rps']:.0f} req/s", flush=True)
+    for c in (*http, *resp):
+        c.w.close()
+    return {"rounds": rounds, "throughput": throughput}
+
+
+def summarise(result: dict) -> dict:
+    rounds = result["rounds"]
+
+    def med(arm: str, f: str) -> float:
+        return statistics.median(r[arm][f] for r in rounds)
+
+    out = {}
+    for arm in ("api_item", "api_user"):
+        out[arm] = {
+            "p50_ms": med(arm, "p50_ms"), "p99_ms": med(arm, "p99_ms"),
+            "p99_minus_redis_p99_ms": statistics.median(
+                r[arm]["p99_ms"] - r["redis_get"]["p99_ms"] for r in rounds),
+        }
+    out["redis_get"] = {"p50_ms": med("redis_get", "p50_ms"), "p99_ms": med("redis_get",
+                                                                            "p99_ms")}
+    tp = result["throughput"]
+    out["throughput_ratio_api_to_redis"] = tp["api_item"]["rps"] / tp["redis_get"]["rps"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--users", type=int, default=2000)
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    log_dir = RESULTS / "logs"
+    log_dir.mkdir(exist_ok=True)
+    with EmbeddedStack(workdir=log_dir / "stack") as stack:
+        settings, shop, key, procs = prepare(stack, args.users, log_dir)
+        try:
+            redis_port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
+            result = asyncio.run(measure(args, settings, shop, key, redis_port))
+        finally:
+            for p in procs:
+                stop_worker(p)
+    result["summary"] = summarise(result)
+    result["params"] = vars(args)
+    (RESULTS / "api_latency.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    s = result["summary"]
+    print("\nmedian over rounds at", args.rate, "req/s:")
+    for arm in ("api_item", "api_user", "redis_get"):
+        extra = (f", p99 - Redis p99 {s[arm]['p99_minus_redis_p99_ms']:.2f} ms"
+                 if arm != "redis_get" else "")
+        print(f"  {arm:10s} p50 {s[arm]['p50_ms']:.2f} ms  p99 {s[arm]['p99_ms']:.2f} ms{extra}")
+    print(f"  closed-loop throughput API / Redis: {s['throughput_ratio_api_to_redis']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
