@@ -11,6 +11,7 @@ api/schemas.py document them in the OpenAPI spec without costing a validation pe
 
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -90,9 +91,15 @@ def request_id(request: Request) -> str:
     return rid
 
 
+_RID_PREFIX = uuid.uuid4().hex[:12]
+_rid_counter = itertools.count()
+
+
 def new_request_id(given: str | None) -> str:
-    """The caller's X-Request-ID when it is sane, else a fresh one."""
-    return given if given and len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+    """The caller's X-Request-ID when it is sane, else a fresh, process-unique one."""
+    if given and len(given) <= 64 and given.isprintable():
+        return given
+    return f"{_RID_PREFIX}{next(_rid_counter):08x}"
 
 
 def problem(rid: str, status: int, reason: str, detail: str,
@@ -381,6 +388,12 @@ class Backend:
         categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
         entries, fallback = await self.fill(entries, catalog, k, exclude, categories)
         return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement)
+
+
+def create_asgi(settings: Settings | None = None) -> "FastPath":
+    """What `cartwise api` serves: the full app behind the fast path for hot lookups."""
+    app = create_app(settings)
+    return FastPath(app, app.state.backend, app.state.backend.settings.cors_origin_list)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -676,7 +689,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.mount("/demo", StaticFiles(directory=STATIC / "demo", html=True), name="demo")
 
-    app.add_middleware(FastPath, backend=backend, origins=s.cors_origin_list)
     app.add_middleware(Observe, metrics=m)
     app.add_middleware(CORSMiddleware, allow_origins=s.cors_origin_list,
                        allow_methods=["GET", "POST"],
@@ -758,6 +770,7 @@ class FastPath:
         return choice, k
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        # Outermost: everything else, lifespan included, goes on to the full app.
         match = (_SUGGESTIONS.match(scope["path"])
                  if scope["type"] == "http" and scope["method"] == "GET" else None)
         parsed = match and self._parse(match[1], match[2], scope.get("query_string", b""))

@@ -172,9 +172,10 @@ async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key:
     resp = await connect("resp", redis_port, "", args.connections)
     arms = {"api_item": (http, item_targets), "api_user": (http, user_targets),
             "redis_get": (resp, redis_targets)}
-    # Warm-up: connections, caches, the interpreter's first calls.
+    # Warm-up: connections, the API's catalog and trending copies (every target once), the
+    # interpreter's first calls. Steady state is what a storefront sees.
     for conns, targets in arms.values():
-        await open_loop(conns, targets, args.rate, 2.0)
+        await open_loop(conns, targets, args.rate, len(targets) / args.rate)
     rounds: list[dict] = []
     for r in range(args.rounds):
         row = {}

@@ -29,12 +29,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from api.app import create_asgi
     from api.auth import KeyConfigError
 
     settings = Settings.from_env()
     try:
-        app = create_app(settings)
+        app = create_asgi(settings)
     except (KeyConfigError, ValueError) as exc:
         print(f"cartwise api: {exc}", file=sys.stderr)
         return 2
