@@ -40,7 +40,7 @@ def test_images_and_files_exist():
 
 
 def test_commands_are_real_cli_commands(capsys):
-    for name in ("worker", "simulator"):
+    for name in ("worker", "simulator", "api"):
         command = COMPOSE["services"][name]["command"]
         try:
             cli_main([command[0], "--help"])
@@ -59,3 +59,17 @@ def test_kafka_is_kraft_and_redis_is_persistent_with_a_password():
     assert url.startswith("redis://:") and "@redis:6379" in url
     assert COMPOSE["services"]["worker"]["environment"]["CARTWISE_BROKER"] == "kafka:9092"
     assert set(COMPOSE["volumes"]) == {"kafka-data", "redis-data"}
+
+
+def test_api_service_listens_where_it_publishes_and_needs_keys():
+    api = COMPOSE["services"]["api"]
+    env = api["environment"]
+    assert env["CARTWISE_API_HOST"] == "0.0.0.0"
+    assert api["ports"] == [f"{env['CARTWISE_API_PORT']}:{env['CARTWISE_API_PORT']}"]
+    assert env["CARTWISE_API_PORT"] in " ".join(api["healthcheck"]["test"])
+    assert "/ready" in " ".join(api["healthcheck"]["test"])
+    # Keys must come from the operator: compose refuses to start without them.
+    assert ":?" in env["CARTWISE_API_KEYS"]
+    assert env["CARTWISE_REDIS_URL"] == COMPOSE["services"]["worker"]["environment"][
+        "CARTWISE_REDIS_URL"]
+    assert api["image"] == COMPOSE["services"]["worker"]["image"]
