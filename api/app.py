@@ -185,6 +185,7 @@ class Backend:
         # category (None: shop-wide) -> (read at, ranked (item, score), catalog facts)
         self._trending: dict[str | None, tuple[float, list, dict]] = {}
         self._catalog: dict[str, dict | None] = {}  # item -> facts (None: not in the catalog)
+        self._catalog_generation = 0  # bumped whenever the copy above is dropped
 
     async def start(self) -> None:
         self._producer_task = asyncio.create_task(self._start_producer())
@@ -204,6 +205,7 @@ class Backend:
                 now_version = await self.redis.get(self.keys.catalog_version)
                 if now_version != version:
                     version = now_version
+                    self._catalog_generation += 1
                     self._catalog.clear()
                 stale = [c for c, (at, _, _) in self._trending.items()
                          if time.monotonic() - at >= TRENDING_TTL_S]
@@ -291,11 +293,16 @@ class Backend:
             else:
                 missing.append(i)
         if missing:
+            generation = self._catalog_generation
             raws = await self.redis.hmget(self.keys.catalog, missing)
-            if len(cache) + len(missing) > CATALOG_CACHE_MAX:
+            # Read before a catalog change was noticed: answer with it, but do not keep it.
+            keep = generation == self._catalog_generation
+            if keep and len(cache) + len(missing) > CATALOG_CACHE_MAX:
                 cache.clear()
             for i, r in zip(missing, raws, strict=True):
-                out[i] = cache[i] = orjson.loads(r) if r else None
+                out[i] = orjson.loads(r) if r else None
+                if keep:
+                    cache[i] = out[i]
         return out
 
     async def _read_trending(self, categories: list[str | None]) -> None:

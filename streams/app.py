@@ -63,6 +63,10 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         broker_session_timeout=settings.session_timeout_s,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
+        # Records are acknowledged only once a Redis checkpoint covers them, and replays are
+        # idempotent (docs/architecture.md): waiting for in-flight records at shutdown or
+        # rebalance would wait for a checkpoint timer that has already stopped.
+        stream_wait_empty=False,
     )
     _limit_fetch_wait(app, settings.fetch_max_wait_ms)
     topics = {
