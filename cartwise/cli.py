@@ -125,6 +125,44 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lag(args: argparse.Namespace) -> int:
+    """Exit 0 when every partition's lag is within --max-lag, 1 past it, 2 when unreachable."""
+    from kafka.errors import KafkaError
+
+    from cartwise.lag import collect, format_table
+    from streams.store import Keys
+
+    settings = Settings.from_env()
+    try:
+        rows = collect(settings)
+        r = _redis(settings)
+        stats = [orjson.loads(raw) for key in r.scan_iter(Keys(settings.prefix).stats_pattern)
+                 if (raw := r.get(key))]
+    except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
+        print(f"cartwise lag: cannot read the broker or Redis: {exc}", file=sys.stderr)
+        return 2
+    worst = max((row.lag for row in rows), default=0)
+    if args.json:
+        print(orjson.dumps({"partitions": [row.as_dict() for row in rows], "max_lag": worst,
+                            "freshness_s": {s["worker_id"]: s["freshness_s"] for s in stats}},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_table(rows))
+        for snap in stats:
+            f = snap["freshness_s"]
+            parts = [f"{kind} p50/p99 {_ms(f[kind]['recent_p50'])}/{_ms(f[kind]['recent_p99'])}"
+                     for kind in ("user", "item")]
+            print(f"freshness ({snap['worker_id']}, last events): " + "; ".join(parts))
+    if args.max_lag is not None and worst > args.max_lag:
+        print(f"lag {worst} > --max-lag {args.max_lag}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from api.auth import new_key
     from cartwise.embedded import EmbeddedStack, free_port
@@ -287,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["item", "user"])
     p.add_argument("id")
     p.set_defaults(func=cmd_show)
+    p = sub.add_parser("lag", help="consumer lag per topic and partition, and freshness")
+    p.add_argument("--max-lag", type=int, default=None,
+                   help="exit 1 when any partition lags by more records than this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lag)
     p = sub.add_parser("stats", help="print worker counters and freshness")
     p.set_defaults(func=cmd_stats)
     args = parser.parse_args(argv)
