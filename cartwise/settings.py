@@ -39,6 +39,9 @@ class Settings:
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 30.0
     heartbeat_interval_s: float = 3.0
+    # Prometheus /metrics of a worker on this port; 0 turns it off (several workers on one
+    # host need different ports). The API serves its metrics on its own port.
+    metrics_port: int = 0
     # HTTP API (docs/api.md).
     api_host: str = "127.0.0.1"
     api_port: int = 8000

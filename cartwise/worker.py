@@ -13,5 +13,9 @@ from streams.topics import ensure_topics
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     ensure_topics(settings)
     app = create_app(settings)
+    if settings.metrics_port:
+        from streams.metrics import serve
+
+        serve(app.cartwise["stats"], settings.metrics_port)
     tune_gc()
     faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -8,6 +8,7 @@ from typing import Any
 import faust
 import orjson
 import redis.asyncio as aioredis
+from faust.types import TP
 
 from cartwise.settings import Settings
 from models.config import ModelConfig
@@ -140,7 +141,29 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
 
     @app.timer(1.0)
     async def publish_stats() -> None:
+        stats.partitions = partition_gauges(app, settings, context, graph)
         key = store.keys.stats(settings.worker_id)
         await guarded("stats", redis.set(key, orjson.dumps(stats.snapshot()), ex=STATS_TTL_S))
 
     return app
+
+
+def partition_gauges(app: faust.App, settings: Settings, context: ContextStage,
+                     graph: GraphStage) -> list[dict[str, Any]]:
+    """Lag and state size of the partitions this worker holds.
+
+    The end offset is the high watermark of the consumer's own fetches (right on Tansu too,
+    cartwise/lag.py); the lag counts from the checkpoint, which is what survives a crash.
+    """
+    out = []
+    for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+        for p, st in list(stage.parts.items()):
+            try:
+                end = app.consumer.highwater(TP(topic, p))
+            except Exception:  # not assigned (any more) or no fetch answer yet
+                end = None
+            size = len(st.book.users) if stage is context else len(st.graph.rows)
+            out.append({"stage": stage.name, "topic": topic, "partition": p, "size": size,
+                        "checkpoint": st.offset,
+                        "lag": None if end is None else max(0, end - (st.offset + 1))})
+    return out

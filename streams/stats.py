@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from typing import Any
 
+# Histogram buckets (seconds) of event-to-suggestion freshness, for Prometheus.
+FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 FRESHNESS_SAMPLES = 20_000
 RECENT_SAMPLES = 1_000  # "recent" percentiles: the last this many events, for live views
 
@@ -32,6 +35,11 @@ class Stats:
             "user": deque(maxlen=FRESHNESS_SAMPLES),
             "item": deque(maxlen=FRESHNESS_SAMPLES),
         }
+        # Per bucket (non-cumulative, last one is +Inf) and sums, since the start.
+        self.histograms = {k: [0] * (len(FRESHNESS_BUCKETS) + 1) for k in self.freshness}
+        self.histogram_sums = dict.fromkeys(self.freshness, 0.0)
+        # Set by the worker's stats timer: lag and state size per partition (streams/app.py).
+        self.partitions: list[dict[str, Any]] = []
 
     def inc(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -42,6 +50,9 @@ class Stats:
 
     def observe(self, kind: str, seconds: float) -> None:
         self.freshness[kind].append(seconds)
+        h = self.histograms[kind]
+        h[bisect_left(FRESHNESS_BUCKETS, seconds)] += 1
+        self.histogram_sums[kind] += seconds
 
     def snapshot(self) -> dict[str, Any]:
         fresh = {}
@@ -55,4 +66,5 @@ class Stats:
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
-                "counters": dict(self.counters), "seconds": self.seconds, "freshness_s": fresh}
+                "counters": dict(self.counters), "seconds": self.seconds, "freshness_s": fresh,
+                "partitions": self.partitions}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 from kafka import KafkaConsumer, TopicPartition
 
 from cartwise.cli import main as cli_main
@@ -68,3 +69,45 @@ def test_lag_says_when_the_broker_is_unreachable(make_settings, monkeypatch, cap
         monkeypatch.setenv(key, value)
     assert cli_main(["lag"]) == 2
     assert "cannot read the broker" in capsys.readouterr().err
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_worker_metrics_count_what_happened(make_settings, workers):
+    from cartwise.embedded import free_port
+
+    settings = make_settings("metrics", metrics_port=free_port())
+    ensure_topics(settings)
+    shop = Shop(seed=4)
+    events = list(shop.events(80, start_ts=START, bad_rate=0.05))
+    ends = produce(settings, events, shop.catalog)
+    w = workers(settings)
+    wait_complete(settings, ends, procs=[w])
+    time.sleep(1.5)  # the stats timer copies lag and state sizes once a second
+    m = scrape(settings.metrics_port)
+
+    def events_total(outcome: str, type_: str = "", reason: str = "") -> float:
+        return m.get(("cartwise_events_total", (("outcome", outcome), ("reason", reason),
+                                                ("type", type_))), 0.0)
+
+    valid = [e for e in events if isinstance(e, dict)]
+    for etype in ("view", "add_to_cart", "purchase"):
+        assert events_total("applied", etype) == sum(e["type"] == etype for e in valid)
+    bad = len(events) - len(valid)
+    assert bad > 0
+    assert sum(v for (name, labels), v in m.items() if name == "cartwise_events_total"
+               and ("outcome", "dead_lettered") in labels) == bad
+    fresh_count = m[("cartwise_freshness_seconds_count", (("list", "user"),))]
+    assert fresh_count == len(events)  # one observation per record of the events topic
+    lags = {labels: v for (name, labels), v in m.items() if name == "cartwise_consumer_lag"}
+    assert len(lags) == 2 * settings.partitions and all(v == 0 for v in lags.values())
+    assert m[("cartwise_model_info", (("model", "cooc-1"),))] == 1
+    sizes = [v for (name, labels), v in m.items() if name == "cartwise_state_size"
+             and ("stage", "context") in labels]
+    assert sum(sizes) == len({e["user_id"] for e in valid})

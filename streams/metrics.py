@@ -1,0 +1,106 @@
+"""Prometheus metrics of a worker (docs/operations.md, "Metrics").
+
+The agents never touch prometheus_client on the hot path: they count into Stats (plain
+dicts), and this collector turns a Stats into metric families when Prometheus scrapes, on
+prometheus_client's HTTP thread. It copies what it reads first, so a scrape never iterates a
+dict the event loop is changing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from streams.pipeline import MODEL_VERSION
+from streams.stats import FRESHNESS_BUCKETS, Stats
+
+
+def _copy(d: dict) -> dict:
+    for _ in range(5):
+        try:
+            return dict(d)
+        except RuntimeError:  # changed size while copying: try again
+            continue
+    return {}
+
+
+class WorkerCollector:
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        counters = _copy(s.counters)
+        events = CounterMetricFamily("cartwise_events", "Events by outcome: applied (by type), "
+                                     "duplicate, dead_lettered (by reason)",
+                                     labels=["outcome", "type", "reason"])
+        for name, n in sorted(counters.items()):
+            head, _, tail = name.partition(".")
+            if head == "applied":
+                events.add_metric(["applied", tail, ""], n)
+            elif head == "dlq":
+                events.add_metric(["dead_lettered", "", tail], n)
+            elif name == "duplicate":
+                events.add_metric(["duplicate", "", ""], n)
+        yield events
+        errors = CounterMetricFamily("cartwise_errors", "Failed steps (each is retried)",
+                                     labels=["step"])
+        for name, n in sorted(counters.items()):
+            if name.endswith(".errors"):
+                errors.add_metric([name.removesuffix(".errors")], n)
+        yield errors
+        conflicts = CounterMetricFamily("cartwise_checkpoint_conflicts",
+                                        "Checkpoints found moved by another worker",
+                                        labels=["stage"])
+        for name, n in sorted(counters.items()):
+            if name.endswith(".checkpoint_conflicts"):
+                conflicts.add_metric([name.removesuffix(".checkpoint_conflicts")], n)
+        yield conflicts
+        seconds = CounterMetricFamily("cartwise_step_seconds", "Time spent per processing step "
+                                      "(process, user_lists, checkpoint = Redis write)",
+                                      labels=["step"])
+        for name, v in sorted(_copy(s.seconds).items()):
+            seconds.add_metric([name], v)
+        yield seconds
+        fresh = HistogramMetricFamily("cartwise_freshness_seconds", "From an event's broker "
+                                      "timestamp to its suggestions written in Redis",
+                                      labels=["list"])
+        for kind, per_bucket in s.histograms.items():
+            counts = list(per_bucket)
+            cumulative, total = [], 0
+            for bound, n in zip((*map(str, FRESHNESS_BUCKETS), "+Inf"), counts, strict=True):
+                total += n
+                cumulative.append((bound, total))
+            fresh.add_metric([kind], cumulative, s.histogram_sums[kind])
+        yield fresh
+        parts: list[dict[str, Any]] = list(s.partitions)
+        lag = GaugeMetricFamily("cartwise_consumer_lag", "Records after the last checkpoint, "
+                                "per partition this worker owns", labels=["topic", "partition"])
+        size = GaugeMetricFamily("cartwise_state_size", "Shoppers (context) or item rows "
+                                 "(cooccurrence) held, per partition",
+                                 labels=["stage", "partition"])
+        for p in parts:
+            if p.get("lag") is not None:
+                lag.add_metric([p["topic"], str(p["partition"])], p["lag"])
+            size.add_metric([p["stage"], str(p["partition"])], p["size"])
+        yield lag
+        yield size
+        info = GaugeMetricFamily("cartwise_model_info", "Model version of the lists written",
+                                 labels=["model"])
+        info.add_metric([MODEL_VERSION], 1)
+        yield info
+
+
+def serve(stats: Stats, port: int, host: str = "0.0.0.0") -> None:
+    """Serve /metrics on `port` from a daemon thread."""
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(stats))
+    start_http_server(port, addr=host, registry=registry)
