@@ -52,6 +52,8 @@ from cartwise.contract import (
     prepare_catalog,
     prepare_event,
 )
+from cartwise.lag import StallDetector
+from cartwise.lag import collect as collect_lag
 from cartwise.runtime import tune_gc
 from cartwise.settings import Settings
 from models import serving
@@ -181,6 +183,8 @@ class Backend:
         self.producer: AIOKafkaProducer | None = None
         self._producer_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
+        self._stream_task: asyncio.Task | None = None
+        self.stream: dict[str, Any] = {"status": "unknown", "detail": "not checked yet"}
         self.metrics = ApiMetrics()
         # category (None: shop-wide) -> (read at, ranked (item, score), catalog facts)
         self._trending: dict[str | None, tuple[float, list, dict]] = {}
@@ -190,6 +194,39 @@ class Backend:
     async def start(self) -> None:
         self._producer_task = asyncio.create_task(self._start_producer())
         self._refresh_task = asyncio.create_task(self._refresh_caches())
+        self._stream_task = asyncio.create_task(self._watch_stream())
+
+    async def _watch_stream(self) -> None:
+        """Check the workers' progress (cartwise lag) and flag stalled partitions.
+
+        Reported in /ready's body and as metrics, but it does not make this process unready:
+        suggestions are still served while a worker is stuck, only staler. Alert on
+        cartwise_stream_stalled instead (docs/operations.md).
+        """
+        detector = StallDetector(self.settings.stall_after_s)
+        while True:
+            try:
+                rows = await asyncio.to_thread(collect_lag, self.settings)
+                stalled = detector.update(time.monotonic(), rows)
+                for row in rows:
+                    labels = (row.topic, str(row.partition))
+                    self.metrics.stream_lag.labels(*labels).set(row.lag)
+                    self.metrics.stream_stalled.labels(*labels).set(0)
+                for row, _ in stalled:
+                    self.metrics.stream_stalled.labels(row.topic, str(row.partition)).set(1)
+                self.stream = {
+                    "status": "stalled" if stalled else "ok",
+                    "max_lag": max((row.lag for row in rows), default=0),
+                    "stalled": [{"topic": row.topic, "partition": row.partition,
+                                 "lag": row.lag, "no_progress_s": round(idle)}
+                                for row, idle in stalled],
+                    "checked_at": time.time()}
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stream = {"status": "unknown", "detail": f"{type(exc).__name__}: {exc}"[:200],
+                               "checked_at": time.time()}
+            await asyncio.sleep(self.settings.stall_check_s)
 
     async def _refresh_caches(self) -> None:
         """Keep the catalog and trending copies fresh off the request path.
@@ -238,7 +275,7 @@ class Backend:
             return
 
     async def stop(self) -> None:
-        for task in (self._producer_task, self._refresh_task):
+        for task in (self._producer_task, self._refresh_task, self._stream_task):
             if task is not None:
                 task.cancel()
         if self.producer is not None:
@@ -680,7 +717,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as exc:
                 checks["broker"] = f"unreachable: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
+        return json_response({"ready": ok, "checks": checks, "stream": backend.stream},
+                             200 if ok else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
              response_class=Response)

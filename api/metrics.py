@@ -6,6 +6,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -30,6 +31,13 @@ class ApiMetrics:
                                 ["source"], registry=self.registry)
         self.rate_limited = Counter("cartwise_api_rate_limited", "Requests refused with 429",
                                     ["role"], registry=self.registry)
+
+        self.stream_lag = Gauge("cartwise_stream_lag", "Records the workers have not applied "
+                                "yet (cartwise lag), as last checked by this API process",
+                                ["topic", "partition"], registry=self.registry)
+        self.stream_stalled = Gauge("cartwise_stream_stalled", "1 when the partition's progress "
+                                    "has not moved for stall_after_s while records wait",
+                                    ["topic", "partition"], registry=self.registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

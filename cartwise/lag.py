@@ -13,7 +13,7 @@ offset after it is the next to apply), else the group's committed offset (catalo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import redis
 from kafka import KafkaConsumer, TopicPartition
@@ -110,3 +110,31 @@ def format_table(rows: list[PartitionLag]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
                      for line in (head, *body))
+
+
+@dataclass
+class StallDetector:
+    """Flags partitions whose progress has not moved for `after_s` while records wait.
+
+    A worker that is alive but stuck (a poison batch retried forever, a hung connection)
+    keeps its partitions, so no rebalance rescues them; only this shows it. Pure: the caller
+    feeds it lag rows and the time.
+    """
+
+    after_s: float
+    seen: dict[tuple[str, int], tuple[int | None, float]] = field(default_factory=dict)
+
+    def update(self, now: float, rows: list[PartitionLag]) -> list[tuple[PartitionLag, float]]:
+        """The stalled partitions among `rows`, with how long each has not moved."""
+        stalled = []
+        for row in rows:
+            key = (row.topic, row.partition)
+            progress = row.checkpoint if row.checkpoint is not None else row.committed
+            last = self.seen.get(key)
+            if last is None or last[0] != progress or row.lag == 0:
+                self.seen[key] = (progress, now)
+                continue
+            idle = now - last[1]
+            if idle >= self.after_s:
+                stalled.append((row, idle))
+        return stalled

@@ -56,6 +56,10 @@ class Settings:
     rate_read: float = 2000.0
     rate_ingest: float = 500.0
     rate_admin: float = 50.0
+    # The API checks the workers' progress this often; a partition whose checkpoint has not
+    # moved for `stall_after_s` while records wait is reported stalled (/ready, metrics).
+    stall_check_s: float = 15.0
+    stall_after_s: float = 120.0
     produce_timeout_s: float = 5.0  # how long POST /v1/events waits for the broker's ack
     # The demo storefront page (served at /demo) is on only when both keys are set. They are
     # handed to the browser in clear: never set them in production.

@@ -267,7 +267,8 @@ def test_corrupt_document_is_a_500_without_a_stack_trace(served):
 def test_operations_routes(served):
     assert httpx.get(served.base + "/health").json() == {"status": "ok"}
     ready = httpx.get(served.base + "/ready").json()
-    assert ready == {"ready": True, "checks": {"redis": "ok", "broker": "ok"}}
+    assert (ready["ready"], ready["checks"]) == (True, {"redis": "ok", "broker": "ok"})
+    assert ready["stream"]["status"] in ("ok", "unknown")  # the first check may still run
     spec = httpx.get(served.base + "/openapi.json").json()
     assert "/v1/users/{user_id}/suggestions" in spec["paths"]
     metrics = httpx.get(served.base + "/metrics").text

@@ -111,3 +111,49 @@ def test_worker_metrics_count_what_happened(make_settings, workers):
     sizes = [v for (name, labels), v in m.items() if name == "cartwise_state_size"
              and ("stage", "context") in labels]
     assert sum(sizes) == len({e["user_id"] for e in valid})
+
+
+def test_stall_detector_flags_only_partitions_that_wait_without_progress():
+    from cartwise.lag import StallDetector
+
+    d = StallDetector(after_s=60)
+
+    def row(partition: int, checkpoint: int | None, lag: int) -> PartitionLag:
+        return PartitionLag("g", "t", partition, (checkpoint or 0) + lag, None, checkpoint, lag)
+
+    assert d.update(0, [row(0, 10, 5), row(1, 10, 0), row(2, 10, 5)]) == []
+    # p0 stuck with records waiting; p1 idle but caught up; p2 moving.
+    stalled = d.update(61, [row(0, 10, 9), row(1, 10, 0), row(2, 20, 5)])
+    assert [(r.partition, idle) for r, idle in stalled] == [(0, 61)]
+    assert d.update(130, [row(0, 11, 9), row(1, 10, 0), row(2, 20, 5)]) == [
+        (row(2, 20, 5), 69)]
+
+
+def test_api_reports_a_stalled_stream_in_ready_and_metrics(make_settings, workers):
+    import asyncio
+
+    from api.auth import new_key
+    from tests.test_api import in_process
+
+    _, entry = new_key("read")
+    settings = make_settings("stall", api_keys=entry, stall_check_s=0.5, stall_after_s=1.0)
+    ensure_topics(settings)
+    produce(settings, list(Shop(seed=2).events(20, start_ts=START)))  # and no worker
+
+    async def run() -> tuple[dict, str]:
+        async with in_process(settings) as c:
+            deadline = time.monotonic() + 30
+            while (ready := (await c.get("/ready")).json())["stream"]["status"] != "stalled":
+                assert time.monotonic() < deadline, ready
+                await asyncio.sleep(0.2)
+            return ready, (await c.get("/metrics")).text
+
+    ready, metrics = asyncio.run(run())
+    assert ready["ready"] is True  # lookups still work: a stuck worker is not the API's fault
+    topics = {s["topic"] for s in ready["stream"]["stalled"]}
+    assert settings.events_topic in topics
+    assert all(s["lag"] > 0 for s in ready["stream"]["stalled"])
+    first = ready["stream"]["stalled"][0]
+    line = (f'cartwise_stream_stalled{{partition="{first["partition"]}",'
+            f'topic="{first["topic"]}"}} 1.0')
+    assert line in metrics.splitlines()
