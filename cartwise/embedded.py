@@ -54,6 +54,8 @@ class EmbeddedStack:
     kafka_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
     quiet: bool = True
+    # Keep Redis data across restarts (AOF, fsync every write), as production Redis does.
+    redis_persistent: bool = False
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -78,8 +80,9 @@ class EmbeddedStack:
         wait_port(self.kafka_port, proc=self._spawn("tansu", env_cmd))
 
     def start_redis(self) -> None:
+        aof = ["yes", "--appendfsync", "always"] if self.redis_persistent else ["no"]
         argv = [redis_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+                "--save", "", "--appendonly", *aof, "--dir", str(self.workdir)]
         wait_port(self.redis_port, proc=self._spawn("redis", argv))
 
     def start(self) -> EmbeddedStack:

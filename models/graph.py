@@ -105,6 +105,11 @@ class ItemGraph:
         if len(marg) > self.config.max_items:
             self._prune_items()
 
+    def advance(self, ts: float) -> None:
+        """Move "now" to event time `ts` without evidence (an event that changed no count
+        still ages every count)."""
+        self.apply(ts, (), ())
+
     def _prune_row(self, row: dict[str, list[float]]) -> None:
         """Keep the strongest three quarters of the neighbour bound (ties by id)."""
         keep = sorted(row.items(), key=lambda kv: (-kv[1][0], kv[0]))

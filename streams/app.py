@@ -119,6 +119,11 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
             stage.revoke({tp.partition for tp in revoked if tp.topic == topic})
 
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: set, **kwargs: Any) -> None:
+        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+            stage.assign({tp.partition for tp in assigned if tp.topic == topic})
+
     async def guarded(name: str, coro: Any) -> None:
         try:
             await coro

@@ -165,6 +165,7 @@ class Stage:
         self.held: dict[int, list[Any]] = defaultdict(list)  # Faust events awaiting their ack
         self.ack: Callable[[Any], Awaitable[Any]] | None = None
         self.last_checkpoint: dict[int, float] = defaultdict(float)
+        self.assigned: set[int] = set()
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget state of partitions this worker no longer owns; Redis has the checkpoint."""
@@ -172,6 +173,12 @@ class Stage:
             self.parts.pop(p, None)
             self.since.pop(p, None)
             self.held.pop(p, None)
+            self.assigned.discard(p)
+
+    def assign(self, partitions: set[int]) -> None:
+        """Partitions this worker now owns. State is loaded lazily, with the first records,
+        except where a timer needs it while no records come (ContextStage.refresh)."""
+        self.assigned |= partitions
 
     async def load(self, partition: int) -> Any:
         raise NotImplementedError
@@ -319,6 +326,7 @@ class ContextStage(Stage):
         book = st.book
         partition_of = self.partition_of
         all_marginals: list[tuple] = []
+        newest: float | None = None  # event time of the newest event applied
         for value, _, offset, broker_ts in records:
             try:
                 event = check_not_future(parse_event(value), broker_ts)
@@ -334,6 +342,8 @@ class ContextStage(Stage):
             counts[f"applied.{event.type}"] += 1
             touched.append(event.user_id)
             ts, marginals, pairs = evidence
+            if newest is None or ts > newest:
+                newest = ts
             if not marginals and not pairs:
                 continue
             # Stage 2 gets [offset, ts, entries]: the offset is its dedup key. Marginals go to
@@ -354,7 +364,7 @@ class ContextStage(Stage):
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
-            msg = orjson.dumps({"src": partition, "last": last, "t": first_ts,
+            msg = orjson.dumps({"src": partition, "last": last, "t": first_ts, "n": newest,
                                 "m": all_marginals, "p": out[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
@@ -393,6 +403,7 @@ class ContextStage(Stage):
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
         docs: dict[str, bytes] = {}
+        digests: dict[str, int] = {}
         for n, (user, ctx) in enumerate(ctxs):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
@@ -401,13 +412,15 @@ class ContextStage(Stage):
                 digest = list_digest(payload, ("items", "context"))
                 if st.written.get(user) == digest:
                     continue
-                st.written[user] = digest
+                digests[user] = digest
             else:
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
         if docs:
             await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
+        # Only what reached Redis counts as written: a failed write is retried next time.
+        st.written.update(digests)
         return len(docs)
 
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
@@ -426,9 +439,13 @@ class ContextStage(Stage):
         started = time.time()
         # Read the version before any list: lists read afterwards are at least this new.
         version = int(await self.store.redis.get(self.keys.lists_version) or 0)
-        for p in list(self.parts):
+        # Assigned partitions too, loaded if need be: one taken over after a rebalance may
+        # get no new events, yet its shoppers' lists must follow the newer item lists.
+        for p in sorted(self.assigned | set(self.parts)):
             async with self.locks[p]:
                 st = self.parts.get(p)
+                if st is None and p in self.assigned:
+                    st = await self._catch_up(p)
                 if st is None or st.refreshed_version == version:
                     continue
                 users = st.book.users
@@ -490,6 +507,8 @@ class GraphStage(Stage):
             for offset, ts, pairs in msg["p"]:
                 if offset > seen:
                     g.apply(ts, (), pairs)
+            if msg.get("n") is not None:
+                g.advance(msg["n"])  # events without evidence still move "now", as in models/
             st.hwm[src] = last
             if msg["p"] and (oldest is None or msg["t"] < oldest):
                 oldest = msg["t"]
@@ -523,10 +542,15 @@ class GraphStage(Stage):
         g.dirty_marg.clear()
         g.dropped.clear()
 
-    async def _item_lists(self, st: GraphPartition, items: list[str], pipe: Any) -> int:
-        """Queue the lists of `items` that changed since last written; returns how many."""
+    async def _item_lists(self, st: GraphPartition, items: list[str],
+                          pipe: Any) -> dict[str, int]:
+        """Queue the lists of `items` that changed since last written.
+
+        Returns their digests, to record in `st.written` once the pipeline has succeeded.
+        """
         g = st.graph
         docs: dict[str, bytes] = {}
+        digests: dict[str, int] = {}
         for n, item in enumerate(items):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a settle of many rows must not stall the event loop
@@ -534,14 +558,14 @@ class GraphStage(Stage):
             digest = list_digest(payload, KINDS)
             if st.written.get(item) == digest:
                 continue
-            st.written[item] = digest
+            digests[item] = digest
             payload.update(as_of=g.now, generated_at=time.time(), model=MODEL_VERSION)
             docs[self.keys.item(item)] = orjson.dumps(payload)
         if docs:
             pipe.mset(docs)
-        return len(docs)
+        return digests
 
-    async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> None:
+    async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> list[str]:
         """Queue trending scores of the items this partition owns whose totals moved.
 
         Every partition holds every item's totals; only the owner (the partition of the
@@ -554,7 +578,7 @@ class GraphStage(Stage):
         g.marg_touched.clear()
         scores = g.trending(mine)
         if not scores:
-            return
+            return mine
         facts = await self.catalog_cache.get_many(mine, self.store.catalog_facts)
         by_cat: dict[str, dict[str, float]] = defaultdict(dict)
         for item, score in scores.items():
@@ -566,6 +590,7 @@ class GraphStage(Stage):
                              *((self.keys.trending(c), m) for c, m in by_cat.items())):
             pipe.zadd(key, members)
             pipe.zremrangebyrank(key, 0, -keep - 1)
+        return mine
 
     async def publish_lists(self) -> None:
         """Write changed lists; once a partition is idle, recompute all of them.
@@ -599,14 +624,20 @@ class GraphStage(Stage):
                     if not items and not st.graph.marg_touched:
                         continue
                 pipe = self.store.redis.pipeline(transaction=True)
-                await self._trending(p, st, pipe)
-                changed = await self._item_lists(st, items, pipe)
+                scored = await self._trending(p, st, pipe)
+                digests = await self._item_lists(st, items, pipe)
+                changed = len(digests)
                 if changed:
                     pipe.incr(self.keys.lists_version)
                 if settle:
                     pipe.set(self.keys.settled(p), orjson.dumps(
                         {"offset": st.offset, "at": time.time(), "rewritten": changed}))
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except Exception:
+                    st.graph.marg_touched.update(scored)  # to score again next tick
+                    raise
+                st.written.update(digests)
                 now = time.time()
                 for item in items:
                     t = st.pending.pop(item, None)
