@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def test_kafka_is_kraft_and_redis_is_persistent_with_a_password():
     url = COMPOSE["services"]["worker"]["environment"]["CARTWISE_REDIS_URL"]
     assert url.startswith("redis://:") and "@redis:6379" in url
     assert COMPOSE["services"]["worker"]["environment"]["CARTWISE_BROKER"] == "kafka:9092"
-    assert set(COMPOSE["volumes"]) == {"kafka-data", "redis-data"}
+    assert set(COMPOSE["volumes"]) == {"kafka-data", "redis-data", "prometheus-data",
+                                       "grafana-data"}
 
 
 def test_api_service_listens_where_it_publishes_and_needs_keys():
@@ -73,3 +75,73 @@ def test_api_service_listens_where_it_publishes_and_needs_keys():
     assert env["CARTWISE_REDIS_URL"] == COMPOSE["services"]["worker"]["environment"][
         "CARTWISE_REDIS_URL"]
     assert api["image"] == COMPOSE["services"]["worker"]["image"]
+
+
+def known_metrics() -> set[str]:
+    """Every sample name the worker and the API expose (with _total, _bucket, ...)."""
+    from api.metrics import ApiMetrics
+    from streams.metrics import WorkerCollector
+    from streams.stats import Stats
+
+    api = ApiMetrics()
+    api.observe("GET", "/x", 200, 0.001)
+    api.ingest.labels("events", "accepted", "").inc()
+    api.fallback.labels("trending").inc()
+    api.rate_limited.labels("read").inc()
+    api.stream_lag.labels("t", "0").set(0)
+    api.stream_stalled.labels("t", "0").set(0)
+    names = {s.name for fam in api.registry.collect() for s in fam.samples}
+    stats = Stats("w")
+    stats.counters.update({"applied.view": 1, "dlq.bad_json": 1, "duplicate": 1,
+                           "context.errors": 1, "context.checkpoint_conflicts": 1})
+    stats.seconds["context.process"] = 1.0
+    stats.observe("user", 0.1)
+    stats.partitions = [{"stage": "context", "topic": "t", "partition": 0, "size": 1,
+                         "checkpoint": 0, "lag": 0}]
+    names |= {s.name for fam in WorkerCollector(stats).collect() for s in fam.samples}
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    words = set(re.findall(r"\b(cartwise_[a-z_]+)\b", expr))
+    assert words, expr
+    return words
+
+
+def test_monitoring_files_exist_and_match_the_metrics_we_expose():
+    known = known_metrics()
+    for name in ("prometheus", "grafana"):
+        for volume in COMPOSE["services"][name]["volumes"]:
+            src = volume.split(":")[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), (name, src)
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    ports = {job["job_name"]: job["dns_sd_configs"][0]["port"] for job in prom["scrape_configs"]}
+    worker_env = COMPOSE["services"]["worker"]["environment"]
+    api_env = COMPOSE["services"]["api"]["environment"]
+    assert ports == {"cartwise-worker": int(worker_env["CARTWISE_METRICS_PORT"]),
+                     "cartwise-api": int(api_env["CARTWISE_API_PORT"])}
+    mounted = {v.split(":")[1] for v in COMPOSE["services"]["prometheus"]["volumes"]}
+    assert set(prom["rule_files"]) <= mounted
+
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    for wanted in ("CartwiseLagGrowing", "CartwisePartitionStalled", "CartwiseFreshnessP99High",
+                   "CartwiseDeadLetterSpike"):
+        assert wanted in alerts
+    docs = (ROOT / "docs/operations.md").read_text().lower()
+    for name, rule in alerts.items():
+        assert metric_names(rule["expr"]) <= known, name
+        anchor = rule["annotations"]["runbook"].split("#")[1]
+        heading = anchor.replace("-", " ")
+        assert re.search(rf"^#+ {heading}$", docs, re.M), (name, anchor)  # the runbook exists
+
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/cartwise.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 8
+    for expr in exprs:
+        assert metric_names(expr) <= known, expr
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert "9090:9090" in COMPOSE["services"]["prometheus"]["ports"]
