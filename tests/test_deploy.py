@@ -145,3 +145,39 @@ def test_monitoring_files_exist_and_match_the_metrics_we_expose():
         (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
     assert "9090:9090" in COMPOSE["services"]["prometheus"]["ports"]
+
+
+def test_kubernetes_manifests_are_consistent():
+    docs = list(yaml.safe_load_all((ROOT / "deploy/k8s/cartwise.yaml").read_text()))
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    env = {**by_kind["ConfigMap"]["cartwise"]["data"],
+           **by_kind["Secret"]["cartwise"]["stringData"]}
+    assert set(env) <= SETTINGS, set(env) - SETTINGS
+    Settings.from_env()  # the defaults parse; values below must too
+    for field in dataclasses.fields(Settings):
+        key = f"CARTWISE_{field.name.upper()}"
+        if key in env and field.type in ("int", "float"):
+            float(env[key])
+    deployments = by_kind["Deployment"]
+    api = deployments["cartwise-api"]["spec"]["template"]["spec"]["containers"][0]
+    worker = deployments["cartwise-worker"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert api["ports"][0]["containerPort"] == int(env["CARTWISE_API_PORT"])
+    assert worker["ports"][0]["containerPort"] == int(env["CARTWISE_METRICS_PORT"])
+    for c in (api, worker):
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+        cli_args = c["args"]
+        try:
+            cli_main([cli_args[0], "--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+    # Every PodDisruptionBudget and Service selects the pods of a Deployment.
+    labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+    for kind in ("PodDisruptionBudget", "Service"):
+        for name, d in by_kind[kind].items():
+            sel = d["spec"]["selector"].get("matchLabels", d["spec"]["selector"])
+            assert any(sel.items() <= lab.items() for lab in labels), (kind, name)
+    assert set(by_kind["PodDisruptionBudget"]) == set(deployments)
