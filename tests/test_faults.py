@@ -33,19 +33,29 @@ def own_stack(tmp_path_factory) -> Iterator[EmbeddedStack]:
     stack.close()
 
 
-def settings_on(stack: EmbeddedStack, make_settings, name: str):  # noqa: ANN201
-    return make_settings(name, broker=stack.broker, redis_url=stack.redis_url)
+def first_half(stack: EmbeddedStack, make_settings, name: str, seed: int):  # noqa: ANN001, ANN201
+    """Settings on the stack, a shop's events, and the first half of them produced."""
+    settings = make_settings(name, broker=stack.broker, redis_url=stack.redis_url)
+    ensure_topics(settings)
+    shop = Shop(seed=seed)
+    events = list(shop.events(1500, start_ts=START))
+    ends = produce(settings, events[: len(events) // 2], shop.catalog)
+    return settings, shop, events, ends
 
 
-def produce_in_background(settings, events: list) -> tuple[threading.Thread, dict]:  # noqa: ANN001
+def second_half_in_background(settings, events: list, ends: dict):  # noqa: ANN001, ANN201
+    """Start producing the second half; the returned function waits and merges its ends."""
     out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(
+        produce(settings, events[len(events) // 2:])))
+    thread.start()
 
-    def run() -> None:
-        out.update(produce(settings, events))
+    def join() -> None:
+        thread.join()
+        for p, end in out.items():
+            ends[p] = max(ends.get(p, -1), end)
 
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
+    return join
 
 
 def assert_lists_match_the_library(settings, events: list, catalog: list) -> None:  # noqa: ANN001
@@ -62,12 +72,7 @@ def assert_lists_match_the_library(settings, events: list, catalog: list) -> Non
 
 
 def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, workers):
-    settings = settings_on(own_stack, make_settings, "redis-restart")
-    ensure_topics(settings)
-    shop = Shop(seed=21)
-    events = list(shop.events(1500, start_ts=START))
-    half = len(events) // 2
-    ends = produce(settings, events[:half], shop.catalog)
+    settings, shop, events, ends = first_half(own_stack, make_settings, "redis-restart", 21)
     w = workers(settings)
     r = redis.Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + 60
@@ -76,32 +81,23 @@ def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, worker
         time.sleep(0.1)
 
     own_stack.stop("redis")
-    producer, rest = produce_in_background(settings, events[half:])  # arrives meanwhile
+    join = second_half_in_background(settings, events, ends)  # arrives meanwhile
     time.sleep(3)  # workers retry against a Redis that is away
     own_stack.start_redis()
-    producer.join()
-    for p, end in rest.items():
-        ends[p] = max(ends.get(p, -1), end)
+    join()
     wait_complete(settings, ends, timeout=180, procs=[w])
     assert w.poll() is None, "the worker must survive a Redis outage"
     assert_lists_match_the_library(settings, events, shop.catalog)
 
 
 def test_killed_worker_hands_over_and_the_lag_drains(own_stack, make_settings, workers):
-    settings = settings_on(own_stack, make_settings, "kill")
-    ensure_topics(settings)
-    shop = Shop(seed=22)
-    events = list(shop.events(1500, start_ts=START))
-    half = len(events) // 2
-    ends = produce(settings, events[:half], shop.catalog)
+    settings, shop, events, ends = first_half(own_stack, make_settings, "kill", 22)
     a, b = workers(settings, "a"), workers(settings, "b")
     wait_complete(settings, ends, timeout=120, procs=[a, b])
 
-    producer, rest = produce_in_background(settings, events[half:])
+    join = second_half_in_background(settings, events, ends)
     stop_worker(a, hard=True)  # SIGKILL: no goodbye to the group
-    producer.join()
-    for p, end in rest.items():
-        ends[p] = max(ends.get(p, -1), end)
+    join()
     assert max(r.lag for r in collect(settings)) > 0  # b has not taken over yet
     wait_complete(settings, ends, timeout=180, procs=[b])
     deadline = time.monotonic() + 60
