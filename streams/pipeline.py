@@ -368,7 +368,7 @@ class ContextStage(Stage):
                                 "m": all_marginals, "p": out[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
-        await self.user_lists(st, list(dict.fromkeys(touched)))
+        await self.user_lists(partition, st, list(dict.fromkeys(touched)))
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
         now = time.time()
         for _, _, _, ts in records:
@@ -389,7 +389,7 @@ class ContextStage(Stage):
         st.book.dirty.clear()
         st.book.evicted.clear()
 
-    async def user_lists(self, st: ContextPartition, users: list[str],
+    async def user_lists(self, partition: int, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:
         """Rank suggestions for `users` and write them (a replay rewrites the same lists).
 
@@ -417,6 +417,11 @@ class ContextStage(Stage):
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
+        if docs and not only_changed:
+            # Ranked against cached item lists, possibly older than the last refresh: the
+            # partition needs refreshing again, and must not look refreshed meanwhile.
+            st.refreshed_version = None
+            docs[self.keys.refreshed(partition)] = orjson.dumps({"version": -1})
         if docs:
             await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
         # Only what reached Redis counts as written: a failed write is retried next time.
@@ -452,7 +457,7 @@ class ContextStage(Stage):
                 horizon = max((c.last_ts for c in users.values()), default=0) - s.refresh_window_s
                 recent = sorted((u for u, c in users.items() if c.last_ts >= horizon),
                                 key=lambda u: (-users[u].last_ts, u))[: s.refresh_max_users]
-                n = await self.user_lists(st, recent, only_changed=True)
+                n = await self.user_lists(p, st, recent, only_changed=True)
                 st.refreshed_version = version
                 self.stats.inc("context.refreshed_users", n)
                 await self.store.redis.set(
