@@ -58,7 +58,7 @@ from cartwise.runtime import tune_gc
 from cartwise.settings import Settings
 from models import serving
 from models.ranking import PER_ANCHOR, rank_for_cart
-from streams.store import Keys
+from streams.store import Store
 
 log = logging.getLogger("cartwise.api")
 STATIC = FsPath(__file__).parent / "static"
@@ -169,7 +169,10 @@ class Backend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256,
+                                             socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.store = Store(self.redis, settings.prefix)  # the workers' reads, shared
+        self.keys = self.store.keys
         self.keyring = KeyRing(settings.api_keys)
         self.auth = settings.api_auth != "off"
         if self.auth and not len(self.keyring):
@@ -178,8 +181,6 @@ class Backend:
                              "development")
         self.limiter = RateLimiter({"read": settings.rate_read, "ingest": settings.rate_ingest,
                                     "admin": settings.rate_admin})
-        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256,
-                                             socket_timeout=2.0, socket_connect_timeout=2.0)
         self.producer: AIOKafkaProducer | None = None
         self._producer_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
@@ -331,15 +332,13 @@ class Backend:
                 missing.append(i)
         if missing:
             generation = self._catalog_generation
-            raws = await self.redis.hmget(self.keys.catalog, missing)
+            got = await self.store.catalog_facts(missing)
+            out.update(got)
             # Read before a catalog change was noticed: answer with it, but do not keep it.
-            keep = generation == self._catalog_generation
-            if keep and len(cache) + len(missing) > CATALOG_CACHE_MAX:
-                cache.clear()
-            for i, r in zip(missing, raws, strict=True):
-                out[i] = orjson.loads(r) if r else None
-                if keep:
-                    cache[i] = out[i]
+            if generation == self._catalog_generation:
+                if len(cache) + len(missing) > CATALOG_CACHE_MAX:
+                    cache.clear()
+                cache.update(got)
         return out
 
     async def _read_trending(self, categories: list[str | None]) -> None:
@@ -555,8 +554,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not 0 < len(i) <= MAX_ID_LEN:
                 raise ApiError(422, "invalid_body", f"item ids are 1..{MAX_ID_LEN} characters",
                                f"body.items[{n}]")
-        raws = await backend.redis.mget([backend.keys.item(i) for i in cart])
-        lists = {i: orjson.loads(r) for i, r in zip(cart, raws, strict=True) if r}
+        lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
         wanted = {e["item_id"] for doc in lists.values() for e in
                   doc.get("cross_sell", ())[: PER_ANCHOR["cross_sell"]]}
         catalog = await backend.facts(sorted(wanted | set(cart)))

@@ -109,19 +109,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _worker_stats(r: redis.Redis, settings: Settings) -> list[dict]:
+    """Every worker's published stats snapshot (streams/stats.py), by worker key."""
     from streams.store import Keys
 
+    raws = (r.get(key) for key in sorted(r.scan_iter(Keys(settings.prefix).stats_pattern)))
+    return [orjson.loads(raw) for raw in raws if raw]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    r = _redis(settings)
-    keys = sorted(r.scan_iter(Keys(settings.prefix).stats_pattern))
-    if not keys:
+    snaps = _worker_stats(_redis(settings), settings)
+    if not snaps:
         print("no worker has published stats yet", file=sys.stderr)
         return 1
-    for key in keys:
-        raw = r.get(key)
-        if raw:
-            print(orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode())
+    for snap in snaps:
+        print(orjson.dumps(snap, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -130,14 +133,11 @@ def cmd_lag(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from cartwise.lag import collect, format_table
-    from streams.store import Keys
 
     settings = Settings.from_env()
     try:
         rows = collect(settings)
-        r = _redis(settings)
-        stats = [orjson.loads(raw) for key in r.scan_iter(Keys(settings.prefix).stats_pattern)
-                 if (raw := r.get(key))]
+        stats = _worker_stats(_redis(settings), settings)
     except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
         print(f"cartwise lag: cannot read the broker or Redis: {exc}", file=sys.stderr)
         return 2
@@ -279,13 +279,10 @@ def _print_status(r: redis.Redis, settings: Settings) -> None:
     keys = Keys(settings.prefix)
     counters: dict[str, int] = {}
     fresh = None
-    for key in r.scan_iter(keys.stats_pattern):
-        raw = r.get(key)
-        if raw:
-            snap = orjson.loads(raw)
-            for k, v in snap["counters"].items():
-                counters[k] = counters.get(k, 0) + v
-            fresh = snap["freshness_s"]["user"]
+    for snap in _worker_stats(r, settings):
+        for k, v in snap["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+        fresh = snap["freshness_s"]["user"]
     applied = sum(v for k, v in counters.items() if k.startswith("applied."))
     dlq = sum(v for k, v in counters.items() if k.startswith("dlq."))
     p99 = (f"{fresh['recent_p50'] * 1000:.0f}/{fresh['recent_p99'] * 1000:.0f} ms"
