@@ -9,8 +9,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,11 @@ class EmbeddedStack:
     quiet: bool = True
     # Keep Redis data across restarts (AOF, fsync every write), as production Redis does.
     redis_persistent: bool = False
+    # Where the broker keeps its log. "memory" (the default) dies with the broker. "s3" puts
+    # it in an S3 server beside it (moto, a test dependency: Tansu's other durable engine,
+    # PostgreSQL, is not compiled into the wheel), so the broker can restart like Kafka does.
+    broker_storage: str = "memory"
+    s3_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -66,18 +73,31 @@ class EmbeddedStack:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                start_new_session=True)
+                                start_new_session=True,
+                                env={**os.environ, **env} if env else None)
         self.procs[name] = proc
         return proc
 
+    def start_s3(self) -> None:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)]
+        wait_port(self.s3_port, proc=self._spawn("s3", argv))
+        bucket = urllib.request.Request(f"http://127.0.0.1:{self.s3_port}/tansu", method="PUT")
+        urllib.request.urlopen(bucket, timeout=10).close()
+
     def start_broker(self) -> None:
         url = f"tcp://127.0.0.1:{self.kafka_port}"
-        env_cmd = [tansu_binary(), "broker", "--listener-url", url,
-                   "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
-        wait_port(self.kafka_port, proc=self._spawn("tansu", env_cmd))
+        argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", f"{self.broker_storage}://tansu/"]
+        env = None
+        if self.broker_storage == "s3":
+            env = {"AWS_ENDPOINT": f"http://127.0.0.1:{self.s3_port}", "AWS_ALLOW_HTTP": "true",
+                   "AWS_ACCESS_KEY_ID": "cartwise", "AWS_SECRET_ACCESS_KEY": "cartwise",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+        wait_port(self.kafka_port, proc=self._spawn("tansu", argv, env))
 
     def start_redis(self) -> None:
         aof = ["yes", "--appendfsync", "always"] if self.redis_persistent else ["no"]
@@ -87,12 +107,15 @@ class EmbeddedStack:
 
     def start(self) -> EmbeddedStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.broker_storage == "s3":
+            self.start_s3()
         self.start_broker()
         self.start_redis()
         return self
 
     def stop(self, name: str | None = None) -> None:
-        for n in [name] if name else list(self.procs):
+        # The broker before its storage, the storage last.
+        for n in [name] if name else sorted(self.procs, key=lambda n: n == "s3"):
             proc = self.procs.pop(n, None)
             if proc is not None and proc.poll() is None:
                 proc.terminate()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -51,6 +53,9 @@ def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
 def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
     settings = settings or Settings.from_env()
     config = config or ModelConfig()
+    # Faust wants a directory even with in-memory tables; keep it out of the working tree.
+    datadir = Path(tempfile.gettempdir()) / "cartwise-faust" / settings.app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,
@@ -61,6 +66,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         store="memory://",
+        datadir=datadir,
         broker_session_timeout=settings.session_timeout_s,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 
 from streams.pipeline import MODEL_VERSION
-from streams.stats import FRESHNESS_BUCKETS, Stats
+from streams.stats import Stats
 
 
 def _copy(d: dict) -> dict:
@@ -73,14 +73,20 @@ class WorkerCollector:
         fresh = HistogramMetricFamily("cartwise_freshness_seconds", "From an event's broker "
                                       "timestamp to its suggestions written in Redis",
                                       labels=["list"])
-        for kind, per_bucket in s.histograms.items():
-            counts = list(per_bucket)
-            cumulative, total = [], 0
-            for bound, n in zip((*map(str, FRESHNESS_BUCKETS), "+Inf"), counts, strict=True):
-                total += n
-                cumulative.append((bound, total))
-            fresh.add_metric([kind], cumulative, s.histogram_sums[kind])
+        for kind, h in sorted(s.freshness_histograms.items()):
+            fresh.add_metric([kind], h.cumulative(), h.sum)
         yield fresh
+        writes = HistogramMetricFamily("cartwise_redis_write_seconds", "One Redis write call "
+                                       "(command or pipeline) that succeeded, by operation",
+                                       labels=["op"])
+        for op, h in sorted(_copy(s.redis_histograms).items()):
+            writes.add_metric([op], h.cumulative(), h.sum)
+        yield writes
+        failed = CounterMetricFamily("cartwise_redis_write_errors", "Redis write calls that "
+                                     "failed (each is retried), by operation", labels=["op"])
+        for op, n in sorted(_copy(s.redis_errors).items()):
+            failed.add_metric([op], n)
+        yield failed
         parts: list[dict[str, Any]] = list(s.partitions)
         lag = GaugeMetricFamily("cartwise_consumer_lag", "Records after the last checkpoint, "
                                 "per partition this worker owns", labels=["topic", "partition"])

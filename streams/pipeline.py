@@ -255,8 +255,9 @@ class Stage:
                 t0 = time.perf_counter()
                 try:
                     await asyncio.gather(*st.acks)  # outputs durable before we claim the input
-                    ok, found = await self.store.checkpoint(
-                        self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
+                    with self.stats.redis_write(f"{self.name}.checkpoint"):
+                        ok, found = await self.store.checkpoint(
+                            self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -423,7 +424,8 @@ class ContextStage(Stage):
             st.refreshed_version = None
             docs[self.keys.refreshed(partition)] = orjson.dumps({"version": -1})
         if docs:
-            await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
+            with self.stats.redis_write("user_lists"):
+                await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
         # Only what reached Redis counts as written: a failed write is retried next time.
         st.written.update(digests)
         return len(docs)
@@ -458,11 +460,13 @@ class ContextStage(Stage):
                 recent = sorted((u for u, c in users.items() if c.last_ts >= horizon),
                                 key=lambda u: (-users[u].last_ts, u))[: s.refresh_max_users]
                 n = await self.user_lists(p, st, recent, only_changed=True)
-                st.refreshed_version = version
                 self.stats.inc("context.refreshed_users", n)
-                await self.store.redis.set(
-                    self.keys.refreshed(p),
-                    orjson.dumps({"version": version, "started": started, "rewritten": n}))
+                with self.stats.redis_write("refreshed"):
+                    await self.store.redis.set(
+                        self.keys.refreshed(p),
+                        orjson.dumps({"version": version, "started": started, "rewritten": n}))
+                # Only once the mark is written: a failed write must be retried next tick.
+                st.refreshed_version = version
 
 
 class GraphStage(Stage):
@@ -638,7 +642,8 @@ class GraphStage(Stage):
                     pipe.set(self.keys.settled(p), orjson.dumps(
                         {"offset": st.offset, "at": time.time(), "rewritten": changed}))
                 try:
-                    await pipe.execute()
+                    with self.stats.redis_write("item_lists"):
+                        await pipe.execute()
                 except Exception:
                     st.graph.marg_touched.update(scored)  # to score again next tick
                     raise
@@ -679,5 +684,6 @@ class CatalogStage:
             pipe.hset(self.store.keys.catalog, mapping=facts)
             pipe.incr(self.store.keys.lists_version)
             pipe.incr(self.store.keys.catalog_version)
-            await pipe.execute()
+            with self.stats.redis_write("catalog"):
+                await pipe.execute()
             self.stats.inc("catalog.applied", len(facts))

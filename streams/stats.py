@@ -5,10 +5,14 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Histogram buckets (seconds) of event-to-suggestion freshness, for Prometheus.
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Buckets (seconds) of one Redis write call (a pipeline or command), for Prometheus.
+REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 FRESHNESS_SAMPLES = 20_000
 RECENT_SAMPLES = 1_000  # "recent" percentiles: the last this many events, for live views
 
@@ -18,6 +22,27 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[idx]
+
+
+class Histogram:
+    """Counts per bucket (not cumulative; the last is +Inf) and a sum: cheap on the hot path."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, count at or below it) pairs, as Prometheus expects them."""
+        out, total = [], 0
+        for bound, n in zip((*map(str, self.buckets), "+Inf"), list(self.counts), strict=True):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 class Stats:
@@ -35,9 +60,10 @@ class Stats:
             "user": deque(maxlen=FRESHNESS_SAMPLES),
             "item": deque(maxlen=FRESHNESS_SAMPLES),
         }
-        # Per bucket (non-cumulative, last one is +Inf) and sums, since the start.
-        self.histograms = {k: [0] * (len(FRESHNESS_BUCKETS) + 1) for k in self.freshness}
-        self.histogram_sums = dict.fromkeys(self.freshness, 0.0)
+        self.freshness_histograms = {k: Histogram(FRESHNESS_BUCKETS) for k in self.freshness}
+        # Per Redis write operation (checkpoint, item_lists, user_lists, ...): latency, errors.
+        self.redis_histograms: dict[str, Histogram] = {}
+        self.redis_errors: Counter[str] = Counter()
         # Set by the worker's stats timer: lag and state size per partition (streams/app.py).
         self.partitions: list[dict[str, Any]] = []
 
@@ -50,9 +76,21 @@ class Stats:
 
     def observe(self, kind: str, seconds: float) -> None:
         self.freshness[kind].append(seconds)
-        h = self.histograms[kind]
-        h[bisect_left(FRESHNESS_BUCKETS, seconds)] += 1
-        self.histogram_sums[kind] += seconds
+        self.freshness_histograms[kind].observe(seconds)
+
+    @contextmanager
+    def redis_write(self, op: str) -> Iterator[None]:
+        """Time one Redis write call; a failure is counted (and re-raised), not timed."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.redis_errors[op] += 1
+            raise
+        h = self.redis_histograms.get(op)
+        if h is None:
+            h = self.redis_histograms[op] = Histogram(REDIS_BUCKETS)
+        h.observe(time.perf_counter() - t0)
 
     def snapshot(self) -> dict[str, Any]:
         fresh = {}

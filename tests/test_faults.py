@@ -1,8 +1,9 @@
-"""Faults on the embedded stack: Redis restarted mid-stream, a worker killed under load.
+"""Faults on the embedded stack: Redis or the broker restarted mid-stream, a worker killed.
 
-Each test reads a backlog that keeps arriving while the fault happens, and ends by checking
-that nothing was lost: the final lists equal those of an undisturbed run over the same events
-(the single-process library), and the lag drains to zero.
+Each test reads a backlog that keeps arriving around the fault, and ends by checking that
+nothing was lost: the final lists equal those of an undisturbed run over the same events
+(the single-process library), and the lag drains to zero. The broker keeps its log in an S3
+server beside it, so that restarting it is a restart, not the loss of every topic.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cartwise.embedded import EmbeddedStack
+from cartwise.embedded import EmbeddedStack, free_port
 from cartwise.harness import produce, progress, snapshot, stop_worker, wait_complete
 from cartwise.lag import collect
 from cartwise.simulator import Shop
 from streams.topics import ensure_topics
+from tests.test_operations import scrape
 from tests.test_pipeline import oracle
 
 START = 1_760_000_000.0
@@ -33,12 +35,22 @@ def own_stack(tmp_path_factory) -> Iterator[EmbeddedStack]:
     stack.close()
 
 
-def first_half(stack: EmbeddedStack, make_settings, name: str, seed: int):  # noqa: ANN001, ANN201
+@pytest.fixture
+def durable_stack(tmp_path) -> Iterator[EmbeddedStack]:
+    """The broker's log in an S3 server, so that the broker can restart without losing it."""
+    stack = EmbeddedStack(workdir=tmp_path / "stack", redis_persistent=True,
+                          broker_storage="s3").start()
+    yield stack
+    stack.close()
+
+
+def first_half(stack: EmbeddedStack, make_settings, name: str, seed: int,  # noqa: ANN001, ANN201
+               n: int = 1500, **overrides):  # noqa: ANN003
     """Settings on the stack, a shop's events, and the first half of them produced."""
-    settings = make_settings(name, broker=stack.broker, redis_url=stack.redis_url)
+    settings = make_settings(name, broker=stack.broker, redis_url=stack.redis_url, **overrides)
     ensure_topics(settings)
     shop = Shop(seed=seed)
-    events = list(shop.events(1500, start_ts=START))
+    events = list(shop.events(n, start_ts=START))
     ends = produce(settings, events[: len(events) // 2], shop.catalog)
     return settings, shop, events, ends
 
@@ -58,6 +70,22 @@ def second_half_in_background(settings, events: list, ends: dict):  # noqa: ANN0
     return join
 
 
+def wait_under_way(settings) -> None:  # noqa: ANN001
+    """Until a worker has checkpointed some of the backlog, not all of it."""
+    r = redis.Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + 60
+    while max(progress(r, settings)["context"]) < 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def assert_lag_drains(settings) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + 60
+    while max(r.lag for r in collect(settings)) > 0:
+        assert time.monotonic() < deadline, [r for r in collect(settings) if r.lag]
+        time.sleep(0.5)
+
+
 def assert_lists_match_the_library(settings, events: list, catalog: list) -> None:  # noqa: ANN001
     snap = snapshot(settings)
     ref = oracle(events, catalog)
@@ -68,18 +96,17 @@ def assert_lists_match_the_library(settings, events: list, catalog: list) -> Non
     users = {e["user_id"] for e in events}
     assert {k.removeprefix("user:") for k in snap["users"]} == users
     for user in users:
-        assert snap["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+        doc = snap["users"][f"user:{user}"]
+        want_ctx = ref.contexts.users[user].public()
+        assert doc["context"] == want_ctx, (user, doc["context"], want_ctx)
+        assert doc["items"] == ref.recommend(user, k=20), (user, doc)
 
 
 def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, workers):
-    settings, shop, events, ends = first_half(own_stack, make_settings, "redis-restart", 21)
+    settings, shop, events, ends = first_half(own_stack, make_settings, "redis-restart", 21,
+                                              metrics_port=free_port())
     w = workers(settings)
-    r = redis.Redis.from_url(settings.redis_url)
-    deadline = time.monotonic() + 60
-    while max(progress(r, settings)["context"]) < 0:  # the worker is under way
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-
+    wait_under_way(settings)
     own_stack.stop("redis")
     join = second_half_in_background(settings, events, ends)  # arrives meanwhile
     time.sleep(3)  # workers retry against a Redis that is away
@@ -88,6 +115,10 @@ def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, worker
     wait_complete(settings, ends, timeout=180, procs=[w])
     assert w.poll() is None, "the worker must survive a Redis outage"
     assert_lists_match_the_library(settings, events, shop.catalog)
+    m = scrape(settings.metrics_port)
+    failed = sum(v for (name, _), v in m.items()
+                 if name in ("cartwise_redis_write_errors_total", "cartwise_errors_total"))
+    assert failed > 0, "the outage must show in the error metrics"
 
 
 def test_killed_worker_hands_over_and_the_lag_drains(own_stack, make_settings, workers):
@@ -100,8 +131,23 @@ def test_killed_worker_hands_over_and_the_lag_drains(own_stack, make_settings, w
     join()
     assert max(r.lag for r in collect(settings)) > 0  # b has not taken over yet
     wait_complete(settings, ends, timeout=180, procs=[b])
-    deadline = time.monotonic() + 60
-    while max(r.lag for r in collect(settings)) > 0:
-        assert time.monotonic() < deadline, [r for r in collect(settings) if r.lag]
-        time.sleep(0.5)
+    assert_lag_drains(settings)
+    assert_lists_match_the_library(settings, events, shop.catalog)
+
+
+def test_broker_restart_mid_stream_workers_reconnect(durable_stack, make_settings, workers):
+    own_stack = durable_stack
+    # Every fetch is an object listing in the S3 server: fewer events, and fetches that wait.
+    settings, shop, events, ends = first_half(own_stack, make_settings, "broker-restart", 23,
+                                              n=200, fetch_max_wait_ms=500)
+    a, b = workers(settings, "a"), workers(settings, "b")
+    wait_under_way(settings)
+    own_stack.stop("tansu")
+    time.sleep(3)  # the workers retry against a broker that is away
+    own_stack.start_broker()
+    for p, end in produce(settings, events[len(events) // 2:]).items():
+        ends[p] = max(ends.get(p, -1), end)
+    wait_complete(settings, ends, timeout=180, procs=[a, b])
+    assert a.poll() is None and b.poll() is None, "workers must outlive a broker restart"
+    assert_lag_drains(settings)
     assert_lists_match_the_library(settings, events, shop.catalog)

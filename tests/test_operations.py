@@ -111,6 +111,13 @@ def test_worker_metrics_count_what_happened(make_settings, workers):
     sizes = [v for (name, labels), v in m.items() if name == "cartwise_state_size"
              and ("stage", "context") in labels]
     assert sum(sizes) == len({e["user_id"] for e in valid})
+    for op in ("context.checkpoint", "cooccurrence.checkpoint", "user_lists", "item_lists",
+               "catalog"):
+        n = m[("cartwise_redis_write_seconds_count", (("op", op),))]
+        assert n >= 1, op
+        assert m[("cartwise_redis_write_seconds_bucket", (("le", "+Inf"), ("op", op)))] == n
+        assert m[("cartwise_redis_write_seconds_sum", (("op", op),))] > 0
+    assert not any(name == "cartwise_redis_write_errors_total" for name, _ in m)
 
 
 def test_stall_detector_flags_only_partitions_that_wait_without_progress():
