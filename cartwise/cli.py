@@ -293,6 +293,37 @@ def _print_status(r: redis.Redis, settings: Settings) -> None:
           f"freshness p50/p99 (last 1000 events) {p99}", flush=True)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import orjson
+
+    from cartwise.evaluate import DEFAULT_MODELS, evaluate, load, make_models, table
+
+    try:
+        events, kinds = load(args.dataset, Path(args.events) if args.events else None)
+        if args.targets:
+            kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
+            bad = [k for k in kinds if k not in ("view", "cart", "purchase")]
+            if bad:
+                raise ValueError(f"--targets takes view, cart, purchase; got {bad}")
+        if args.limit:
+            events = events[: args.limit]
+        models = make_models(args.models.split(",") if args.models else DEFAULT_MODELS)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cartwise evaluate: {err}", file=sys.stderr)
+        return 2
+    print(f"replaying {len(events)} events, targets {', '.join(kinds)}, "
+          f"models {', '.join(m.name for m in models)}", file=sys.stderr)
+    result = evaluate(events, kinds, models, args.report_from,
+                      progress=lambda n: print(f"  {n} events", file=sys.stderr, flush=True))
+    result["source"] = args.dataset or Path(args.events).name
+    print(table(result))
+    if args.out:
+        Path(args.out).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cartwise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +358,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when any partition lags by more records than this")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lag)
+    p = sub.add_parser("evaluate", help="prequential replay of a real log against baselines "
+                       "(docs/quality.md)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="taobao, online_retail, diginetica or yoochoose "
+                     "(read from CARTWISE_DATA_DIR, default ../shared/data)")
+    src.add_argument("--events", help="a JSON-lines file of contract events (docs/events.md)")
+    p.add_argument("--targets", help="comma-separated target kinds: view, cart, purchase "
+                   "(default: the dataset's; cart,purchase for --events)")
+    p.add_argument("--models", help="comma-separated (default: all)")
+    p.add_argument("--report-from", type=float, default=0.3,
+                   help="share of events (in time order) used for tuning, not reported")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--out", help="write the full result as JSON here")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("stats", help="print worker counters and freshness")
     p.set_defaults(func=cmd_stats)
     args = parser.parse_args(argv)

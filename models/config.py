@@ -33,6 +33,14 @@ class ModelConfig:
     llr_min: float = 6.63  # chi-square, 1 dof, p < 0.01
     alt_max_buy_share: float = 0.2
     score_digits: int = 9
+    # Ranking a shopper's list from the context (models/ranking.py).
+    max_anchors: int = 10  # newest context items whose lists are blended
+    anchor_decay: float = 0.8  # each older anchor counts this much less than the next newer
+    viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
+    alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
+    # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
+    # this much times its anchor weight; 0 leaves every context item out.
+    revisit_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

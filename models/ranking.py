@@ -5,20 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from models.config import ModelConfig
 from models.context import ShopperContext
 from models.scoring import round_sig
 
-MAX_ANCHORS = 10
-ANCHOR_DECAY = 0.8  # each older anchor counts this much less than the next newer one
-VIEWED_WEIGHT = 0.6  # an item only viewed says less about intent than one carted or bought
-ALTERNATIVES_WEIGHT = 0.5  # alternatives are offered for items viewed, never for items bought
+_DEFAULT = ModelConfig()
 # Only the head of each anchor's lists can reach a shopper's top 20; reading more costs time.
 PER_ANCHOR = {"cross_sell": 20, "alternatives": 10}
+REVISIT_REASON = "you looked at it recently"
 
 
-def anchors(ctx: ShopperContext) -> list[str]:
+def anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
     """Context items that seed suggestions, newest first."""
-    return list(reversed(ctx.items))[:MAX_ANCHORS]
+    return list(reversed(ctx.items))[: config.max_anchors]
 
 
 def rank_for_user(
@@ -26,16 +25,25 @@ def rank_for_user(
     item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
     catalog: Mapping[str, Mapping[str, Any] | None],
     k: int,
-    digits: int = 9,
+    config: ModelConfig = _DEFAULT,
 ) -> list[dict[str, Any]]:
     """Blend the item lists of the shopper's anchors; drop what must never be suggested.
 
-    Excluded: the context items themselves, items in the cart, bought durable items
-    (consumables may come back) and items the catalog marks out of stock.
+    Excluded: items in the cart, bought durable items (consumables may come back), items the
+    catalog marks out of stock, and the context items themselves unless `revisit_weight`
+    lets viewed ones come back.
     """
-    seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx)]
-    exclude = set(ctx.items) | set(ctx.cart)
-    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), digits)
+    seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
+    exclude = set(ctx.cart)
+    revisit: dict[str, float] = {}
+    if config.revisit_weight > 0:
+        for rank, (a, committed) in enumerate(seeds):
+            if not committed and a not in exclude:
+                revisit[a] = config.revisit_weight * config.anchor_decay**rank
+        exclude |= {i for i in ctx.items if i not in revisit}
+    else:
+        exclude |= set(ctx.items)
+    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit)
 
 
 def rank_for_cart(
@@ -44,11 +52,11 @@ def rank_for_cart(
     catalog: Mapping[str, Mapping[str, Any] | None],
     k: int,
     exclude: set[str] | None = None,
-    digits: int = 9,
+    config: ModelConfig = _DEFAULT,
 ) -> list[dict[str, Any]]:
     """An anonymous cart, newest item last, ranked as a shopper who carted those items."""
-    seeds = [(a, True) for a in reversed(list(dict.fromkeys(cart)))][:MAX_ANCHORS]
-    return blend(seeds, item_lists, catalog, k, set(cart) | (exclude or set()), set(), digits)
+    seeds = [(a, True) for a in reversed(list(dict.fromkeys(cart)))][: config.max_anchors]
+    return blend(seeds, item_lists, catalog, k, set(cart) | (exclude or set()), set(), config)
 
 
 def blend(
@@ -58,23 +66,28 @@ def blend(
     k: int,
     exclude: set[str],
     bought: set[str],
-    digits: int = 9,
+    config: ModelConfig = _DEFAULT,
+    revisit: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
 
     `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
-    items merely viewed: once a shopper commits to an item, substitutes are noise.
+    items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
+    adds context items themselves, with their own score.
     """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
+    for j, c in (revisit or {}).items():
+        scores[j] = c
+        best[j] = (c, "revisit", REVISIT_REASON)
     for rank, (anchor, committed) in enumerate(seeds):
         lists = item_lists.get(anchor)
         if not lists:
             continue
-        w = (1.0 if committed else VIEWED_WEIGHT) * ANCHOR_DECAY**rank
+        w = (1.0 if committed else config.viewed_weight) * config.anchor_decay**rank
         sources = [("cross_sell", w)]
         if not committed:
-            sources.append(("alternatives", w * ALTERNATIVES_WEIGHT))
+            sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
             for e in lists.get(kind, ())[: PER_ANCHOR[kind]]:
                 j, c = e["item_id"], e["score"] * kw
@@ -91,7 +104,7 @@ def blend(
         if j in bought and not facts.get("consumable", False):
             continue
         _, kind, reason = best[j]
-        out.append({"item_id": j, "score": round_sig(score, digits), "kind": kind,
+        out.append({"item_id": j, "score": round_sig(score, config.score_digits), "kind": kind,
                     "reason": reason})
     out.sort(key=lambda e: (-e["score"], e["item_id"]))
     return out[:k]

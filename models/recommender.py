@@ -39,15 +39,20 @@ class CrossSellRecommender:
             item = validate_catalog(item)
         self.catalog[item.item_id] = item.as_dict()
 
-    def _refresh(self) -> None:
-        """Recompute lists of changed rows, as the stream does after each batch."""
-        for item in self.graph.dirty:
-            self._lists[item] = self.graph.lists(item)
-        for item in self.graph.dropped:
+    def _refresh(self, items: list[str] | None = None) -> None:
+        """Recompute lists of changed rows, as the stream does after each batch; only those of
+        `items` when given (the replay asks for a shopper's anchors, not every changed row)."""
+        g = self.graph
+        for item in g.dropped:
             self._lists.pop(item, None)
-        self.graph.dirty.clear()
-        self.graph.touched.clear()
-        self.graph.dropped.clear()
+        g.dropped.clear()
+        g.touched.clear()
+        g.marg_touched.clear()
+        g.dirty_marg.clear()
+        todo = list(g.dirty) if items is None else [i for i in items if i in g.dirty]
+        for item in todo:
+            self._lists[item] = g.lists(item)
+            g.dirty.discard(item)
 
     def settle(self) -> None:
         """Recompute every list against the current counts (the stream does this when idle)."""
@@ -57,16 +62,17 @@ class CrossSellRecommender:
     def related(self, item_id: str, kind: str = "cross_sell", k: int = 10) -> list[dict]:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self._refresh()
+        self._refresh([item_id])
         return self._lists.get(item_id, {}).get(kind, [])[:k]
 
     def recommend(self, user_id: str, k: int = 10) -> list[dict[str, Any]]:
         ctx = self.contexts.get(user_id)
         if ctx is None:
             return []
-        self._refresh()
-        lists = {a: self._lists.get(a) for a in anchors(ctx)}
-        return rank_for_user(ctx, lists, self.catalog, k, self.config.score_digits)
+        seeds = anchors(ctx, self.config)
+        self._refresh(seeds)
+        lists = {a: self._lists.get(a) for a in seeds}
+        return rank_for_user(ctx, lists, self.catalog, k, self.config)
 
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:
         """(item, trending score) best first, as the stream keeps them (models/trending.py)."""
@@ -75,3 +81,18 @@ class CrossSellRecommender:
             scores = {i: v for i, v in scores.items()
                       if (self.catalog.get(i) or {}).get("category") == category}
         return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+class CartwiseModel:
+    """The default model as the replay (models/evaluation.py) drives it: item ids only."""
+
+    name = "cartwise"
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.rec = CrossSellRecommender(config)
+
+    def learn(self, event: Event) -> None:
+        self.rec.learn_one(event)
+
+    def recommend(self, user: str, k: int) -> list[str]:
+        return [e["item_id"] for e in self.rec.recommend(user, k)]

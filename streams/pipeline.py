@@ -397,7 +397,7 @@ class ContextStage(Stage):
         The periodic refresh (`only_changed`) reads past the cache: it must see the newest lists.
         """
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
-        wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c)))
+        wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c, self.config)))
         lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
         candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
                       for e in doc.get(k, ())[: PER_ANCHOR[k]]}
@@ -433,7 +433,7 @@ class ContextStage(Stage):
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
         return {
             "user_id": user,
-            "items": rank_for_user(ctx, lists, catalog, USER_LIST_SIZE, self.config.score_digits),
+            "items": rank_for_user(ctx, lists, catalog, USER_LIST_SIZE, self.config),
             "context": ctx.public(),
             "as_of": ctx.last_ts,
             "generated_at": time.time(),

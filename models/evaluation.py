@@ -1,0 +1,191 @@
+"""Prequential (test-then-learn) replay: SPEC 4, the protocol of docs/quality.md.
+
+Events go through every model in time order. Before an event that is a *target* (an item the
+shopper is about to cart, buy or view next), each model's top-K for that shopper is taken from
+what it learned before; then every model learns the event. Pure logic: the caller loads the
+events and times nothing but what `Replay` times itself.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cartwise.contract import Event
+from models.baselines import Model
+
+K = 20
+TARGET_OF = {"view": "view", "add_to_cart": "cart", "purchase": "purchase"}
+
+
+@dataclass
+class Targets:
+    """One row per target, shared by all models (so their results pair up)."""
+
+    kind: list[str] = field(default_factory=list)
+    new: array = field(default_factory=lambda: array("b"))  # item new to the shopper
+    report: array = field(default_factory=lambda: array("b"))  # in the reported part
+    ts: array = field(default_factory=lambda: array("d"))
+
+
+class Replay:
+    """Feeds events to models and records, per model, the rank (1..K, 0 = miss) of each target.
+
+    Targets (docs/quality.md): an add-to-cart ("cart"); a purchase of an item not in the
+    shopper's cart ("purchase": one in the cart was a cart target already); a view after an
+    earlier view in the same session ("view", only when asked for: click logs).
+    """
+
+    def __init__(self, models: Sequence[Model], kinds: Iterable[str], report_from_ts: float,
+                 k: int = K) -> None:
+        self.models = list(models)
+        self.kinds = set(kinds)
+        self.report_from_ts = report_from_ts
+        self.k = k
+        self.targets = Targets()
+        self.ranks: dict[str, array] = {m.name: array("h") for m in self.models}
+        self.shown: dict[str, set[str]] = {m.name: set() for m in self.models}  # coverage
+        self.seconds: dict[str, float] = dict.fromkeys(self.ranks, 0.0)
+        self.events = 0
+        self.items: set[str] = set()
+        self._touched: dict[str, set[str]] = {}
+        self._cart: dict[str, set[str]] = {}
+        self._session: dict[str, tuple[str | None, float]] = {}
+
+    def _targets(self, e: Event) -> list[tuple[str, str, bool]]:
+        """(kind, item, new to the shopper) for each target in `e`; updates what it tracks."""
+        kind = TARGET_OF.get(e.type)
+        touched = self._touched.setdefault(e.user_id, set())
+        cart = self._cart.setdefault(e.user_id, set())
+        last = self._session.get(e.user_id)
+        same_session = last is not None and (
+            last[0] == e.session_id if e.session_id is not None else e.ts - last[1] <= 1800)
+        self._session[e.user_id] = (e.session_id, e.ts)
+        out = []
+        for line in e.lines:
+            item = line.item_id
+            if kind == "cart" or (kind == "purchase" and item not in cart) or (
+                    kind == "view" and same_session):
+                if kind in self.kinds:
+                    out.append((kind, item, item not in touched))
+            if e.type == "add_to_cart":
+                cart.add(item)
+            elif e.type in ("purchase", "remove_from_cart"):
+                cart.discard(item)
+            touched.add(item)
+            self.items.add(item)
+        return out
+
+    def step(self, e: Event) -> None:
+        targets = self._targets(e)
+        report = e.ts >= self.report_from_ts
+        if targets:
+            t = self.targets
+            for kind, _, new in targets:
+                t.kind.append(kind)
+                t.new.append(new)
+                t.report.append(report)
+                t.ts.append(e.ts)
+        perf = time.perf_counter
+        for m in self.models:
+            t0 = perf()
+            if targets:
+                recs = m.recommend(e.user_id, self.k)
+                ranks = self.ranks[m.name]
+                pos = {item: r for r, item in enumerate(recs[: self.k], 1)}
+                for _, item, _ in targets:
+                    ranks.append(pos.get(item, 0))
+                if report:
+                    self.shown[m.name].update(recs[: self.k])
+            m.learn(e)
+            self.seconds[m.name] += perf() - t0
+        self.events += 1
+
+    def run(self, events: Iterable[Event]) -> Replay:
+        for e in events:
+            self.step(e)
+        return self
+
+    # -- results --------------------------------------------------------------------------------
+
+    def rows(self, kinds: Iterable[str], report: bool = True) -> list[int]:
+        """Indices of the targets of these kinds in the reported (or tuning) part."""
+        ks = set(kinds)
+        t = self.targets
+        return [i for i, (k, r) in enumerate(zip(t.kind, t.report, strict=True))
+                if k in ks and bool(r) == report]
+
+    def metrics(self, model: str, rows: list[int]) -> dict[str, Any]:
+        return metrics([self.ranks[model][i] for i in rows],
+                       [self.targets.new[i] for i in rows])
+
+    def coverage(self, model: str) -> float:
+        return len(self.shown[model]) / len(self.items) if self.items else 0.0
+
+    def cost_us(self, model: str) -> float:
+        """Learn + recommend time per event, microseconds."""
+        return 1e6 * self.seconds[model] / self.events if self.events else 0.0
+
+
+def metrics(ranks: Sequence[int], new: Sequence[int]) -> dict[str, Any]:
+    """HR@10, HR@20, MRR@20 and the share of @20 hits on items new to the shopper."""
+    n = len(ranks)
+    hits10 = sum(1 for r in ranks if 0 < r <= 10)
+    hits20 = [i for i, r in enumerate(ranks) if 0 < r <= 20]
+    rr = sum(1.0 / r for r in ranks if 0 < r <= 20)
+    return {
+        "targets": n,
+        "hr10": hits10 / n if n else 0.0,
+        "hr20": len(hits20) / n if n else 0.0,
+        "mrr20": rr / n if n else 0.0,
+        "new_hit_share": sum(1 for i in hits20 if new[i]) / len(hits20) if hits20 else 0.0,
+    }
+
+
+def blocks(values: Sequence[float], n_blocks: int) -> list[float]:
+    """Means of `n_blocks` consecutive, near-equal slices (time windows of equal weight)."""
+    n = len(values)
+    if n == 0:
+        return []
+    n_blocks = min(n_blocks, n)
+    edges = [round(b * n / n_blocks) for b in range(n_blocks + 1)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of wins vs losses (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], rounds: int = 2000,
+                     seed: int = 7) -> tuple[float, float, float]:
+    """Mean of a - b over paired blocks, with a 95% percentile interval from resampled blocks."""
+    if len(a) != len(b) or not a:
+        raise ValueError("need two non-empty sequences of the same length")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    n = len(d)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+    return sum(d) / n, means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def compare(ranks_a: Sequence[int], ranks_b: Sequence[int], n_blocks: int = 20,
+            k: int = 20) -> dict[str, Any]:
+    """Is A's HR@k above B's beyond noise? Sign test and paired bootstrap over time blocks."""
+    ha = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_a], n_blocks)
+    hb = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_b], n_blocks)
+    wins = sum(x > y for x, y in zip(ha, hb, strict=True))
+    losses = sum(x < y for x, y in zip(ha, hb, strict=True))
+    mean, lo, hi = paired_bootstrap(ha, hb) if ha else (0.0, 0.0, 0.0)
+    return {"blocks": len(ha), "wins": wins, "losses": losses,
+            "sign_p": sign_test(wins, losses), "diff": mean, "ci95": [lo, hi]}
