@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.api_latency
+
+# The full prequential replay of the shared logs (docs/quality-protocol.md); writes docs/quality.md.
+quality: $(STAMP)
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(VENV) .cartwise .pytest_cache .ruff_cache

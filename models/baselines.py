@@ -166,29 +166,39 @@ class SessionKNN:
                 self.item_sessions[line.item_id].append(key)
         self.updated[key] = event.ts
 
-    def _neighbours(self, user: str) -> tuple[list[str], list[tuple[float, str]]]:
+    def _neighbours(self, user: str) -> list[tuple[float, str]]:
         cur = self.sessions.current.get(user)
         if cur is None:
-            return [], []
+            return []
         key = cur[0]
-        items = self.sessions.items[key]
+        query = self.query(self.sessions.items[key])
         cands: set[str] = set()
-        for i in set(items):
-            cands.update(self.item_sessions.get(i, ()))
+        for i in query:
+            # The index is in order of arrival: the newest `sample` of each item suffice to
+            # find the `sample` most recent sessions of the union.
+            recent = self.item_sessions.get(i, ())
+            cands.update(list(recent)[-self.sample:] if len(recent) > self.sample else recent)
         cands.discard(key)
         if len(cands) > self.sample:
             cands = set(heapq.nlargest(self.sample, cands, key=lambda s: (self.updated[s], s)))
-        sims = [(self.similarity(items, self.sets[n]), n) for n in cands]
-        return items, heapq.nlargest(self.k, sims)
+        sims = [(self.similarity(query, self.sets[n]), n) for n in cands]
+        return heapq.nlargest(self.k, sims)
 
-    def similarity(self, items: list[str], other: set[str]) -> float:
+    def query(self, items: list[str]) -> dict[str, float]:
+        """The current session as weights per item (SKNN: binary, cosine-normalized)."""
         mine = set(items)
-        return len(mine & other) / math.sqrt(len(mine) * len(other))
+        return dict.fromkeys(mine, 1.0 / math.sqrt(len(mine))) if mine else {}
+
+    def similarity(self, query: dict[str, float], other: set[str]) -> float:
+        if len(query) <= len(other):
+            dot = sum(w for i, w in query.items() if i in other)
+        else:
+            dot = sum(query[i] for i in other if i in query)
+        return dot / math.sqrt(len(other))
 
     def recommend(self, user: str, k: int) -> list[str]:
-        _, neighbours = self._neighbours(user)
         scores: dict[str, float] = {}
-        for sim, n in neighbours:
+        for sim, n in self._neighbours(user):
             if sim <= 0:
                 continue
             for i in self.sets[n]:
@@ -199,11 +209,15 @@ class SessionKNN:
 class VectorSessionKNN(SessionKNN):
     name = "v_sknn"
 
-    def similarity(self, items: list[str], other: set[str]) -> float:
+    def query(self, items: list[str]) -> dict[str, float]:
         # Linear position weights, the newest item 1; an item seen twice keeps its later weight.
         n = len(items)
-        w = {i: (p + 1) / n for p, i in enumerate(items)}
-        return sum(v for i, v in w.items() if i in other)
+        return {i: (p + 1) / n for p, i in enumerate(items)}
+
+    def similarity(self, query: dict[str, float], other: set[str]) -> float:
+        if len(query) <= len(other):
+            return sum(w for i, w in query.items() if i in other)
+        return sum(query[i] for i in other if i in query)
 
 
 BASELINES: dict[str, type] = {

@@ -137,12 +137,14 @@ def test_session_knn_by_hand():
         knn.learn(e)
         vknn.learn(e)
     # u's session {b, a}: s1 = {a, b} cosine 1; s2 = {a, c, d} cosine 1 / sqrt(6)
-    assert knn.similarity(["b", "a"], {"a", "b"}) == 1.0
-    assert knn.similarity(["b", "a"], {"a", "c", "d"}) == pytest.approx(1 / math.sqrt(6))
+    q = knn.query(["b", "a"])
+    assert knn.similarity(q, {"a", "b"}) == pytest.approx(1.0)
+    assert knn.similarity(q, {"a", "c", "d"}) == pytest.approx(1 / math.sqrt(6))
     assert knn.recommend("u", 5) == ["a", "b", "c", "d"]
     # V-SKNN: b (older) weighs 1/2, a (newest) 1; s2 shares only a -> 1, s1 both -> 1.5
-    assert vknn.similarity(["b", "a"], {"a", "c", "d"}) == 1.0
-    assert vknn.similarity(["b", "a"], {"a", "b"}) == 1.5
+    q = vknn.query(["b", "a"])
+    assert vknn.similarity(q, {"a", "c", "d"}) == 1.0
+    assert vknn.similarity(q, {"a", "b"}) == 1.5
 
 
 def test_most_popular_follows_decayed_counts():
