@@ -57,7 +57,8 @@ from cartwise.lag import collect as collect_lag
 from cartwise.runtime import tune_gc
 from cartwise.settings import Settings
 from models import serving
-from models.ranking import PER_ANCHOR, rank_for_cart
+from models.config import ModelConfig
+from models.ranking import rank_for_cart
 from streams.store import Store
 
 log = logging.getLogger("cartwise.api")
@@ -67,6 +68,7 @@ TRENDING_TTL_S = 1.0  # how stale a process's copy of the trending sets may be
 CACHE_REFRESH_S = 0.5  # how often the catalog version and trending sets are checked
 CATALOG_CACHE_MAX = 200_000
 API_VERSION = "1"
+CONFIG = ModelConfig()  # the model settings the workers run with (their defaults)
 
 
 class ApiError(Exception):
@@ -556,10 +558,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                f"body.items[{n}]")
         lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
         wanted = {e["item_id"] for doc in lists.values() for e in
-                  doc.get("cross_sell", ())[: PER_ANCHOR["cross_sell"]]}
+                  doc.get("cross_sell", ())[: CONFIG.per_anchor("cross_sell")]}
         catalog = await backend.facts(sorted(wanted | set(cart)))
         exclude = set(body.exclude) | set(cart)
-        entries = rank_for_cart(cart, lists, catalog, body.k, exclude)
+        entries = rank_for_cart(cart, lists, catalog, body.k, exclude, CONFIG)
         categories = [(catalog.get(i) or {}).get("category") for i in reversed(cart)]
         entries, fallback = await backend.fill(entries, catalog, body.k, exclude,
                                                [c for c in categories if c][:3])

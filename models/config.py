@@ -38,12 +38,19 @@ class ModelConfig:
     anchor_decay: float = 0.8  # each older anchor counts this much less than the next newer
     viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
     alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
+    # Only the head of each anchor's lists is blended; reading more costs time.
+    per_anchor_cross_sell: int = 20
+    per_anchor_alternatives: int = 10
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
     revisit_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def per_anchor(self, kind: str) -> int:
+        return self.per_anchor_cross_sell if kind == "cross_sell" else \
+            self.per_anchor_alternatives
 
     def weight(self, event_type: str) -> float:
         return self.weights.get(event_type, 0.0)

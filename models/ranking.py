@@ -10,8 +10,6 @@ from models.context import ShopperContext
 from models.scoring import round_sig
 
 _DEFAULT = ModelConfig()
-# Only the head of each anchor's lists can reach a shopper's top 20; reading more costs time.
-PER_ANCHOR = {"cross_sell": 20, "alternatives": 10}
 REVISIT_REASON = "you looked at it recently"
 
 
@@ -89,7 +87,7 @@ def blend(
         if not committed:
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
-            for e in lists.get(kind, ())[: PER_ANCHOR[kind]]:
+            for e in lists.get(kind, ())[: config.per_anchor(kind)]:
                 j, c = e["item_id"], e["score"] * kw
                 scores[j] = scores.get(j, 0.0) + c
                 if j not in best or c > best[j][0]:

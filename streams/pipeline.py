@@ -30,7 +30,7 @@ from cartwise.contract import (
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
-from models.ranking import PER_ANCHOR, anchors, rank_for_user
+from models.ranking import anchors, rank_for_user
 from streams.stats import Stats
 from streams.store import Ops, Store
 
@@ -400,7 +400,7 @@ class ContextStage(Stage):
         wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c, self.config)))
         lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
         candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
-                      for e in doc.get(k, ())[: PER_ANCHOR[k]]}
+                      for e in doc.get(k, ())[: self.config.per_anchor(k)]}
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
         docs: dict[str, bytes] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -96,6 +97,10 @@ def known_metrics() -> set[str]:
                            "context.errors": 1, "context.checkpoint_conflicts": 1})
     stats.seconds["context.process"] = 1.0
     stats.observe("user", 0.1)
+    with stats.redis_write("user_lists"):
+        pass
+    with contextlib.suppress(ConnectionError), stats.redis_write("catalog"):
+        raise ConnectionError("down")
     stats.partitions = [{"stage": "context", "topic": "t", "partition": 0, "size": 1,
                          "checkpoint": 0, "lag": 0}]
     names |= {s.name for fam in WorkerCollector(stats).collect() for s in fam.samples}
