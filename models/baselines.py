@@ -102,12 +102,23 @@ def _top(scores: dict[str, float], k: int) -> list[str]:
     return [i for i, _ in heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-class AssociationRules:
-    name = "association_rules"
+class _LastItemRules:
+    """Rules i -> j counted within sessions; a shopper is scored from their session's last item."""
 
     def __init__(self) -> None:
         self.sessions = Sessions()
-        self.pairs: dict[str, dict[str, float]] = defaultdict(dict)
+        self.rules: dict[str, dict[str, float]] = defaultdict(dict)
+
+    def _add(self, i: str, j: str, w: float) -> None:
+        self.rules[i][j] = self.rules[i].get(j, 0.0) + w
+
+    def recommend(self, user: str, k: int) -> list[str]:
+        items = self.sessions.of(user)
+        return _top(self.rules.get(items[-1], {}), k) if items else []
+
+
+class AssociationRules(_LastItemRules):
+    name = "association_rules"
 
     def learn(self, event: Event) -> None:
         _, items = self.sessions.touch(event)
@@ -115,22 +126,17 @@ class AssociationRules:
             j = line.item_id
             if j not in items:
                 for i in set(items):
-                    self.pairs[i][j] = self.pairs[i].get(j, 0.0) + 1.0
-                    self.pairs[j][i] = self.pairs[j].get(i, 0.0) + 1.0
+                    self._add(i, j, 1.0)
+                    self._add(j, i, 1.0)
             items.append(j)
 
-    def recommend(self, user: str, k: int) -> list[str]:
-        items = self.sessions.of(user)
-        return _top(self.pairs.get(items[-1], {}), k) if items else []
 
-
-class SequentialRules:
+class SequentialRules(_LastItemRules):
     name = "sequential_rules"
 
     def __init__(self, steps: int = 10) -> None:
+        super().__init__()
         self.steps = steps
-        self.sessions = Sessions()
-        self.rules: dict[str, dict[str, float]] = defaultdict(dict)
 
     def learn(self, event: Event) -> None:
         _, items = self.sessions.touch(event)
@@ -138,12 +144,8 @@ class SequentialRules:
             j = line.item_id
             for d, i in enumerate(reversed(items[-self.steps:]), 1):
                 if i != j:
-                    self.rules[i][j] = self.rules[i].get(j, 0.0) + 1.0 / d
+                    self._add(i, j, 1.0 / d)
             items.append(j)
-
-    def recommend(self, user: str, k: int) -> list[str]:
-        items = self.sessions.of(user)
-        return _top(self.rules.get(items[-1], {}), k) if items else []
 
 
 class SessionKNN:

@@ -118,7 +118,7 @@ def test_association_and_sequential_rules_by_hand():
     for e in events:
         ar.learn(e)
         sr.learn(e)
-    assert ar.pairs["a"] == {"b": 1.0, "c": 2.0}
+    assert ar.rules["a"] == {"b": 1.0, "c": 2.0}
     assert ar.recommend("w", 5) == ["a", "b"]  # last item c: a twice, b once
     # SR: c after a at distance 2 (session s) and 1 (session t); b after a at distance 1
     assert sr.rules["a"] == {"b": 1.0, "c": 1.5}
