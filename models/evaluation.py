@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cartwise.contract import Event
-from models.baselines import Model
+from models.baselines import SESSION_GAP_S, Model
 
 K = 20
 TARGET_OF = {"view": "view", "add_to_cart": "cart", "purchase": "purchase"}
@@ -64,7 +64,8 @@ class Replay:
         cart = self._cart.setdefault(e.user_id, set())
         last = self._session.get(e.user_id)
         same_session = last is not None and (
-            last[0] == e.session_id if e.session_id is not None else e.ts - last[1] <= 1800)
+            last[0] == e.session_id if e.session_id is not None
+            else e.ts - last[1] <= SESSION_GAP_S)
         self._session[e.user_id] = (e.session_id, e.ts)
         out = []
         for line in e.lines:
