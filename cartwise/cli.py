@@ -309,7 +309,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise ValueError(f"--targets takes view, cart, purchase; got {bad}")
         if args.limit:
             events = events[: args.limit]
-        models = make_models(args.models.split(",") if args.models else DEFAULT_MODELS)
+        models = make_models(args.models.split(",") if args.models else DEFAULT_MODELS,
+                             args.set)
     except (ValueError, FileNotFoundError) as err:
         print(f"cartwise evaluate: {err}", file=sys.stderr)
         return 2
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-from", type=float, default=0.3,
                    help="share of events (in time order) used for tuning, not reported")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
+                   help="change one ModelConfig setting of the cartwise model (repeatable)")
     p.add_argument("--out", help="write the full result as JSON here")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("stats", help="print worker counters and freshness")

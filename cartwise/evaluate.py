@@ -6,6 +6,7 @@ metrics are reported on the rest. Every model learns from every event either way
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from cartwise import datasets
 from cartwise.contract import Event
 from models.baselines import BASELINES, Model
+from models.config import ModelConfig
 from models.evaluation import Replay, blocks, compare
 from models.recommender import CartwiseModel
 
@@ -22,11 +24,29 @@ FACTORIES: dict[str, Callable[[], Model]] = {"cartwise": CartwiseModel, **BASELI
 WINDOWS = 20  # time blocks for the significance tests and the HR-over-time plot
 
 
-def make_models(names: Sequence[str]) -> list[Model]:
+def make_models(names: Sequence[str], overrides: Sequence[str] = ()) -> list[Model]:
+    """Models by name; `overrides` ("field=value") change the default model's ModelConfig."""
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; known: {sorted(FACTORIES)}")
-    return [FACTORIES[n]() for n in names]
+    config = model_config(overrides)
+    return [CartwiseModel(config) if n == "cartwise" else FACTORIES[n]() for n in names]
+
+
+def model_config(overrides: Sequence[str]) -> ModelConfig:
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    values: dict[str, Any] = {}
+    for o in overrides:
+        name, sep, raw = o.partition("=")
+        name = name.strip()
+        if not sep or name not in fields or fields[name] not in ("int", "float"):
+            numeric = sorted(n for n, t in fields.items() if t in ("int", "float"))
+            raise ValueError(f"--set takes NAME=NUMBER with NAME one of {numeric}; got {o!r}")
+        try:
+            values[name] = int(raw) if fields[name] == "int" else float(raw)
+        except ValueError:
+            raise ValueError(f"--set {name}: {raw!r} is not a number") from None
+    return ModelConfig(**values)
 
 
 def evaluate(events: Sequence[Event], kinds: Sequence[str], models: Sequence[Model],

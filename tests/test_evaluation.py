@@ -196,6 +196,17 @@ def test_evaluate_command_rejects_bad_input(tmp_path, capsys):
     path, _ = _fixture(tmp_path)
     assert main(["evaluate", "--events", str(path), "--models", "magic"]) == 2
     assert main(["evaluate", "--events", str(path), "--targets", "wish"]) == 2
+    assert main(["evaluate", "--events", str(path), "--set", "weights=1"]) == 2
+    assert main(["evaluate", "--events", str(path), "--set", "max_anchors=many"]) == 2
+    assert "not a number" in capsys.readouterr().err
+
+
+def test_settings_reach_the_model():
+    from cartwise.evaluate import make_models
+
+    (m,) = make_models(["cartwise"], ["revisit_weight=1", "max_anchors=30"])
+    assert m.rec.config.revisit_weight == 1.0 and m.rec.config.max_anchors == 30
+    assert isinstance(m.rec.config.max_anchors, int)
 
 
 def test_loaders_map_each_log_to_contract_events(tmp_path, monkeypatch):
