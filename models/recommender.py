@@ -17,12 +17,17 @@ from models.ranking import anchors, rank_for_user
 
 
 class CrossSellRecommender:
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    """`list_interval_s` > 0 recomputes a changed list at most once per that many seconds of
+    event time, as the stream does in wall time (`LISTS_MIN_INTERVAL_S`); 0 always recomputes."""
+
+    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 0.0) -> None:
         self.config = config or ModelConfig()
+        self.list_interval_s = list_interval_s
         self.contexts = ContextBook(self.config)
         self.graph = ItemGraph(self.config)
         self.catalog: dict[str, dict[str, Any]] = {}
         self._lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._computed_at: dict[str, float] = {}
 
     def learn_one(self, event: Event | dict[str, Any]) -> bool:
         """Learn one event (validated if given as a dict). False when it was a duplicate."""
@@ -45,13 +50,20 @@ class CrossSellRecommender:
         g = self.graph
         for item in g.dropped:
             self._lists.pop(item, None)
+            self._computed_at.pop(item, None)
         g.dropped.clear()
         g.touched.clear()
         g.marg_touched.clear()
         g.dirty_marg.clear()
-        todo = list(g.dirty) if items is None else [i for i in items if i in g.dirty]
+        if items is None:
+            todo = list(g.dirty)
+        else:
+            due = g.now - self.list_interval_s
+            todo = [i for i in items if i in g.dirty
+                    and (self.list_interval_s <= 0 or self._computed_at.get(i, -1e300) <= due)]
         for item in todo:
             self._lists[item] = g.lists(item)
+            self._computed_at[item] = g.now
             g.dirty.discard(item)
 
     def settle(self) -> None:
@@ -88,8 +100,8 @@ class CartwiseModel:
 
     name = "cartwise"
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
-        self.rec = CrossSellRecommender(config)
+    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 1.0) -> None:
+        self.rec = CrossSellRecommender(config, list_interval_s)
 
     def learn(self, event: Event) -> None:
         self.rec.learn_one(event)
