@@ -72,18 +72,19 @@ def summarize(replay: Replay, kinds: Sequence[str], seconds: float) -> dict[str,
         {kinds[0]: list(kinds)}
     out: dict[str, Any] = {"events": replay.events, "items": len(replay.items),
                            "seconds": seconds, "kinds": list(kinds), "models": {}}
+    rows = replay.rows(kinds)
+    selected = {label: (replay.rows(ks), replay.rows(ks, report=False))
+                for label, ks in groups.items()}
     for m in replay.models:
         res: dict[str, Any] = {"cost_us_per_event": replay.cost_us(m.name),
                                "coverage20": replay.coverage(m.name)}
-        for label, ks in groups.items():
-            res[label] = replay.metrics(m.name, replay.rows(ks))
-            res[f"tune:{label}"] = replay.metrics(m.name, replay.rows(ks, report=False))
-        rows = replay.rows(kinds)
+        for label, (reported, tuning) in selected.items():
+            res[label] = replay.metrics(m.name, reported)
+            res[f"tune:{label}"] = replay.metrics(m.name, tuning)
         hits = [1.0 if 0 < replay.ranks[m.name][i] <= 20 else 0.0 for i in rows]
         res["hr20_by_window"] = blocks(hits, WINDOWS)
         out["models"][m.name] = res
     head = next(iter(groups))
-    rows = replay.rows(kinds)
     window_ts = blocks([replay.targets.ts[i] for i in rows], WINDOWS)
     out["window_ts"] = window_ts
     names = [m.name for m in replay.models]
@@ -121,10 +122,8 @@ def load(dataset: str | None, events_file: Path | None) -> tuple[list[Event], li
     if (dataset is None) == (events_file is None):
         raise ValueError("give exactly one of --dataset NAME or --events FILE")
     if dataset is not None:
-        if dataset not in datasets.DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; known: "
-                             f"{', '.join(sorted(datasets.DATASETS))}")
-        return datasets.load(dataset), list(datasets.DATASETS[dataset].targets)
+        events = datasets.load(dataset)  # checks the name
+        return events, list(datasets.DATASETS[dataset].targets)
     assert events_file is not None
     if not events_file.exists():
         raise FileNotFoundError(f"{events_file} not found")

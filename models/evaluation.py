@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cartwise.contract import Event
-from models.baselines import SESSION_GAP_S, Model
+from models.baselines import Model, Sessions
 
 K = 20
 TARGET_OF = {"view": "view", "add_to_cart": "cart", "purchase": "purchase"}
@@ -55,18 +55,16 @@ class Replay:
         self.items: set[str] = set()
         self._touched: dict[str, set[str]] = {}
         self._cart: dict[str, set[str]] = {}
-        self._session: dict[str, tuple[str | None, float]] = {}
+        self._sessions = Sessions()  # the same session rule the baselines use
 
     def _targets(self, e: Event) -> list[tuple[str, str, bool]]:
         """(kind, item, new to the shopper) for each target in `e`; updates what it tracks."""
         kind = TARGET_OF.get(e.type)
         touched = self._touched.setdefault(e.user_id, set())
         cart = self._cart.setdefault(e.user_id, set())
-        last = self._session.get(e.user_id)
-        same_session = last is not None and (
-            last[0] == e.session_id if e.session_id is not None
-            else e.ts - last[1] <= SESSION_GAP_S)
-        self._session[e.user_id] = (e.session_id, e.ts)
+        before = self._sessions.current.get(e.user_id)
+        key, _ = self._sessions.touch(e)
+        same_session = before is not None and before[0] == key
         out = []
         for line in e.lines:
             item = line.item_id
