@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 import redis
@@ -77,11 +79,19 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
         assert len(got) > 10
 
     # Counters: every valid event applied once, duplicates counted, bad ones dead-lettered.
-    stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
-    counters: dict[str, int] = {}
-    for s in stats:
-        for k, v in s["counters"].items():
-            counters[k] = counters.get(k, 0) + v
+    # Workers publish their counters once a second: wait for a snapshot taken after the last
+    # checkpoint (one that counts at least as many records as were sent), then compare exactly.
+    deadline = time.monotonic() + 30
+    while True:
+        counters: dict[str, int] = {}
+        for k in r.scan_iter(f"{settings.prefix}stats:*"):
+            for name, v in orjson.loads(r.get(k))["counters"].items():
+                counters[name] = counters.get(name, 0) + v
+        seen = sum(v for name, v in counters.items()
+                   if name.startswith(("applied.", "dlq.")) or name == "duplicate")
+        if seen >= len(events) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     valid = [e for e in events if isinstance(e, dict)]
     unique = {e["event_id"] for e in valid}
     applied = sum(v for k, v in counters.items() if k.startswith("applied."))
