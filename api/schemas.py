@@ -14,7 +14,7 @@ ItemId = str
 class Suggestion(BaseModel):
     item_id: str
     score: float = Field(description="Higher is better; comparable within one answer only")
-    kind: Literal["cross_sell", "alternatives", "upsell", "trending", "revisit"]
+    kind: Literal["cross_sell", "alternatives", "next", "upsell", "trending", "revisit"]
     reason: str = Field(description="Why it is suggested, fit to show to shoppers")
     name: str | None = None
     price: float | None = None

@@ -21,9 +21,11 @@ BUY_TYPES = frozenset({"add_to_cart", "purchase"})
 # What one event adds to the item graph, compact because it crosses the internal pairs topic:
 #   (ts, marginals, pairs)
 #   marginals: [(item, d_all, d_buy)]        item entered a context / got stronger
-#   pairs: [(item, other, d_all, d_buy, n_all, n_buy)]
+#   pairs: [(item, other, d_all, d_buy, n_all, n_buy, d_next)]
 #                                            the pair (item, other) got stronger; n_* is 1 when
-#                                            the pair is new in this context (counts shoppers)
+#                                            the pair is new in this context (counts shoppers);
+#                                            d_next is 1/d when `other` was picked right after
+#                                            `item`, d steps later in one session
 Evidence = tuple[float, list[tuple], list[tuple]]
 
 
@@ -157,17 +159,24 @@ class ContextBook:
             marginals.append((item, w_new - w_old, b_new - b_old))
             session, history = ctx.session, self.config.history_factor
             new_item = w_old == 0
+            # Steps back from this pick to each earlier pick of the session (newest is 1).
+            step = sum(1 for t in items.values() if t.session == session) if new_item else 0
             for other, t in items.items():
-                f = 1.0 if t.session == session else history
+                same = t.session == session
+                f = 1.0 if same else history
                 tw, tb = t.w, t.b
                 da = ((w_new if w_new < tw else tw) - (w_old if w_old < tw else tw)) * f
                 b_before = b_old if b_old < tb else tb
                 db = ((b_new if b_new < tb else tb) - b_before) * f
+                dn = 0.0
+                if same and step:
+                    dn = 1.0 / step if step <= self.config.next_steps else 0.0
+                    step -= 1
                 if da > 0 or db > 0:
                     na = f if new_item else 0.0
                     nb = f if db > 0 and b_before == 0 else 0.0
-                    pairs.append((item, other, da, db, na, nb))
-                    pairs.append((other, item, da, db, na, nb))
+                    pairs.append((item, other, da, db, na, nb, 0.0))
+                    pairs.append((other, item, da, db, na, nb, dn))
         if old is None:
             items[item] = Touch(w_new, b_new, now, ctx.session)
             if len(items) > self.config.context_max_items:

@@ -23,7 +23,7 @@ from models.config import ModelConfig
 from models.scoring import association, round_sig
 from models.trending import trending_score
 
-KINDS = ("cross_sell", "alternatives")
+KINDS = ("cross_sell", "alternatives", "next")
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
 
 
@@ -59,7 +59,7 @@ class ItemGraph:
             m[1] *= c
         for row in self.rows.values():
             for v in row.values():
-                for n in range(4):
+                for n in range(len(v)):
                     v[n] *= c
         self.total = [self.total[0] * c, self.total[1] * c]
         self.landmark = landmark
@@ -84,13 +84,15 @@ class ItemGraph:
             self.dirty_marg.add(item)
             self.marg_touched.add(item)
         rows = self.rows
-        for item, other, da, db, na, nb in pairs:
+        for p in pairs:
+            item, other, da, db, na, nb = p[:6]
+            dn = p[6] if len(p) > 6 else 0.0  # evidence written before "next" existed
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
             v = row.get(other)
             if v is None:
-                row[other] = [da * g, db * g, na * g, nb * g]
+                row[other] = [da * g, db * g, na * g, nb * g, dn * g]
                 if len(row) > self.config.max_neighbours:
                     self._prune_row(row)
             else:
@@ -98,6 +100,7 @@ class ItemGraph:
                 v[1] += db * g
                 v[2] += na * g
                 v[3] += nb * g
+                v[4] += dn * g
             self.dirty.add(item)
             self.touched.add(item)
         if ts > self.now:
@@ -133,7 +136,7 @@ class ItemGraph:
     # -- scoring ------------------------------------------------------------------------------
 
     def lists(self, item: str) -> dict[str, list[dict[str, Any]]]:
-        """Cross-sell and alternatives for `item`, as counted up to `self.now`."""
+        """Cross-sell, alternatives and next picks for `item`, as counted up to `self.now`."""
         cfg = self.config
         row, mi = self.rows.get(item), self.marg.get(item)
         if not row or mi is None or self.landmark is None:
@@ -144,7 +147,13 @@ class ItemGraph:
         min_support, llr_min, share = cfg.min_support, cfg.llr_min, cfg.alt_max_buy_share
         found: dict[str, list[tuple]] = {k: [] for k in KINDS}
         marg = self.marg
-        for other, (a, b, na, nb) in row.items():
+        # "next" is the share of what shoppers picked right after `item` (sequential rules);
+        # its lift and G² are computed below for the entries kept only.
+        next_total = sum(v[4] for v in row.values())
+        nexts = []
+        for other, (a, b, na, nb, dn) in row.items():
+            if dn > 0 and na * s >= min_support and other in marg:
+                nexts.append((round_sig(dn / next_total, cfg.score_digits), other, a, na))
             # Support is counted in shopper contexts, not weights: one keen shopper is noise.
             if nb * s >= min_support and ni_b > 0 and (mj := marg.get(other)) is not None:
                 conf, lift, g2 = association(b * s, ni_b, mj[1] * s, tot_b)
@@ -155,6 +164,10 @@ class ItemGraph:
                 conf, lift, g2 = association(a * s, ni_a, mj[0] * s, tot_a)
                 if lift > 1.0 and g2 >= llr_min:
                     found["alternatives"].append((conf, other, lift, g2, na * s))
+        nexts.sort(key=lambda t: (-t[0], t[1]))
+        for share, other, a, na in nexts[: cfg.list_size]:
+            _, lift, g2 = association(a * s, ni_a, marg[other][0] * s, tot_a)
+            found["next"].append((share, other, lift, g2, na * s))
         digits = cfg.score_digits
         out: dict[str, list[dict[str, Any]]] = {}
         for kind, cands in found.items():
@@ -178,7 +191,11 @@ class ItemGraph:
         return None if row is None else orjson.dumps(row)
 
     def load_row(self, item: str, raw: bytes | str) -> None:
-        self.rows[item] = orjson.loads(raw)
+        row = orjson.loads(raw)
+        for v in row.values():
+            if len(v) < 5:  # checkpoint written before "next" existed
+                v.append(0.0)
+        self.rows[item] = row
 
     def marg_json(self, item: str) -> bytes | None:
         m = self.marg.get(item)
@@ -209,6 +226,7 @@ class ItemGraph:
 _REASONS = {
     "cross_sell": "bought together by {:.0%} of {}'s buyers",
     "alternatives": "viewed together by {:.0%} of {}'s viewers",
+    "next": "{:.0%} of picks right after {}",
 }
 
 

@@ -84,6 +84,8 @@ def blend(
             continue
         w = (1.0 if committed else config.viewed_weight) * config.anchor_decay**rank
         sources = [("cross_sell", w)]
+        if config.next_weight > 0:
+            sources.append(("next", w * config.next_weight))
         if not committed:
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:

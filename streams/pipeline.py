@@ -36,7 +36,7 @@ from streams.store import Ops, Store
 
 log = logging.getLogger("cartwise.pipeline")
 
-MODEL_VERSION = "cooc-1"
+MODEL_VERSION = "cooc-2"
 USER_LIST_SIZE = 20
 YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this often
 

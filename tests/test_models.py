@@ -28,20 +28,52 @@ def test_evidence_follows_event_weights_and_channels():
     book = ContextBook()
     assert book.learn(event(1, "view", "A")) == (T0, [("A", 1.0, 0.0)], [])
     assert book.learn(event(2, "view", "B")) == (
-        T0, [("B", 1.0, 0.0)], [("B", "A", 1.0, 0.0, 1.0, 0.0), ("A", "B", 1.0, 0.0, 1.0, 0.0)])
+        T0, [("B", 1.0, 0.0)],
+        [("B", "A", 1.0, 0.0, 1.0, 0.0, 0.0), ("A", "B", 1.0, 0.0, 1.0, 0.0, 1.0)])
     # Carting B: stronger in both channels, but A was only viewed, so no pair grows.
     assert book.learn(event(3, "add_to_cart", "B")) == (T0, [("B", 2.0, 3.0)], [])
     # Carting A too: now the pair is a buy-together pair, counted once as a new buy pair.
     assert book.learn(event(4, "add_to_cart", "A")) == (
-        T0, [("A", 2.0, 3.0)], [("A", "B", 2.0, 3.0, 0.0, 1.0), ("B", "A", 2.0, 3.0, 0.0, 1.0)])
+        T0, [("A", 2.0, 3.0)],
+        [("A", "B", 2.0, 3.0, 0.0, 1.0, 0.0), ("B", "A", 2.0, 3.0, 0.0, 1.0, 0.0)])
     # Buying both (purchase weight 5) adds the difference only.
     order = validate_event({"event_id": "e5", "type": "purchase", "user_id": "u", "ts": T0,
                             "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
     assert book.learn(order) == (
         T0, [("A", 2.0, 2.0), ("B", 2.0, 2.0)],
-        [("B", "A", 2.0, 2.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0)])
+        [("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
     ctx = book.get("u")
     assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
+
+
+def test_next_evidence_counts_steps_back_within_the_session():
+    book = ContextBook(ModelConfig(next_steps=2))
+    for n, item in enumerate("ABC"):
+        book.learn(event(n, "view", item))
+    out = book.learn(event(9, "view", "D"))
+    # D comes 1 step after C, 2 after B; A is beyond next_steps. Only the earlier item's row
+    # hears of it: "next" is directed.
+    nexts = {(p[0], p[1]): p[6] for p in out[2]}
+    assert nexts == {("C", "D"): 1.0, ("B", "D"): 0.5, ("A", "D"): 0.0,
+                     ("D", "C"): 0.0, ("D", "B"): 0.0, ("D", "A"): 0.0}
+    # A second look at B is not a new pick: no next evidence.
+    assert all(p[6] == 0.0 for p in book.learn(event(10, "add_to_cart", "B"))[2])
+
+
+def test_next_list_is_the_share_of_picks_right_after_an_item():
+    g = ItemGraph(ModelConfig(min_support=1.0))
+    g.apply(T0, [("A", 1, 0), ("B", 1, 0), ("C", 1, 0)],
+            [("A", "B", 1, 0, 1, 0, 1.0), ("A", "C", 1, 0, 1, 0, 0.5),
+             ("B", "A", 1, 0, 1, 0, 0.0), ("C", "A", 1, 0, 1, 0, 0.0)])
+    nxt = g.lists("A")["next"]
+    assert [e["item_id"] for e in nxt] == ["B", "C"]
+    assert [e["score"] for e in nxt] == pytest.approx([1 / 1.5, 0.5 / 1.5])
+    assert nxt[0]["reason"] == "67% of picks right after A"
+    assert g.lists("B")["next"] == []
+    # Evidence and checkpoints written before "next" existed still load, with no next count.
+    g.apply(T0, [], [("B", "C", 1, 0, 1, 0)])
+    g.load_row("C", b'{"A": [1.0, 0.0, 1.0, 0.0]}')
+    assert g.rows["B"]["C"][4] == 0.0 and g.rows["C"]["A"] == [1.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_duplicates_are_applied_once():
@@ -57,7 +89,8 @@ def test_earlier_sessions_count_less_and_old_items_leave():
     book.learn(event(1, "view", "A", session="s1"))
     out = book.learn(event(2, "view", "B", session="s2", ts=T0 + 3600))
     f = cfg.history_factor
-    assert ("B", "A", f, 0.0, f, 0.0) in out[2]
+    # ...and a pick in another session is not a "next" pick.
+    assert ("B", "A", f, 0.0, f, 0.0, 0.0) in out[2] and ("A", "B", f, 0.0, f, 0.0, 0.0) in out[2]
     later = T0 + cfg.history_s + 7200
     out = book.learn(event(3, "view", "C", session="s3", ts=later))
     assert out == (later, [("C", 1.0, 0.0)], [])
@@ -225,6 +258,19 @@ def test_ranking_blends_anchors_and_offers_alternatives_only_for_viewed_items():
     assert got["cable"]["reason"] == "tv-cable"  # the larger contribution explains it
     assert got["tv2"]["kind"] == "alternatives"
     assert got["tv2"]["score"] == pytest.approx(0.4 * 0.8 * 0.6 * 0.5)
+
+
+def test_next_picks_are_blended_only_with_a_next_weight():
+    book = ContextBook()
+    book.learn(event(1, "view", "tv", ts=T0))
+    ctx = book.get("u")
+    lists = {"tv": {"next": [{"item_id": "soundbar", "score": 0.5, "kind": "next",
+                              "reason": "tv-next"}]}}
+    assert rank_for_user(ctx, lists, {}, k=10, config=ModelConfig(next_weight=0)) == []
+    cfg = ModelConfig(next_weight=3, viewed_weight=0.6)
+    assert rank_for_user(ctx, lists, {}, k=10, config=cfg) == [
+        {"item_id": "soundbar", "score": pytest.approx(0.5 * 0.6 * 3), "kind": "next",
+         "reason": "tv-next"}]
 
 
 def test_library_api_validates_and_deduplicates():
