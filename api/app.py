@@ -429,7 +429,9 @@ class Backend:
         catalog = await self.facts(list(dict.fromkeys(
             [*serving.candidates(listed, k), *recent[:1]])))
         exclude = serving.user_exclusions(doc, catalog)
-        entries = serving.in_stock(listed, catalog, k, exclude)
+        # The worker ranked `listed` from the context stored beside it (revisits included on
+        # purpose); the exclusions are for the trending fillers.
+        entries = serving.in_stock(listed, catalog, k)
         categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
         entries, fallback = await self.fill(entries, catalog, k, exclude, categories)
         return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement)
@@ -525,9 +527,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def item_suggestions(
         request: Request,
         item_id: Annotated[str, id_path],
-        kind: Annotated[Literal["cross_sell", "alternatives", "upsell"],
+        kind: Annotated[Literal["cross_sell", "alternatives", "next", "upsell"],
                         Query(description="cross_sell: goes with it; alternatives: instead "
-                                          "of it; upsell: a dearer alternative")] = "cross_sell",
+                                          "of it; next: what shoppers picked right after it; "
+                                          "upsell: a dearer alternative")] = "cross_sell",
         k: Annotated[int, k_param] = 10,
         _: str = read,
     ) -> Response:
@@ -557,8 +560,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise ApiError(422, "invalid_body", f"item ids are 1..{MAX_ID_LEN} characters",
                                f"body.items[{n}]")
         lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
-        wanted = {e["item_id"] for doc in lists.values() for e in
-                  doc.get("cross_sell", ())[: CONFIG.per_anchor("cross_sell")]}
+        wanted = {e["item_id"] for doc in lists.values() for kind in ("cross_sell", "next")
+                  for e in doc.get(kind, ())[: CONFIG.per_anchor(kind)]}
         catalog = await backend.facts(sorted(wanted | set(cart)))
         exclude = set(body.exclude) | set(cart)
         entries = rank_for_cart(cart, lists, catalog, body.k, exclude, CONFIG)

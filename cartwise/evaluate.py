@@ -89,7 +89,8 @@ def summarize(replay: Replay, kinds: Sequence[str], seconds: float) -> dict[str,
     out["window_ts"] = window_ts
     names = [m.name for m in replay.models]
     if "cartwise" in names and len(names) > 1:
-        best = max((n for n in names if n != "cartwise"),
+        # Variants of the model (ablations, "cartwise-...") are not baselines.
+        best = max((n for n in names if not n.startswith("cartwise")),
                    key=lambda n: out["models"][n][head]["hr20"])
         out["best_baseline"] = best
         out["vs_best"] = compare([replay.ranks["cartwise"][i] for i in rows],

@@ -29,25 +29,25 @@ class ModelConfig:
     max_items: int = 200_000
     # List building.
     list_size: int = 50
-    min_support: float = 2.0  # shopper contexts (decayed) in which the pair occurred
-    llr_min: float = 6.63  # chi-square, 1 dof, p < 0.01
+    min_support: float = 0.25  # shopper contexts (decayed) in which the pair occurred
+    llr_min: float = 0.0  # G² floor; 6.63 is chi-square p < 0.01 (docs/model.md)
     alt_max_buy_share: float = 0.2
     # "Next" evidence: a pick d <= next_steps places after another in one session adds 1/d.
     next_steps: int = 10
     score_digits: int = 9
     # Ranking a shopper's list from the context (models/ranking.py).
-    max_anchors: int = 10  # newest context items whose lists are blended
-    anchor_decay: float = 0.8  # each older anchor counts this much less than the next newer
+    max_anchors: int = 30  # newest context items whose lists are blended
+    anchor_decay: float = 0.5  # each older anchor counts this much less than the next newer
     viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
     alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
-    next_weight: float = 0.0  # what shoppers picked right after an anchor
+    next_weight: float = 10.0  # what shoppers picked right after an anchor
     # Only the head of each anchor's lists is blended; reading more costs time.
     per_anchor_cross_sell: int = 20
-    per_anchor_alternatives: int = 10
+    per_anchor_alternatives: int = 30
     per_anchor_next: int = 20
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
-    revisit_weight: float = 0.0
+    revisit_weight: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

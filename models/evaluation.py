@@ -183,6 +183,11 @@ def compare(ranks_a: Sequence[int], ranks_b: Sequence[int], n_blocks: int = 20,
     """Is A's HR@k above B's beyond noise? Sign test and paired bootstrap over time blocks."""
     ha = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_a], n_blocks)
     hb = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_b], n_blocks)
+    return compare_blocks(ha, hb)
+
+
+def compare_blocks(ha: Sequence[float], hb: Sequence[float]) -> dict[str, Any]:
+    """`compare` on per-window HR@k already computed (as results files keep them)."""
     wins = sum(x > y for x, y in zip(ha, hb, strict=True))
     losses = sum(x < y for x, y in zip(ha, hb, strict=True))
     mean, lo, hi = paired_bootstrap(ha, hb) if ha else (0.0, 0.0, 0.0)

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from models.config import ModelConfig
-from models.scoring import association, round_sig
+from models.scoring import confidence_lift, pair_llr, round_sig, top_rounded
 from models.trending import trending_score
 
 KINDS = ("cross_sell", "alternatives", "next")
@@ -153,27 +153,27 @@ class ItemGraph:
         nexts = []
         for other, (a, b, na, nb, dn) in row.items():
             if dn > 0 and na * s >= min_support and other in marg:
-                nexts.append((round_sig(dn / next_total, cfg.score_digits), other, a, na))
+                nexts.append((dn / next_total, other, a * s, ni_a, marg[other][0] * s, tot_a,
+                              na * s))
             # Support is counted in shopper contexts, not weights: one keen shopper is noise.
+            # G² is only computed here when it filters; otherwise for the kept entries below.
             if nb * s >= min_support and ni_b > 0 and (mj := marg.get(other)) is not None:
-                conf, lift, g2 = association(b * s, ni_b, mj[1] * s, tot_b)
-                if lift > 1.0 and g2 >= llr_min:
-                    found["cross_sell"].append((conf, other, lift, g2, nb * s))
+                args = (b * s, ni_b, mj[1] * s, tot_b)
+                conf, lift = confidence_lift(*args)
+                if lift > 1.0 and (llr_min <= 0 or pair_llr(*args) >= llr_min):
+                    found["cross_sell"].append((conf, other, *args, nb * s))
                     continue
             if na * s >= min_support and b <= share * a and (mj := marg.get(other)) is not None:
-                conf, lift, g2 = association(a * s, ni_a, mj[0] * s, tot_a)
-                if lift > 1.0 and g2 >= llr_min:
-                    found["alternatives"].append((conf, other, lift, g2, na * s))
-        nexts.sort(key=lambda t: (-t[0], t[1]))
-        for share, other, a, na in nexts[: cfg.list_size]:
-            _, lift, g2 = association(a * s, ni_a, marg[other][0] * s, tot_a)
-            found["next"].append((share, other, lift, g2, na * s))
+                args = (a * s, ni_a, mj[0] * s, tot_a)
+                conf, lift = confidence_lift(*args)
+                if lift > 1.0 and (llr_min <= 0 or pair_llr(*args) >= llr_min):
+                    found["alternatives"].append((conf, other, *args, na * s))
+        found["next"] = nexts
         digits = cfg.score_digits
         out: dict[str, list[dict[str, Any]]] = {}
         for kind, cands in found.items():
-            ranked = sorted(((round_sig(c[0], digits), c[1], c) for c in cands),
-                            key=lambda t: (-t[0], t[1]))[: cfg.list_size]
-            out[kind] = [_entry(item, kind, score, c, digits) for score, _, c in ranked]
+            out[kind] = [_entry(item, kind, score, c, digits)
+                         for score, c in top_rounded(cands, cfg.list_size, digits)]
         return out
 
     def trending(self, items: Iterable[str]) -> dict[str, float]:
@@ -231,7 +231,9 @@ _REASONS = {
 
 
 def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[str, Any]:
-    conf, item, lift, g2, support = c
+    """`c` is (score, item, pair count, count of anchor, count of item, total, support)."""
+    conf, item, pair, n_i, n_j, total, support = c
+    _, lift = confidence_lift(pair, n_i, n_j, total)
     return {
         "item_id": item,
         "score": score,
@@ -239,6 +241,8 @@ def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[
         "reason": _REASONS[kind].format(conf, anchor),
         "confidence": score,
         "lift": round_sig(lift, digits),
-        "llr": round_sig(g2, digits),
+        # Absolute, not significant, digits: near independence G² is a difference of nearly
+        # equal sums, and its last significant digits depend on the order counts were added.
+        "llr": round(pair_llr(pair, n_i, n_j, total), 4) if lift > 1.0 else 0.0,
         "support": round_sig(support, digits),
     }

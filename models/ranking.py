@@ -7,7 +7,7 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.context import ShopperContext
-from models.scoring import round_sig
+from models.scoring import top_rounded
 
 _DEFAULT = ModelConfig()
 REVISIT_REASON = "you looked at it recently"
@@ -71,7 +71,7 @@ def blend(
 
     `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
     items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
-    adds context items themselves, with their own score.
+    adds context items themselves, with their own score, always of kind "revisit".
     """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
@@ -94,7 +94,7 @@ def blend(
                 scores[j] = scores.get(j, 0.0) + c
                 if j not in best or c > best[j][0]:
                     best[j] = (c, kind, e["reason"])
-    out = []
+    kept = []
     for j, score in scores.items():
         if j in exclude:
             continue
@@ -103,8 +103,11 @@ def blend(
             continue
         if j in bought and not facts.get("consumable", False):
             continue
-        _, kind, reason = best[j]
-        out.append({"item_id": j, "score": round_sig(score, config.score_digits), "kind": kind,
-                    "reason": reason})
-    out.sort(key=lambda e: (-e["score"], e["item_id"]))
-    return out[:k]
+        kept.append((score, j))
+    out = []
+    revisit = revisit or {}
+    for score, (_, j) in top_rounded(kept, k, config.score_digits):
+        # A context item is shown as one the shopper looked at, whatever else points to it.
+        kind, reason = ("revisit", REVISIT_REASON) if j in revisit else best[j][1:]
+        out.append({"item_id": j, "score": score, "kind": kind, "reason": reason})
+    return out

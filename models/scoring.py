@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 
 
@@ -32,14 +33,22 @@ def association(pair: float, n_i: float, n_j: float, total: float) -> tuple[floa
     LLR is only computed for positive association (lift > 1); otherwise it is reported as 0,
     since a pair seen less often than chance is never suggested.
     """
-    if n_i <= 0 or n_j <= 0 or total <= 0:
-        return 0.0, 0.0, 0.0
-    conf = min(1.0, pair / n_i)
-    lift = conf / min(1.0, n_j / total)
+    conf, lift = confidence_lift(pair, n_i, n_j, total)
     if lift <= 1.0:
         return conf, lift, 0.0
-    g2 = llr(pair, n_i - pair, n_j - pair, total - n_i - n_j + pair)
-    return conf, lift, g2
+    return conf, lift, pair_llr(pair, n_i, n_j, total)
+
+
+def confidence_lift(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float]:
+    """The cheap part of `association`: list building tests lift on every neighbour first."""
+    if n_i <= 0 or n_j <= 0 or total <= 0:
+        return 0.0, 0.0
+    conf = min(1.0, pair / n_i)
+    return conf, conf / min(1.0, n_j / total)
+
+
+def pair_llr(pair: float, n_i: float, n_j: float, total: float) -> float:
+    return llr(pair, n_i - pair, n_j - pair, total - n_i - n_j + pair)
 
 
 def round_sig(x: float, digits: int) -> float:
@@ -47,3 +56,14 @@ def round_sig(x: float, digits: int) -> float:
     if x == 0 or not math.isfinite(x):
         return x
     return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def top_rounded(cands: list[tuple], n: int, digits: int) -> list[tuple[float, tuple]]:
+    """The `n` best of `cands` (positive score first, then id second) by rounded score, ties by
+    id, as (rounded score, candidate). Only candidates that can reach the top n are rounded:
+    rounding moves a value by less than 1e-7 of itself and never reorders two values."""
+    if len(cands) > n:
+        floor = heapq.nlargest(n, (c[0] for c in cands))[-1] * (1.0 - 1e-7)
+        cands = [c for c in cands if c[0] >= floor]
+    ranked = sorted(((round_sig(c[0], digits), c) for c in cands), key=lambda t: (-t[0], t[1][1]))
+    return ranked[:n]

@@ -13,14 +13,15 @@ from typing import Any
 from models.scoring import round_sig
 from models.trending import trending_entries
 
-ITEM_KINDS = ("cross_sell", "alternatives", "upsell")
+ITEM_KINDS = ("cross_sell", "alternatives", "next", "upsell")
 PLACEMENTS = ("product", "cart", "home")
 # Items read past k to survive the stock filter without a second round trip.
 HEADROOM = 10
-# Only complements belong next to a cart; substitutes there compete with what was chosen.
+# Next to a cart: complements and what shoppers went on to pick; substitutes and revisits of
+# items not chosen there compete with what was chosen.
 PLACEMENT_KINDS: dict[str, tuple[str, ...] | None] = {
     "product": None,
-    "cart": ("cross_sell",),
+    "cart": ("cross_sell", "next"),
     "home": None,
 }
 

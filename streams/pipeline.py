@@ -401,6 +401,7 @@ class ContextStage(Stage):
         lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
         candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
                       for e in doc.get(k, ())[: self.config.per_anchor(k)]}
+        candidates.update(wanted)  # anchors come back as revisits: their stock matters too
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
         docs: dict[str, bytes] = {}

@@ -97,9 +97,10 @@ def test_user_suggestions_follow_placement_and_fall_back_for_strangers(served):
         e["item_id"] for e in stored["items"]
         if (served.r.hget(f"{served.settings.prefix}catalog", e["item_id"]) or b"")
         .find(b'"in_stock":false') < 0][:20]
-    assert all(e["kind"] in ("cross_sell", "trending") for e in cart["items"])
-    held = set(stored["context"]["recent"]) | set(stored["context"]["cart"])
-    assert not held & {e["item_id"] for e in product["items"]}
+    assert all(e["kind"] in ("cross_sell", "next", "trending") for e in cart["items"])
+    assert not set(stored["context"]["cart"]) & {e["item_id"] for e in product["items"]}
+    recent = set(stored["context"]["recent"])
+    assert all(e["kind"] == "revisit" for e in product["items"] if e["item_id"] in recent)
 
     stranger = served.get("/v1/users/nobody-yet/suggestions", k=5).json()
     assert stranger["fallback"] == "trending" and len(stranger["items"]) == 5

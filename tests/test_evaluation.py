@@ -19,7 +19,15 @@ from models.baselines import (
     SessionKNN,
     VectorSessionKNN,
 )
-from models.evaluation import Replay, blocks, compare, metrics, paired_bootstrap, sign_test
+from models.evaluation import (
+    Replay,
+    blocks,
+    compare,
+    compare_blocks,
+    metrics,
+    paired_bootstrap,
+    sign_test,
+)
 
 T0 = 1_700_000_000
 
@@ -108,6 +116,21 @@ def test_statistics_by_hand():
     c = compare([1] * 40, [0] * 40, n_blocks=20)
     assert (c["wins"], c["losses"], c["diff"]) == (20, 0, 1.0)
     assert c["sign_p"] == pytest.approx(2 / 2**20)
+    ranks_a, ranks_b = [1, 0, 3, 25, 0, 2] * 7, [0, 5, 0, 1, 0, 0] * 7
+    assert compare(ranks_a, ranks_b, n_blocks=6) == compare_blocks(
+        blocks([1.0 if 0 < r <= 20 else 0.0 for r in ranks_a], 6),
+        blocks([1.0 if 0 < r <= 20 else 0.0 for r in ranks_b], 6))
+
+
+def test_variants_of_the_model_are_never_the_best_baseline():
+    from cartwise.evaluate import evaluate
+
+    events = [ev(1, "view", "u", "A", 0), ev(2, "add_to_cart", "u", "B", 1),
+              ev(3, "view", "v", "A", 2), ev(4, "add_to_cart", "v", "B", 3)]
+    models = [Scripted("cartwise", []), Scripted("cartwise-ablation", ["B"]),
+              Scripted("weak", []), Scripted("strong", ["B"])]
+    result = evaluate(events, ["cart"], models, report_from=0.0)
+    assert result["best_baseline"] == "strong"
 
 
 def test_association_and_sequential_rules_by_hand():
@@ -204,8 +227,8 @@ def test_evaluate_command_rejects_bad_input(tmp_path, capsys):
 def test_settings_reach_the_model():
     from cartwise.evaluate import make_models
 
-    (m,) = make_models(["cartwise"], ["revisit_weight=1", "max_anchors=30"])
-    assert m.rec.config.revisit_weight == 1.0 and m.rec.config.max_anchors == 30
+    (m,) = make_models(["cartwise"], ["revisit_weight=2", "max_anchors=7"])
+    assert m.rec.config.revisit_weight == 2.0 and m.rec.config.max_anchors == 7
     assert isinstance(m.rec.config.max_anchors, int)
 
 

@@ -19,6 +19,7 @@ from cartwise.embedded import EmbeddedStack, free_port
 from cartwise.harness import produce, progress, snapshot, stop_worker, wait_complete
 from cartwise.lag import collect
 from cartwise.simulator import Shop
+from models.graph import KINDS
 from streams.topics import ensure_topics
 from tests.test_operations import scrape
 from tests.test_pipeline import oracle
@@ -91,8 +92,9 @@ def assert_lists_match_the_library(settings, events: list, catalog: list) -> Non
     ref = oracle(events, catalog)
     for item in ref.graph.rows:
         got = snap["items"][f"item:{item}"]
-        want = ref.graph.lists(item)["cross_sell"]
-        assert got["cross_sell"] == want, item
+        want = ref.graph.lists(item)
+        for kind in KINDS:
+            assert got[kind] == want[kind], (item, kind)
     users = {e["user_id"] for e in events}
     assert {k.removeprefix("user:") for k in snap["users"]} == users
     for user in users:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import replace
 
 import pytest
 
 from cartwise.contract import ContractError, validate_event
 from models import ContextBook, CrossSellRecommender, ItemGraph, ModelConfig, ShopperContext
 from models.ranking import rank_for_user
+from models.scoring import round_sig, top_rounded
 
 T0 = 1_700_000_000.0
 DAY = 86400.0
@@ -163,10 +166,18 @@ def _graph_from(pairs, buy=True, config=None):
     return rec
 
 
-def test_a_single_co_occurrence_never_becomes_a_suggestion():
+def test_a_single_co_occurrence_is_a_suggestion_only_while_fresh_or_never_when_strict():
     baskets = [["A", "B"]] + [[f"x{i}", f"y{i}"] for i in range(50)] * 3
-    rec = _graph_from(baskets)
+    rec = _graph_from(baskets)  # default: support 1 >= min_support 0.25, for now
+    assert [e["item_id"] for e in rec.related("A")] == ["B"]
+    # Two half-lives later its support (0.25) is at the floor; a moment later below it.
+    later = T0 + 2 * rec.config.half_life_s + 1000
+    rec.learn_one({"event_id": "late", "type": "view", "user_id": "z", "item_id": "z",
+                   "ts": later})
+    rec.settle()
     assert rec.related("A") == []
+    strict = _graph_from(baskets, config=ModelConfig(min_support=2.0, llr_min=6.63))
+    assert strict.related("A") == []
 
 
 def test_complements_and_alternatives_are_told_apart():
@@ -215,6 +226,10 @@ def test_graph_memory_bounds():
 # -- ranking --------------------------------------------------------------------------------
 
 
+# Ranking arithmetic, checked by hand with round numbers: no revisits, no next picks.
+RANK = ModelConfig(anchor_decay=0.8, viewed_weight=0.6, revisit_weight=0.0, next_weight=0.0)
+
+
 def _lists(*entries):
     return {"cross_sell": [{"item_id": i, "score": s, "kind": "cross_sell", "reason": f"r-{i}"}
                            for i, s in entries], "alternatives": []}
@@ -233,7 +248,7 @@ def test_ranking_excludes_what_must_never_be_suggested():
                              ("charger", 0.3))}
     catalog = {"old-pods": {"consumable": True}, "sold-out": {"in_stock": False},
                "old-durable": {"consumable": False}}
-    got = rank_for_user(ctx, lists, catalog, k=10)
+    got = rank_for_user(ctx, lists, catalog, k=10, config=RANK)
     assert [e["item_id"] for e in got] == ["case", "old-pods", "charger"]
     # phone is the second newest anchor ("in-cart" came later): its evidence counts 0.8.
     assert got[0] == {"item_id": "case", "score": 0.72, "kind": "cross_sell", "reason": "r-case"}
@@ -251,7 +266,7 @@ def test_ranking_blends_anchors_and_offers_alternatives_only_for_viewed_items():
                "alternatives": [{"item_id": "tv2", "score": 0.4, "kind": "alternatives",
                                  "reason": "tv-alt"}]},
     }
-    got = {e["item_id"]: e for e in rank_for_user(ctx, lists, {}, k=10)}
+    got = {e["item_id"]: e for e in rank_for_user(ctx, lists, {}, k=10, config=RANK)}
     # phone is newest and carted (weight 1); tv is older (0.8) and only viewed (0.6).
     assert got["case"]["score"] == pytest.approx(0.5)
     assert got["cable"]["score"] == pytest.approx(0.2 + 0.5 * 0.8 * 0.6)
@@ -266,8 +281,8 @@ def test_next_picks_are_blended_only_with_a_next_weight():
     ctx = book.get("u")
     lists = {"tv": {"next": [{"item_id": "soundbar", "score": 0.5, "kind": "next",
                               "reason": "tv-next"}]}}
-    assert rank_for_user(ctx, lists, {}, k=10, config=ModelConfig(next_weight=0)) == []
-    cfg = ModelConfig(next_weight=3, viewed_weight=0.6)
+    assert rank_for_user(ctx, lists, {}, k=10, config=RANK) == []
+    cfg = replace(RANK, next_weight=3)
     assert rank_for_user(ctx, lists, {}, k=10, config=cfg) == [
         {"item_id": "soundbar", "score": pytest.approx(0.5 * 0.6 * 3), "kind": "next",
          "reason": "tv-next"}]
@@ -281,3 +296,33 @@ def test_library_api_validates_and_deduplicates():
     assert rec.learn_one(e) is True
     assert rec.learn_one(e) is False
     assert rec.recommend("nobody") == []
+
+
+def test_top_rounded_equals_rounding_and_sorting_everything():
+    rng = random.Random(3)
+    base = [rng.choice([0.1, 0.5, 1.0, 3.0]) for _ in range(400)]
+    # Values equal after rounding to 9 digits but not before, so ids must break the tie.
+    cands = [(b * (1 + rng.choice([0.0, 1e-12, -1e-12, 1e-3])), f"i{n:03d}")
+             for n, b in enumerate(base)]
+    for n in (1, 7, 50, 1000):
+        naive = sorted(((round_sig(c[0], 9), c) for c in cands), key=lambda t: (-t[0], t[1][1]))
+        assert top_rounded(cands, n, 9) == naive[:n]
+
+
+def test_viewed_items_come_back_as_revisits_carted_ones_do_not():
+    book = ContextBook()
+    book.learn(event(1, "view", "tv", ts=T0))
+    book.learn(event(2, "view", "lamp", ts=T0 + 1))
+    book.learn(event(3, "add_to_cart", "phone", ts=T0 + 2))
+    ctx = book.get("u")
+    cfg = replace(RANK, revisit_weight=2.0)
+    got = rank_for_user(ctx, {}, {}, k=10, config=cfg)
+    # Anchors newest first: phone (carted: never a revisit), lamp (decay 0.8), tv (0.8²).
+    assert [(e["item_id"], e["kind"]) for e in got] == [("lamp", "revisit"), ("tv", "revisit")]
+    assert got[0]["score"] == pytest.approx(2.0 * 0.8)
+    assert got[1]["score"] == pytest.approx(2.0 * 0.8**2)
+    assert rank_for_user(ctx, {}, {}, k=10, config=RANK) == []
+    # A revisit that an anchor's list also points to adds both, and still says what it is.
+    got = rank_for_user(ctx, {"phone": _lists(("tv", 0.5))}, {}, k=10, config=cfg)
+    assert got[0]["item_id"] == "tv" and got[0]["kind"] == "revisit"
+    assert got[0]["score"] == pytest.approx(2.0 * 0.8**2 + 0.5)

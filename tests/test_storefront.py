@@ -52,7 +52,10 @@ def test_adding_to_cart_changes_the_suggestions_shown(served, tmp_path: Path):
                                   && li.every(e => e.dataset.kind !== 'trending'); }""",
                 timeout=30_000)
             before = page.evaluate(LIST_STATE, "#user-suggestions")
-            assert before[0].split(":")[0] in {e["item_id"] for e in stored["cross_sell"]}
+            evidence = {e["item_id"] for kind in ("cross_sell", "next", "alternatives")
+                        for e in stored.get(kind, [])}
+            assert hero not in {s.split(":")[0] for s in before}
+            assert before[0].split(":")[0] in evidence
 
             # Adding the first suggestion to the cart changes the list within seconds: the
             # carted item leaves it and the list now answers the cart (complements only).
@@ -62,7 +65,7 @@ def test_adding_to_cart_changes_the_suggestions_shown(served, tmp_path: Path):
             page.wait_for_function(
                 """pick => { const li = [...document.querySelectorAll('#user-suggestions li')];
                              return li.length > 0 && li.every(e => e.dataset.item !== pick
-                                    && e.dataset.kind === 'cross_sell'); }""",
+                                    && ['cross_sell', 'next'].includes(e.dataset.kind)); }""",
                 arg=pick, timeout=30_000)
             after = page.evaluate(LIST_STATE, "#user-suggestions")
             assert after != before

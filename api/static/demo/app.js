@@ -149,7 +149,9 @@ async function refresh() {
   try {
     const placement = state.cart.length ? "cart" : "product";
     const mine = await api(`/v1/users/${encodeURIComponent(state.user)}/suggestions` +
-                           `?k=6&placement=${placement}`);
+                           `?k=7&placement=${placement}`);
+    // The item on screen may come back as a revisit; next to itself it is no suggestion.
+    mine.items = mine.items.filter((s) => s.item_id !== state.item).slice(0, 6);
     renderList($("user-suggestions"), mine);
     $("fallback-note").textContent = mine.fallback
       ? "No evidence about you yet: showing what is popular." : "";
