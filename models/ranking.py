@@ -91,9 +91,14 @@ def blend(
         for kind, kw in sources:
             for e in lists.get(kind, ())[: config.per_anchor(kind)]:
                 j, c = e["item_id"], e["score"] * kw
-                scores[j] = scores.get(j, 0.0) + c
-                if j not in best or c > best[j][0]:
+                old = scores.get(j)
+                if old is None:
+                    scores[j] = c
                     best[j] = (c, kind, e["reason"])
+                else:
+                    scores[j] = old + c
+                    if c > best[j][0]:
+                        best[j] = (c, kind, e["reason"])
     kept = []
     for j, score in scores.items():
         if j in exclude:
