@@ -148,7 +148,7 @@ class ItemGraph:
         found: dict[str, list[tuple]] = {k: [] for k in KINDS}
         marg = self.marg
         # "next" is the share of what shoppers picked right after `item` (sequential rules);
-        # its lift and G² are computed below for the entries kept only.
+        # its lift and G² (of the all channel) are only shown, never tested.
         next_total = sum(v[4] for v in row.values())
         nexts = []
         for other, (a, b, na, nb, dn) in row.items():

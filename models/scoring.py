@@ -27,20 +27,9 @@ def llr(k11: float, k12: float, k21: float, k22: float) -> float:
     return max(0.0, 2.0 * g2)
 
 
-def association(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float, float]:
-    """(confidence i->j, lift, LLR) from the pair count, both marginals and the total.
-
-    LLR is only computed for positive association (lift > 1); otherwise it is reported as 0,
-    since a pair seen less often than chance is never suggested.
-    """
-    conf, lift = confidence_lift(pair, n_i, n_j, total)
-    if lift <= 1.0:
-        return conf, lift, 0.0
-    return conf, lift, pair_llr(pair, n_i, n_j, total)
-
-
 def confidence_lift(pair: float, n_i: float, n_j: float, total: float) -> tuple[float, float]:
-    """The cheap part of `association`: list building tests lift on every neighbour first."""
+    """(confidence i->j, lift). Cheap: list building tests lift on every neighbour, and G²
+    (`pair_llr`) only where it filters or is shown."""
     if n_i <= 0 or n_j <= 0 or total <= 0:
         return 0.0, 0.0
     conf = min(1.0, pair / n_i)
@@ -48,6 +37,7 @@ def confidence_lift(pair: float, n_i: float, n_j: float, total: float) -> tuple[
 
 
 def pair_llr(pair: float, n_i: float, n_j: float, total: float) -> float:
+    """G² of the pair's 2x2 table, from the pair count, both marginals and the total."""
     return llr(pair, n_i - pair, n_j - pair, total - n_i - n_j + pair)
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from models.scoring import association, llr, round_sig
+from models.scoring import confidence_lift, llr, pair_llr, round_sig
 
 
 @pytest.mark.parametrize(
@@ -29,10 +29,10 @@ def test_llr_is_stable_at_large_decayed_counts():
 
 
 def test_association_measures():
-    conf, lift, g2 = association(pair=20, n_i=40, n_j=50, total=1000)
+    conf, lift = confidence_lift(pair=20, n_i=40, n_j=50, total=1000)
     assert conf == 0.5 and lift == pytest.approx(10.0)
-    assert g2 == pytest.approx(llr(20, 20, 30, 930))
-    assert association(0, 0, 5, 10) == (0.0, 0.0, 0.0)
+    assert pair_llr(pair=20, n_i=40, n_j=50, total=1000) == pytest.approx(llr(20, 20, 30, 930))
+    assert confidence_lift(0, 0, 5, 10) == (0.0, 0.0)
 
 
 def test_round_sig():
