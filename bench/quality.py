@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -185,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     names = args.datasets.split(",")
     todo = [n for n in names if not (args.reuse and (RESULTS / f"{n}.json").exists())]
+    # Each log's result is saved the moment it is done, so a long run that is cut off keeps
+    # what it finished and `--reuse` picks up from there.
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        for name, result in zip(todo, pool.map(run, todo, [args.limit] * len(todo)),
-                                strict=True):
-            (RESULTS / f"{name}.json").write_bytes(
-                orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        futures = {pool.submit(run, n, args.limit): n for n in todo}
+        for future in as_completed(futures):
+            (RESULTS / f"{futures[future]}.json").write_bytes(
+                orjson.dumps(future.result(), option=orjson.OPT_INDENT_2))
     results = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in names}
     plot(results)
     command = "python -m bench.quality" + (f" --limit {args.limit}" if args.limit else "")
