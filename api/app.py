@@ -37,6 +37,7 @@ from api.metrics import ApiMetrics
 from api.schemas import (
     CATALOG_SCHEMA,
     EVENT_SCHEMA,
+    RULES_BODY,
     CartRequest,
     CatalogPage,
     ErrorBody,
@@ -59,13 +60,20 @@ from cartwise.settings import Settings
 from models import serving
 from models.config import ModelConfig
 from models.ranking import rank_for_cart
+from models.rules import NO_RULES, Rules, RulesError
+from models.rules import apply as apply_rules
 from streams.store import Store
 
 log = logging.getLogger("cartwise.api")
 STATIC = FsPath(__file__).parent / "static"
 TRENDING_READ = 60  # trending entries read per set: enough to fill k after filtering
 TRENDING_TTL_S = 1.0  # how stale a process's copy of the trending sets may be
-CACHE_REFRESH_S = 0.5  # how often the catalog version and trending sets are checked
+CACHE_REFRESH_S = 0.5  # how often the catalog version, rules and trending sets are checked
+SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
+
+
+def utc_day(now: float | None = None) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(time.time() if now is None else now))
 CATALOG_CACHE_MAX = 200_000
 API_VERSION = "1"
 CONFIG = ModelConfig()  # the model settings the workers run with (their defaults)
@@ -193,8 +201,14 @@ class Backend:
         self._trending: dict[str | None, tuple[float, list, dict]] = {}
         self._catalog: dict[str, dict | None] = {}  # item -> facts (None: not in the catalog)
         self._catalog_generation = 0  # bumped whenever the copy above is dropped
+        self.rules: Rules = NO_RULES
+        self._rules_raw: bytes | None = None
 
     async def start(self) -> None:
+        try:
+            await self.load_rules()
+        except Exception as exc:  # Redis not up yet: the refresh loop keeps trying
+            log.warning("rules not loaded yet: %r", exc)
         self._producer_task = asyncio.create_task(self._start_producer())
         self._refresh_task = asyncio.create_task(self._refresh_caches())
         self._stream_task = asyncio.create_task(self._watch_stream())
@@ -247,6 +261,7 @@ class Backend:
                     version = now_version
                     self._catalog_generation += 1
                     self._catalog.clear()
+                await self.load_rules()
                 stale = [c for c, (at, _, _) in self._trending.items()
                          if time.monotonic() - at >= TRENDING_TTL_S]
                 if stale:
@@ -315,6 +330,35 @@ class Backend:
             raise ApiError(429, "rate_limited", f"over the '{role}' rate limit; retry in "
                            f"{wait:.2f}s", headers={"Retry-After": str(max(1, round(wait)))})
         return role
+
+    async def load_rules(self) -> None:
+        """Pick up a rules change made through any API process (checked every CACHE_REFRESH_S)."""
+        raw = await self.redis.get(self.keys.rules)
+        if raw == self._rules_raw:
+            return
+        try:
+            self.rules = Rules.parse(orjson.loads(raw)) if raw else NO_RULES
+        except (ValueError, RulesError) as exc:
+            # Only PUT /v1/rules writes the key, after validating; keep the last good rules.
+            log.error("stored rules are not usable, keeping the previous ones: %s", exc)
+        self._rules_raw = raw
+
+    async def save_rules(self, rules: Rules) -> None:
+        raw = orjson.dumps(rules.to_dict())
+        await self.redis.set(self.keys.rules, raw)
+        self.rules, self._rules_raw = rules, raw
+
+    async def shown_today(self, user_id: str) -> dict[str, int]:
+        got = await self.redis.hgetall(self.keys.shown(user_id, utc_day()))
+        return {k.decode(): int(v) for k, v in got.items()}
+
+    async def count_shown(self, user_id: str, entries: list[dict]) -> None:
+        key = self.keys.shown(user_id, utc_day())
+        pipe = self.redis.pipeline(transaction=False)
+        for e in entries:
+            pipe.hincrby(key, e["item_id"], 1)
+        pipe.expire(key, SHOWN_TTL_S)
+        await pipe.execute()
 
     # -- Redis reads ------------------------------------------------------------------------
 
@@ -386,6 +430,10 @@ class Backend:
             catalog.setdefault(i, f)
         if first is not None:
             sets = [(first(ranked, catalog), c) for ranked, c in sets if c is not None] + sets
+        rules = self.rules
+        if not rules.empty:
+            sets = [([(i, sc) for i, sc in ranked if rules.permits(i, catalog.get(i))], c)
+                    for ranked, c in sets]
         entries, used = serving.fill(entries, sets, catalog, k, exclude)
         if used:
             self.metrics.fallback.labels(used.partition(":")[0]).inc()
@@ -407,14 +455,21 @@ class Backend:
         doc = orjson.loads(raw) if raw else None
         source = "alternatives" if kind == "upsell" else kind
         listed = doc.get(source, []) if doc else []
+        rules = self.rules
+        # Pins belong next to an item's complements; the other kinds answer other questions.
+        pinned = rules.wanted([item_id], False) if kind == "cross_sell" else []
         wanted = ([e["item_id"] for e in listed] if kind == "upsell"
                   else serving.candidates(listed, k))
-        catalog = await self.facts([item_id, *wanted])
+        catalog = await self.facts([item_id, *wanted, *pinned])
         anchor = catalog.get(item_id)
+        room = k if rules.empty else k + serving.HEADROOM
         if kind == "upsell":
-            entries = serving.upsell(item_id, doc, anchor, catalog, k)
+            entries = serving.upsell(item_id, doc, anchor, catalog, room)
         else:
-            entries = serving.in_stock(listed, catalog, k, {item_id})
+            entries = serving.in_stock(listed, catalog, room, {item_id})
+        if not rules.empty:
+            entries = apply_rules(entries, rules, catalog, k,
+                                  [item_id] if kind == "cross_sell" else [], {item_id})
         category = (anchor or {}).get("category")
         first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
                  if kind == "upsell" else None)
@@ -425,15 +480,28 @@ class Backend:
         raw = await self.redis.get(self.keys.user(user_id))
         doc = orjson.loads(raw) if raw else None
         listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
-        recent = ((doc or {}).get("context") or {}).get("recent") or []
+        ctx = (doc or {}).get("context") or {}
+        recent = ctx.get("recent") or []
+        rules = self.rules
+        anchors = list(dict.fromkeys([*recent[:1], *reversed(list(ctx.get("cart") or {}))]))
+        existing = bool(ctx.get("bought"))
         catalog = await self.facts(list(dict.fromkeys(
-            [*serving.candidates(listed, k), *recent[:1]])))
+            [*serving.candidates(listed, k), *recent[:1], *rules.wanted(anchors, existing)])))
         exclude = serving.user_exclusions(doc, catalog)
         # The worker ranked `listed` from the context stored beside it (revisits included on
-        # purpose); the exclusions are for the trending fillers.
-        entries = serving.in_stock(listed, catalog, k)
+        # purpose); the exclusions are for the trending fillers and what the rules add.
+        if rules.empty:
+            entries = serving.in_stock(listed, catalog, k)
+        else:
+            shown = await self.shown_today(user_id) if rules.frequency_cap else {}
+            entries = apply_rules(serving.in_stock(listed, catalog, k + serving.HEADROOM),
+                                  rules, catalog, k, anchors, held=exclude,
+                                  existing_customer=existing, shown=shown)
+            exclude = exclude | {i for i, n in shown.items() if n >= rules.frequency_cap}
         categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
         entries, fallback = await self.fill(entries, catalog, k, exclude, categories)
+        if rules.frequency_cap:
+            await self.count_shown(user_id, entries)
         return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement)
 
 
@@ -562,9 +630,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
         wanted = {e["item_id"] for doc in lists.values() for kind in ("cross_sell", "next")
                   for e in doc.get(kind, ())[: CONFIG.per_anchor(kind)]}
-        catalog = await backend.facts(sorted(wanted | set(cart)))
+        rules = backend.rules
+        anchors = list(reversed(cart))
+        catalog = await backend.facts(sorted(wanted | set(cart) | set(rules.wanted(anchors,
+                                                                                 False))))
         exclude = set(body.exclude) | set(cart)
-        entries = rank_for_cart(cart, lists, catalog, body.k, exclude, CONFIG)
+        if rules.empty:
+            entries = rank_for_cart(cart, lists, catalog, body.k, exclude, CONFIG)
+        else:
+            ranked = rank_for_cart(cart, lists, catalog, body.k + serving.HEADROOM,
+                                   exclude | rules.block, CONFIG)
+            entries = apply_rules(ranked, rules, catalog, body.k, anchors, exclude)
         categories = [(catalog.get(i) or {}).get("category") for i in reversed(cart)]
         entries, fallback = await backend.fill(entries, catalog, body.k, exclude,
                                                [c for c in categories if c][:3])
@@ -595,6 +671,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             items = [i for i in items if i.get("category") == category]
         items.sort(key=lambda i: i["item_id"])
         return json_response({"items": items, "next_cursor": int(nxt)})
+
+    # -- business rules -----------------------------------------------------------------------
+
+    @app.get("/v1/rules", tags=["rules"], summary="The merchant's business rules (admin)")
+    async def get_rules(request: Request, _: str = admin) -> Response:
+        await backend.load_rules()
+        return json_response(backend.rules.to_dict() | {"request_id": request_id(request)})
+
+    @app.put("/v1/rules", tags=["rules"],
+             summary="Replace the business rules (admin); every API process applies them "
+                     "within a second",
+             openapi_extra=RULES_BODY)
+    async def put_rules(request: Request, _: str = admin) -> Response:
+        try:
+            doc = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+        try:
+            rules = Rules.parse(doc)
+        except RulesError as exc:
+            raise ApiError(422, "invalid_rules", exc.detail, f"body.{exc.field}") from None
+        await backend.save_rules(rules)
+        return json_response(rules.to_dict() | {"request_id": request_id(request)})
 
     # -- ingest -------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ ItemId = str
 class Suggestion(BaseModel):
     item_id: str
     score: float = Field(description="Higher is better; comparable within one answer only")
-    kind: Literal["cross_sell", "alternatives", "next", "upsell", "trending", "revisit"]
+    kind: Literal["cross_sell", "alternatives", "next", "upsell", "trending", "revisit",
+                  "pinned", "new"]
     reason: str = Field(description="Why it is suggested, fit to show to shoppers")
     name: str | None = None
     price: float | None = None
@@ -125,6 +126,28 @@ CATALOG_SCHEMA: dict[str, Any] = {
     },
     "required": ["item_id"],
 }
+
+
+_IDS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN}}
+
+RULES_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {
+        "type": "object",
+        "description": "Business rules as in docs/rules.md; the whole document is replaced",
+        "additionalProperties": False,
+        "properties": {
+            "block": _IDS | {"description": "items never suggested", "maxItems": 10_000},
+            "exclude_categories": _IDS | {"description": "categories never suggested"},
+            "pins": {"type": "object", "additionalProperties": _IDS | {"maxItems": 10},
+                     "description": "anchor item -> items shown first next to it"},
+            "boost": {"type": "object", "properties": {
+                "items": _IDS | {"description": "new products to show returning customers"},
+                "slots": {"type": "integer", "minimum": 0, "maximum": 5}}},
+            "frequency_cap": {"type": "integer", "minimum": 0, "maximum": 1000,
+                              "description": "times one item may be shown to one shopper "
+                                            "per UTC day; 0 = no cap"},
+        },
+    }}}}}
 
 
 def batch_body(schema: dict[str, Any], plural: str) -> dict[str, Any]:

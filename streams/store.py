@@ -52,6 +52,15 @@ class Keys:
         return f"{self.prefix}trending" if category is None else f"{self.prefix}trending:{category}"
 
     @property
+    def rules(self) -> str:
+        """The merchant's business rules document (models/rules.py), written by the API."""
+        return f"{self.prefix}rules"
+
+    def shown(self, user_id: str, day: str) -> str:
+        """Hash item -> times shown to this shopper on a UTC day (YYYYMMDD): frequency cap."""
+        return f"{self.prefix}shown:{user_id}:{day}"
+
+    @property
     def catalog_version(self) -> str:
         return f"{self.prefix}state:catalog_version"
 

@@ -99,6 +99,10 @@ class Served:
         return httpx.post(self.base + path, content=orjson.dumps(body), timeout=10,
                           headers=self._h(key) | {"Content-Type": "application/json"})
 
+    def put(self, path: str, body: object, key: str | None = "admin") -> httpx.Response:
+        return httpx.put(self.base + path, content=orjson.dumps(body), timeout=10,
+                         headers=self._h(key) | {"Content-Type": "application/json"})
+
     def _h(self, key: str | None) -> dict[str, str]:
         return {} if key is None else {"X-API-Key": getattr(self, key, key)}
 
