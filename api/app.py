@@ -62,6 +62,7 @@ from models.config import ModelConfig
 from models.ranking import rank_for_cart
 from models.rules import NO_RULES, Rules, RulesError
 from models.rules import apply as apply_rules
+from models.segments import rfm
 from streams.store import Store
 
 log = logging.getLogger("cartwise.api")
@@ -513,6 +514,7 @@ def create_asgi(settings: Settings | None = None) -> "FastPath":
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or Settings.from_env()
+    segments = s.segments  # invalid thresholds stop the start, not each profile request
     backend = Backend(s)
 
     @asynccontextmanager
@@ -618,6 +620,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         body = await backend.user_answer(user_id, placement, k)
         return json_response(body | {"request_id": request_id(request)})
+
+    @app.get("/v1/users/{user_id}/profile", tags=["shoppers"],
+             summary="A shopper's RFM segment and order history summary (admin)")
+    async def user_profile(request: Request, user_id: Annotated[str, id_path],
+                           _: str = admin) -> Response:
+        raw = await backend.redis.get(backend.keys.profile(user_id))
+        if raw is None:
+            raise ApiError(404, "not_found", f"no purchase of shopper '{user_id}' is known "
+                           "(a profile starts with the first purchase event)", "path.user_id")
+        doc = orjson.loads(raw)
+        now = time.time()
+        return json_response({
+            "user_id": user_id,
+            "rfm": rfm(doc["orders"], now, segments).to_dict(),
+            "segment_config": segments.to_dict(),
+            "orders_kept": len(doc["orders"]),
+            "first_order_ts": doc["orders"][0][0] if doc["orders"] else None,
+            "last_order_ts": doc["orders"][-1][0] if doc["orders"] else None,
+            "bought": doc.get("bought", []),
+            "as_of": doc.get("as_of"), "generated_at": doc.get("generated_at"),
+            "served_at": now, "request_id": request_id(request)})
 
     @app.post("/v1/cart/suggestions", response_model=Suggestions, tags=["suggestions"],
               summary="Suggestions for an anonymous cart")

@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 
+from models.segments import SegmentConfig
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"CARTWISE_{name.upper()}", default)
@@ -60,6 +62,11 @@ class Settings:
     # moved for `stall_after_s` while records wait is reported stalled (/ready, metrics).
     stall_check_s: float = 15.0
     stall_after_s: float = 120.0
+    # RFM segments (docs/segments.md): the window, and the amount x frequency thresholds.
+    segment_window_days: float = 90.0
+    segment_frequent_orders: int = 2
+    segment_high_spend: float = 600.0
+    segment_mid_spend: float = 300.0
     produce_timeout_s: float = 5.0  # how long POST /v1/events waits for the broker's ack
     # The demo storefront page (served at /demo) is on only when both keys are set. They are
     # handed to the browser in clear: never set them in production.
@@ -78,6 +85,11 @@ class Settings:
                 kind = type(getattr(cls, f.name, "")) if f.name != "worker_id" else str
                 values[f.name] = kind(raw) if kind in (int, float) else raw
         return cls(**values)
+
+    @property
+    def segments(self) -> SegmentConfig:
+        return SegmentConfig(self.segment_window_days, self.segment_frequent_orders,
+                             self.segment_high_spend, self.segment_mid_spend)
 
     @property
     def bootstrap(self) -> list[str]:

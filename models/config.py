@@ -24,6 +24,9 @@ class ModelConfig:
     context_max_items: int = 30
     seen_ids_max: int = 64
     bought_max: int = 200
+    # Purchase history per shopper for RFM segments (models/segments.py): a year, 200 orders.
+    orders_keep_s: float = 365 * 86400.0
+    orders_max: int = 200
     max_users: int = 500_000
     max_neighbours: int = 200
     max_items: int = 200_000

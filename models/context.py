@@ -43,6 +43,9 @@ class ShopperContext:
     cart: dict[str, int] = field(default_factory=dict)
     bought: dict[str, float] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=deque)
+    # One [ts, amount] per purchase event (amount None when no line had a price), oldest
+    # first, kept for `orders_keep_s`: what RFM segments are computed from (models/segments.py).
+    orders: list[list[Any]] = field(default_factory=list)
     last_ts: float = 0.0
     session: str = ""
     session_n: int = 0
@@ -54,6 +57,7 @@ class ShopperContext:
                 "c": self.cart,
                 "b": self.bought,
                 "e": list(self.seen),
+                "o": self.orders,
                 "t": self.last_ts,
                 "s": self.session,
                 "n": self.session_n,
@@ -68,6 +72,7 @@ class ShopperContext:
             cart=d["c"],
             bought=d["b"],
             seen=deque(d["e"]),
+            orders=d.get("o", []),  # contexts checkpointed before order history was kept
             last_ts=d["t"],
             session=d["s"],
             session_n=d["n"],
@@ -82,6 +87,21 @@ class ShopperContext:
             "session": self.session,
             "last_ts": self.last_ts,
         }
+
+
+def record_order(orders: list[list[Any]], event: Event, cfg: ModelConfig) -> None:
+    """Add one purchase event as an order; keep the window and the bound."""
+    priced = [line.price * line.quantity for line in event.lines if line.price is not None]
+    amount = round(sum(priced), 2) if priced else None
+    at = len(orders)
+    while at and orders[at - 1][0] > event.ts:  # a late event goes where its time says
+        at -= 1
+    orders.insert(at, [event.ts, amount])
+    horizon = orders[-1][0] - cfg.orders_keep_s
+    drop = 0
+    while drop < len(orders) and orders[drop][0] < horizon:
+        drop += 1
+    del orders[: max(drop, len(orders) - cfg.orders_max)]
 
 
 class ContextBook:
@@ -143,6 +163,8 @@ class ContextBook:
                 ctx.bought[line.item_id] = now
         while len(ctx.bought) > cfg.bought_max:
             del ctx.bought[next(iter(ctx.bought))]
+        if event.type == "purchase":
+            record_order(ctx.orders, event, cfg)
         return now, marginals, pairs
 
     def _touch(

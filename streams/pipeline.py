@@ -111,12 +111,23 @@ class ReadCache:
         return out
 
 
+def order_mark(ctx: ShopperContext) -> tuple:
+    return (len(ctx.orders), ctx.orders[-1][0] if ctx.orders else None)
+
+
+def profile_doc(user: str, ctx: ShopperContext) -> dict[str, Any]:
+    """What segments and audiences are computed from (docs/redis.md, cw:profile)."""
+    return {"user_id": user, "orders": ctx.orders, "bought": list(ctx.bought),
+            "as_of": ctx.last_ts, "generated_at": time.time()}
+
+
 @dataclass
 class ContextPartition:
     offset: int  # last offset checkpointed to Redis
     book: ContextBook
     applied: int = -1  # last offset applied in memory (>= offset)
     written: dict[str, int] = field(default_factory=dict)  # user -> digest of the last list
+    profiled: dict[str, tuple] = field(default_factory=dict)  # user -> orders last written
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -406,6 +417,7 @@ class ContextStage(Stage):
                                                     only_changed)
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
+        profiled: dict[str, tuple] = {}
         for n, (user, ctx) in enumerate(ctxs):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
@@ -419,6 +431,9 @@ class ContextStage(Stage):
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
+            if ctx.orders and st.profiled.get(user) != (mark := order_mark(ctx)):
+                docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx))
+                profiled[user] = mark
         if docs and not only_changed:
             # Ranked against cached item lists, possibly older than the last refresh: the
             # partition needs refreshing again, and must not look refreshed meanwhile.
@@ -429,6 +444,7 @@ class ContextStage(Stage):
                 await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
         # Only what reached Redis counts as written: a failed write is retried next time.
         st.written.update(digests)
+        st.profiled.update(profiled)
         return len(docs)
 
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:

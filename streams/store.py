@@ -51,6 +51,10 @@ class Keys:
         """Sorted set of trending scores (models/trending.py): shop-wide or one category's."""
         return f"{self.prefix}trending" if category is None else f"{self.prefix}trending:{category}"
 
+    def profile(self, user_id: str) -> str:
+        """A shopper's order history, for segments (admin reads; not for storefronts)."""
+        return f"{self.prefix}profile:{user_id}"
+
     @property
     def rules(self) -> str:
         """The merchant's business rules document (models/rules.py), written by the API."""

@@ -1,0 +1,127 @@
+"""RFM segments: the arithmetic on hand-checked cases, the order history the context keeps,
+and the admin profile route over the real stream."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cartwise.contract import prepare_event
+from models.config import ModelConfig
+from models.context import ContextBook, ShopperContext
+from models.segments import (
+    DAY,
+    GENERAL_TO_DEVELOP,
+    GENERAL_VALUE,
+    IMPORTANT_TO_DEVELOP,
+    IMPORTANT_VALUE,
+    SegmentConfig,
+    quadrant,
+    rfm,
+)
+from tests.conftest import Served
+
+CFG = SegmentConfig()
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(("orders", "spent", "want"), [
+    (2, 600.0, IMPORTANT_VALUE),
+    (5, 5000.0, IMPORTANT_VALUE),
+    (1, 600.0, IMPORTANT_TO_DEVELOP),
+    (2, 599.99, GENERAL_VALUE),
+    (2, 300.0, GENERAL_VALUE),
+    (2, 299.0, GENERAL_TO_DEVELOP),
+    (1, 599.0, GENERAL_TO_DEVELOP),
+    (0, 0.0, None),
+])
+def test_quadrants_follow_the_spec_thresholds(orders, spent, want):
+    assert quadrant(orders, spent, CFG) == want
+
+
+def test_thresholds_are_configurable_and_checked():
+    strict = SegmentConfig(window_days=30, frequent_orders=3, high_spend=1000, mid_spend=100)
+    assert quadrant(2, 2000, strict) == IMPORTANT_TO_DEVELOP
+    assert quadrant(3, 150, strict) == GENERAL_VALUE
+    with pytest.raises(ValueError, match="mid_spend"):
+        SegmentConfig(high_spend=100, mid_spend=200)
+    with pytest.raises(ValueError, match="window"):
+        SegmentConfig(window_days=0)
+
+
+def test_rfm_counts_only_the_window_and_recency_from_the_last_order():
+    orders = [[NOW - 200 * DAY, 900.0], [NOW - 60 * DAY, 250.0], [NOW - 10 * DAY, None],
+              [NOW - 2.5 * DAY, 400.0]]
+    got = rfm(orders, NOW, CFG)
+    assert (got.frequency, got.monetary, got.unpriced_orders) == (3, 650.0, 1)
+    assert got.recency_days == 2.5 and got.quadrant == IMPORTANT_VALUE
+    # Seen from a time before the last two orders: they do not exist yet.
+    earlier = rfm(orders, NOW - 30 * DAY, CFG)
+    assert (earlier.frequency, earlier.monetary, earlier.recency_days) == (1, 250.0, 30.0)
+    assert earlier.quadrant == GENERAL_TO_DEVELOP
+    never = rfm([], NOW, CFG)
+    assert (never.recency_days, never.frequency, never.quadrant) == (None, 0, None)
+
+
+def purchase(user: str, ts: float, lines: list[tuple[str, int, float | None]], n: int):
+    return prepare_event({"type": "purchase", "user_id": user, "event_id": f"o{n}", "ts": ts,
+                          "items": [{"item_id": i, "quantity": q, "price": p}
+                                    for i, q, p in lines]}, ts)[0]
+
+
+def test_context_keeps_one_order_per_purchase_event_in_time_order_and_bounded():
+    cfg = ModelConfig(orders_keep_s=100 * DAY, orders_max=3)
+    book = ContextBook(cfg)
+    book.learn(purchase("u", NOW, [("a", 2, 10.0), ("b", 1, 5.5)], 1))
+    book.learn(purchase("u", NOW, [("a", 2, 10.0)], 1))  # the same event again: ignored
+    book.learn(purchase("u", NOW - DAY, [("c", 1, None)], 2))  # late, unpriced
+    assert book.get("u").orders == [[NOW - DAY, None], [NOW, 25.5]]
+    book.learn(purchase("u", NOW + DAY, [("d", 1, 1.0)], 3))
+    book.learn(purchase("u", NOW + 2 * DAY, [("e", 1, 2.0)], 4))
+    assert [o[1] for o in book.get("u").orders] == [25.5, 1.0, 2.0]  # at most 3
+    book.learn(purchase("u", NOW + 150 * DAY, [("f", 1, 3.0)], 5))
+    assert book.get("u").orders == [[NOW + 150 * DAY, 3.0]]  # older than 100 days: gone
+    again = ShopperContext.from_json(book.get("u").to_json())
+    assert again.orders == book.get("u").orders
+
+
+def test_a_context_checkpointed_before_orders_were_kept_still_loads():
+    raw = b'{"i": [], "c": {}, "b": {"a": 1.0}, "e": [], "t": 1.0, "s": "", "n": 0}'
+    assert ShopperContext.from_json(raw).orders == []
+
+
+def test_profile_route_segments_shoppers_from_their_purchases(served: Served):
+    now = time.time()
+    events = [
+        # Two orders, 700 in the window: important value.
+        {"type": "purchase", "user_id": "rfm-a", "event_id": "rfm-a1", "ts": now - 40 * DAY,
+         "items": [{"item_id": "pho-000", "quantity": 1, "price": 350.0}]},
+        {"type": "purchase", "user_id": "rfm-a", "event_id": "rfm-a2", "ts": now - 3 * DAY,
+         "items": [{"item_id": "aud-001", "quantity": 2, "price": 175.0}]},
+        # One big order in the window, one long before it: important to develop.
+        {"type": "purchase", "user_id": "rfm-b", "event_id": "rfm-b1", "ts": now - 200 * DAY,
+         "items": [{"item_id": "pho-001", "quantity": 1, "price": 50.0}]},
+        {"type": "purchase", "user_id": "rfm-b", "event_id": "rfm-b2", "ts": now - 1 * DAY,
+         "items": [{"item_id": "pho-002", "quantity": 1, "price": 650.0}]},
+    ]
+    assert served.post("/v1/events", events).status_code == 202
+    deadline = time.monotonic() + 30
+    while served.r.get(f"{served.settings.prefix}profile:rfm-b") is None or \
+            served.r.get(f"{served.settings.prefix}profile:rfm-a") is None:
+        assert time.monotonic() < deadline, "profiles never reached Redis"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while len(served.get("/v1/users/rfm-b/profile", key="admin").json()["bought"]) < 2:
+        assert time.monotonic() < deadline, "second order never reached the profile"
+        time.sleep(0.2)
+    a = served.get("/v1/users/rfm-a/profile", key="admin").json()
+    assert a["rfm"]["frequency"] == 2 and a["rfm"]["monetary"] == 700.0
+    assert a["rfm"]["quadrant"] == IMPORTANT_VALUE and 2.9 < a["rfm"]["recency_days"] < 3.1
+    b = served.get("/v1/users/rfm-b/profile", key="admin").json()
+    assert (b["rfm"]["frequency"], b["rfm"]["monetary"]) == (1, 650.0)
+    assert b["rfm"]["quadrant"] == IMPORTANT_TO_DEVELOP and b["orders_kept"] == 2
+    assert b["segment_config"]["window_days"] == 90.0
+    missing = served.get("/v1/users/nobody-bought/profile", key="admin")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "path.user_id"
+    assert served.get("/v1/users/rfm-a/profile", key="read").status_code == 403
