@@ -60,7 +60,7 @@ from cartwise.settings import Settings
 from models import serving
 from models.config import ModelConfig
 from models.ranking import rank_for_cart
-from models.rules import NO_RULES, Rules, RulesError
+from models.rules import NO_RULES, LadderStep, Rules, RulesError, ladder, order_by_price
 from models.rules import apply as apply_rules
 from models.segments import rfm
 from streams.store import Store
@@ -421,8 +421,8 @@ class Backend:
 
     async def fill(self, entries: list[dict], catalog: dict[str, dict | None], k: int,
                    exclude: set[str], categories: list[str | None],
-                   first: Callable[[list, dict], list] | None = None
-                   ) -> tuple[list[dict], str | None]:
+                   first: Callable[[list, dict], list] | None = None,
+                   price_cap: float | None = None) -> tuple[list[dict], str | None]:
         """Top up a short answer from trending sets (category first, then shop-wide)."""
         if len(entries) >= k:
             return entries, None
@@ -434,6 +434,10 @@ class Backend:
         rules = self.rules
         if not rules.empty:
             sets = [([(i, sc) for i, sc in ranked if rules.permits(i, catalog.get(i))], c)
+                    for ranked, c in sets]
+        if price_cap is not None:
+            sets = [([(i, sc) for i, sc in ranked
+                      if ((catalog.get(i) or {}).get("price") or 0.0) <= price_cap], c)
                     for ranked, c in sets]
         entries, used = serving.fill(entries, sets, catalog, k, exclude)
         if used:
@@ -451,43 +455,85 @@ class Backend:
                 "generated_at": doc.get("generated_at") if doc else None,
                 "served_at": time.time(), **extra}
 
-    async def item_answer(self, item_id: str, kind: str, k: int) -> dict[str, Any]:
+    async def shopper_policy(self, user_id: str | None, raw: bytes | None = None,
+                             read: bool = True
+                             ) -> tuple[LadderStep | None, float | None, dict[str, Any] | None]:
+        """The price-ladder step, average order and a summary for this shopper (docs/rules.md).
+
+        `raw` is their cw:profile document when the caller already read it (`read=False`). A
+        shopper with no profile has 0 orders: a step starting at 0 applies to them, if any.
+        """
+        rules = self.rules
+        if not rules.needs_profile or user_id is None:
+            return None, None, None
+        if read:
+            raw = await self.redis.get(self.keys.profile(user_id))
+        orders = orjson.loads(raw)["orders"] if raw else []
+        amounts = [a for _, a in orders if a is not None]
+        average = sum(amounts) / len(amounts) if amounts else None
+        quadrant = rfm(orders, time.time(), self.settings.segments).quadrant
+        step = rules.step(len(orders))
+        return step, average, {
+            "orders": len(orders), "quadrant": quadrant,
+            "step": step.min_orders if step else None,
+            "budget": quadrant in rules.budget_quadrants,
+            "average_order": round(average, 2) if average is not None else None}
+
+    async def item_answer(self, item_id: str, kind: str, k: int,
+                          user_id: str | None = None) -> dict[str, Any]:
         raw = await self.redis.get(self.keys.item(item_id))
         doc = orjson.loads(raw) if raw else None
+        step, average, shopper = await self.shopper_policy(user_id)
+        if shopper and shopper["budget"] and kind == "upsell":
+            kind = "cross_sell"  # a budget-limited shopper is offered complements instead
         source = "alternatives" if kind == "upsell" else kind
         listed = doc.get(source, []) if doc else []
         rules = self.rules
         # Pins belong next to an item's complements; the other kinds answer other questions.
         pinned = rules.wanted([item_id], False) if kind == "cross_sell" else []
+        room = k if rules.empty else k + serving.HEADROOM
         wanted = ([e["item_id"] for e in listed] if kind == "upsell"
-                  else serving.candidates(listed, k))
+                  else serving.candidates(listed, room))
         catalog = await self.facts([item_id, *wanted, *pinned])
         anchor = catalog.get(item_id)
-        room = k if rules.empty else k + serving.HEADROOM
         if kind == "upsell":
             entries = serving.upsell(item_id, doc, anchor, catalog, room)
         else:
             entries = serving.in_stock(listed, catalog, room, {item_id})
         if not rules.empty:
+            entries = ladder(entries, step, catalog, average)
             entries = apply_rules(entries, rules, catalog, k,
                                   [item_id] if kind == "cross_sell" else [], {item_id})
+            entries = order_by_price(entries, step, catalog)
         category = (anchor or {}).get("category")
         first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
                  if kind == "upsell" else None)
-        entries, fallback = await self.fill(entries, catalog, k, {item_id}, [category], first)
-        return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind)
+        cap = step.cap(average) if step else None
+        entries, fallback = await self.fill(entries, catalog, k, {item_id}, [category], first,
+                                            cap)
+        extra = {"shopper": shopper} if shopper else {}
+        return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind, **extra)
 
     async def user_answer(self, user_id: str, placement: str, k: int) -> dict[str, Any]:
-        raw = await self.redis.get(self.keys.user(user_id))
+        rules = self.rules
+        if rules.needs_profile:  # one round trip for both
+            raw, profile = await self.redis.mget(self.keys.user(user_id),
+                                                 self.keys.profile(user_id))
+        else:
+            raw, profile = await self.redis.get(self.keys.user(user_id)), None
         doc = orjson.loads(raw) if raw else None
         listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
+        step, average, shopper = await self.shopper_policy(user_id, profile, read=False)
+        if shopper and shopper["budget"]:
+            # Substitutes are where the dearer tiers are: complements instead (SPEC 1).
+            listed = [e for e in listed if e.get("kind") != "alternatives"]
         ctx = (doc or {}).get("context") or {}
         recent = ctx.get("recent") or []
-        rules = self.rules
         anchors = list(dict.fromkeys([*recent[:1], *reversed(list(ctx.get("cart") or {}))]))
         existing = bool(ctx.get("bought"))
+        room = k if rules.empty else k + serving.HEADROOM
         catalog = await self.facts(list(dict.fromkeys(
-            [*serving.candidates(listed, k), *recent[:1], *rules.wanted(anchors, existing)])))
+            [*serving.candidates(listed, room), *recent[:1], *rules.wanted(anchors, existing)])))
         exclude = serving.user_exclusions(doc, catalog)
         # The worker ranked `listed` from the context stored beside it (revisits included on
         # purpose); the exclusions are for the trending fillers and what the rules add.
@@ -495,15 +541,20 @@ class Backend:
             entries = serving.in_stock(listed, catalog, k)
         else:
             shown = await self.shown_today(user_id) if rules.frequency_cap else {}
-            entries = apply_rules(serving.in_stock(listed, catalog, k + serving.HEADROOM),
-                                  rules, catalog, k, anchors, held=exclude,
+            entries = ladder(serving.in_stock(listed, catalog, room), step, catalog, average)
+            entries = apply_rules(entries, rules, catalog, k, anchors, held=exclude,
                                   existing_customer=existing, shown=shown)
+            entries = order_by_price(entries, step, catalog)
             exclude = exclude | {i for i, n in shown.items() if n >= rules.frequency_cap}
         categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
-        entries, fallback = await self.fill(entries, catalog, k, exclude, categories)
+        cap = step.cap(average) if step else None
+        entries, fallback = await self.fill(entries, catalog, k, exclude, categories,
+                                            price_cap=cap)
         if rules.frequency_cap:
             await self.count_shown(user_id, entries)
-        return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement)
+        extra = {"shopper": shopper} if shopper else {}
+        return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement,
+                         **extra)
 
 
 def create_asgi(settings: Settings | None = None) -> "FastPath":
@@ -602,9 +653,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           "of it; next: what shoppers picked right after it; "
                                           "upsell: a dearer alternative")] = "cross_sell",
         k: Annotated[int, k_param] = 10,
+        user_id: Annotated[str | None, Query(
+            min_length=1, max_length=MAX_ID_LEN,
+            description="The shopper looking, for the merchant's price ladder "
+                        "(docs/rules.md)")] = None,
         _: str = read,
     ) -> Response:
-        body = await backend.item_answer(item_id, kind, k)
+        body = await backend.item_answer(item_id, kind, k, user_id)
         return json_response(body | {"request_id": request_id(request)})
 
     @app.get("/v1/users/{user_id}/suggestions", response_model=Suggestions,
@@ -710,7 +765,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             doc = orjson.loads(await request.body())
         except orjson.JSONDecodeError as exc:
-            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
         try:
             rules = Rules.parse(doc)
         except RulesError as exc:

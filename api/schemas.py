@@ -37,6 +37,9 @@ class Suggestions(BaseModel):
     user_id: str | None = None
     kind: str | None = None
     placement: str | None = None
+    shopper: dict[str, Any] | None = Field(
+        None, description="Only with a price ladder or budget segments in the rules: the "
+                          "shopper's orders, quadrant, ladder step and budget flag used")
 
 
 class CartRequest(BaseModel):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cartwise.contract import MAX_ID_LEN
+from models.segments import QUADRANTS
 
 # Bounds keep one rules document small enough to read on every change and apply per request.
 MAX_BLOCK = 10_000
@@ -23,6 +24,8 @@ MAX_PINS_PER_ANCHOR = 10
 MAX_BOOST = 1_000
 MAX_BOOST_SLOTS = 5
 MAX_FREQUENCY_CAP = 1_000
+MAX_LADDER_STEPS = 10
+LADDER_ORDERS = ("price_ascending", "score")
 
 PIN_REASON = "recommended by the shop"
 BOOST_REASON = "new in the shop, picked for returning customers"
@@ -40,6 +43,29 @@ class RulesError(ValueError):
 
 
 @dataclass(frozen=True)
+class LadderStep:
+    """How a shopper with at least `min_orders` orders is offered related items (SPEC 1).
+
+    `order`: "price_ascending" shows the cheaper of the selected items first (a first-time
+    buyer sees the 999 smart lock before the 3999 robot vacuum); "score" keeps the evidence
+    order. `max_price` and `max_price_ratio` (of the shopper's average order amount) leave
+    out dearer items; null means no cap.
+    """
+
+    min_orders: int
+    order: str = "score"
+    max_price: float | None = None
+    max_price_ratio: float | None = None
+
+    def cap(self, average_order: float | None) -> float | None:
+        caps = [c for c in (self.max_price,
+                            self.max_price_ratio * average_order
+                            if self.max_price_ratio is not None and average_order else None)
+                if c is not None]
+        return min(caps) if caps else None
+
+
+@dataclass(frozen=True)
 class Rules:
     block: frozenset[str] = frozenset()
     exclude_categories: frozenset[str] = frozenset()
@@ -47,6 +73,8 @@ class Rules:
     boost: tuple[str, ...] = ()
     boost_slots: int = 1
     frequency_cap: int = 0  # times one item may be shown to one shopper per UTC day; 0: off
+    ladder: tuple[LadderStep, ...] = ()  # by min_orders, ascending
+    budget_quadrants: frozenset[str] = frozenset()  # these get cross-sell instead of upsell
     updated_at: float | None = None
 
     @classmethod
@@ -54,7 +82,8 @@ class Rules:
         """Validate a document as sent to PUT /v1/rules; every field is optional."""
         if not isinstance(doc, dict):
             raise RulesError("body", "the rules document must be a JSON object")
-        known = {"block", "exclude_categories", "pins", "boost", "frequency_cap", "updated_at"}
+        known = {"block", "exclude_categories", "pins", "boost", "frequency_cap",
+                 "price_ladder", "updated_at"}
         for key in doc:
             if key not in known:
                 raise RulesError(str(key)[:50], f"unknown rule; known: {', '.join(sorted(known))}")
@@ -83,8 +112,9 @@ class Rules:
         boost = _ids(boost_doc.get("items", []), "boost.items", MAX_BOOST)
         slots = _int(boost_doc.get("slots", 1), "boost.slots", 0, MAX_BOOST_SLOTS)
         cap = _int(doc.get("frequency_cap", 0), "frequency_cap", 0, MAX_FREQUENCY_CAP)
+        ladder, budget = _ladder(doc.get("price_ladder", {}))
         return cls(frozenset(block), frozenset(categories), pins, tuple(boost), slots, cap,
-                   time.time() if now is None else now)
+                   ladder, budget, time.time() if now is None else now)
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": sorted(self.block),
@@ -92,12 +122,27 @@ class Rules:
                 "pins": {a: list(items) for a, items in sorted(self.pins.items())},
                 "boost": {"items": list(self.boost), "slots": self.boost_slots},
                 "frequency_cap": self.frequency_cap,
+                "price_ladder": {"steps": [asdict(st) for st in self.ladder],
+                                 "budget_quadrants": sorted(self.budget_quadrants)},
                 "updated_at": self.updated_at}
 
     @property
     def empty(self) -> bool:
         return not (self.block or self.exclude_categories or self.pins or self.boost
-                    or self.frequency_cap)
+                    or self.frequency_cap or self.ladder or self.budget_quadrants)
+
+    @property
+    def needs_profile(self) -> bool:
+        """Does serving a shopper need their order history (price ladder, budget segments)?"""
+        return bool(self.ladder or self.budget_quadrants)
+
+    def step(self, orders: int) -> LadderStep | None:
+        """The ladder step for a shopper with this many orders: the highest one reached."""
+        found = None
+        for st in self.ladder:
+            if orders >= st.min_orders:
+                found = st
+        return found
 
     def permits(self, item_id: str, facts: Mapping[str, Any] | None) -> bool:
         """May this item be shown at all (block list, excluded categories)?"""
@@ -129,6 +174,54 @@ def _ids(values: Any, where: str, limit: int) -> list[str]:
     if len(values) > limit:
         raise RulesError(where, f"at most {limit} entries, got {len(values)}")
     return list(dict.fromkeys(_id(v, f"{where}[{n}]") for n, v in enumerate(values)))
+
+
+def _ladder(doc: Any) -> tuple[tuple[LadderStep, ...], frozenset[str]]:
+    if not isinstance(doc, dict):
+        raise RulesError("price_ladder", "must be an object: {\"steps\": [...], "
+                         "\"budget_quadrants\": [...]}")
+    for key in doc:
+        if key not in ("steps", "budget_quadrants"):
+            raise RulesError(f"price_ladder.{str(key)[:50]}",
+                             "unknown; known: steps, budget_quadrants")
+    steps_doc = doc.get("steps", [])
+    if not isinstance(steps_doc, list) or len(steps_doc) > MAX_LADDER_STEPS:
+        raise RulesError("price_ladder.steps", f"must be a list of at most {MAX_LADDER_STEPS} "
+                         "steps")
+    steps: list[LadderStep] = []
+    for n, st in enumerate(steps_doc):
+        where = f"price_ladder.steps[{n}]"
+        if not isinstance(st, dict):
+            raise RulesError(where, "must be an object with min_orders and order")
+        for key in st:
+            if key not in ("min_orders", "order", "max_price", "max_price_ratio"):
+                raise RulesError(f"{where}.{str(key)[:50]}", "unknown; known: min_orders, "
+                                 "order, max_price, max_price_ratio")
+        if "min_orders" not in st:
+            raise RulesError(f"{where}.min_orders", "is required")
+        min_orders = _int(st["min_orders"], f"{where}.min_orders", 0, 1_000_000)
+        if steps and min_orders <= steps[-1].min_orders:
+            raise RulesError(f"{where}.min_orders", "steps must have increasing min_orders")
+        order = st.get("order", "score")
+        if order not in LADDER_ORDERS:
+            raise RulesError(f"{where}.order", f"must be one of {', '.join(LADDER_ORDERS)}")
+        caps = [_positive(st.get(c), f"{where}.{c}") for c in ("max_price", "max_price_ratio")]
+        steps.append(LadderStep(min_orders, order, *caps))
+    budget = _ids(doc.get("budget_quadrants", []), "price_ladder.budget_quadrants",
+                  len(QUADRANTS))
+    for n, q in enumerate(budget):
+        if q not in QUADRANTS:
+            raise RulesError(f"price_ladder.budget_quadrants[{n}]",
+                             f"unknown quadrant; known: {', '.join(QUADRANTS)}")
+    return tuple(steps), frozenset(budget)
+
+
+def _positive(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise RulesError(where, "must be a positive number or null")
+    return float(value)
 
 
 def _int(value: Any, where: str, low: int, high: int) -> int:
@@ -186,3 +279,40 @@ def apply(entries: list[dict[str, Any]], rules: Rules, catalog: Catalog, k: int,
             out = keep + [{"item_id": i, "score": floor, "kind": "new", "reason": BOOST_REASON}
                           for i in fresh]
     return out
+
+
+def ladder(entries: list[dict[str, Any]], step: LadderStep | None, catalog: Catalog,
+           average_order: float | None) -> list[dict[str, Any]]:
+    """Apply a price-ladder step to ranked candidates (before the top k is cut).
+
+    Items over the step's price cap are left out (items without a known price stay: no
+    guess); with "price_ascending", the first `k` chosen by evidence are reordered by
+    `order_by_price` once the answer is cut.
+    """
+    if step is None:
+        return entries
+    cap = step.cap(average_order)
+    if cap is None:
+        return entries
+    return [e for e in entries
+            if (p := (catalog.get(e["item_id"]) or {}).get("price")) is None or p <= cap]
+
+
+def order_by_price(entries: list[dict[str, Any]], step: LadderStep | None,
+                   catalog: Catalog) -> list[dict[str, Any]]:
+    """Cheaper first for a "price_ascending" step; pinned items stay first, boosted last.
+
+    The scores are reassigned in the new order (the same multiset, still non-increasing), so
+    a storefront sorting by score keeps the ladder's order.
+    """
+    if step is None or step.order != "price_ascending":
+        return entries
+    head = [e for e in entries if e["kind"] == "pinned"]
+    tail = [e for e in entries if e["kind"] == "new"]
+    middle = [e for e in entries if e["kind"] not in ("pinned", "new")]
+    inf = float("inf")
+    by_price = sorted(middle, key=lambda e: (catalog.get(e["item_id"]) or {}).get("price")
+                      if (catalog.get(e["item_id"]) or {}).get("price") is not None else inf)
+    scores = [e["score"] for e in middle]
+    middle = [dict(e, score=sc) for e, sc in zip(by_price, scores, strict=True)]
+    return head + middle + tail

@@ -6,9 +6,18 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 
-from models.rules import BOOST_REASON, PIN_REASON, Rules, RulesError, apply
+from models.rules import (
+    BOOST_REASON,
+    PIN_REASON,
+    Rules,
+    RulesError,
+    apply,
+    ladder,
+    order_by_price,
+)
 from tests.conftest import Served
 
 
@@ -159,9 +168,11 @@ def test_frequency_cap_and_boost_for_a_returning_shopper(rules_reset: Served):
                    if (doc := s.doc("user", u.decode().rsplit(":", 1)[1]))
                    and doc["context"]["bought"] and len(doc["items"]) >= 6)
     user = shopper.decode().rsplit(":", 1)[1]
-    owned = set(s.doc("user", user)["context"]["bought"])
-    new = next(c["item_id"] for c in s.shop.catalog if c["in_stock"] and c["item_id"] not in owned
-               and not c["consumable"])
+    doc = s.doc("user", user)
+    # A product the shopper has not touched and the model does not suggest to them.
+    known = ({*doc["context"]["bought"], *doc["context"]["recent"], *doc["context"]["cart"]}
+             | {e["item_id"] for e in doc["items"]})
+    new = next(c["item_id"] for c in s.shop.catalog if c["in_stock"] and c["item_id"] not in known)
     assert s.put("/v1/rules", {"frequency_cap": 2,
                                "boost": {"items": [new], "slots": 1}}).status_code == 200
     answers = [s.get(f"/v1/users/{user}/suggestions", k=3).json()["items"] for _ in range(3)]
@@ -189,3 +200,113 @@ def test_bad_rules_are_refused_with_the_field_and_keep_the_old_ones(rules_reset:
     assert s.put("/v1/rules", {}, key="read").status_code == 403
     assert s.get("/v1/rules", key="ingest").status_code == 403
     assert s.get("/v1/rules", key="admin").json()["block"] == ["x"]
+
+
+# -- price ladder -----------------------------------------------------------------------------
+
+LADDER = {"steps": [{"min_orders": 1, "order": "price_ascending", "max_price_ratio": 5},
+                    {"min_orders": 3, "order": "score"}],
+          "budget_quadrants": ["general_to_develop"]}
+SMART_HOME = {
+    "robot-vacuum": {"category": "smart_home", "price": 3999.0, "in_stock": True},
+    "smart-lock": {"category": "smart_home", "price": 999.0, "in_stock": True},
+    "bulb": {"category": "smart_home", "price": 29.0, "in_stock": True},
+}
+# Shoppers who bought a smart speaker went on to the vacuum more often than to the lock.
+SPEAKER_LIST = [entry("robot-vacuum", 0.5), entry("smart-lock", 0.3), entry("bulb", 0.1)]
+
+
+def serve_ladder(rules: Rules, orders: int, average: float | None) -> list[str]:
+    """What serving does: cap, rules, cut to k, then the step's order."""
+    step = rules.step(orders)
+    got = apply(ladder(SPEAKER_LIST, step, SMART_HOME, average), rules, SMART_HOME, 2)
+    return ids(order_by_price(got, step, SMART_HOME))
+
+
+def test_price_ladder_offers_the_smart_lock_before_the_robot_vacuum_to_a_first_buyer():
+    rules = Rules.parse({"price_ladder": LADDER})
+    # One order of 700: the 3999 vacuum is over 5x the average, left out; cheaper first.
+    assert serve_ladder(rules, 1, 700.0) == ["bulb", "smart-lock"]
+    # One order of 1000: both in reach; cheaper first all the same.
+    assert serve_ladder(rules, 1, 1000.0) == ["smart-lock", "robot-vacuum"]
+    # Three orders: the evidence order, the vacuum may lead.
+    assert serve_ladder(rules, 3, 50.0) == ["robot-vacuum", "smart-lock"]
+    # No order yet: below every step, the ladder does not apply.
+    assert serve_ladder(rules, 0, None) == ["robot-vacuum", "smart-lock"]
+
+
+def test_price_ordering_keeps_scores_non_increasing_and_pins_first():
+    rules = Rules.parse({"price_ladder": LADDER})
+    pinned = {"item_id": "bulb", "score": 0.5, "kind": "pinned", "reason": PIN_REASON}
+    got = order_by_price([pinned, *SPEAKER_LIST[:2]], rules.step(1), SMART_HOME)
+    assert ids(got) == ["bulb", "smart-lock", "robot-vacuum"]
+    assert [e["score"] for e in got] == [0.5, 0.5, 0.3]
+
+
+def test_price_ladder_is_validated():
+    for bad, field in [
+        ({"steps": [{"min_orders": 3}, {"min_orders": 1}]}, "price_ladder.steps[1].min_orders"),
+        ({"steps": [{"order": "score"}]}, "price_ladder.steps[0].min_orders"),
+        ({"steps": [{"min_orders": 1, "order": "cheap"}]}, "price_ladder.steps[0].order"),
+        ({"steps": [{"min_orders": 1, "max_price": 0}]}, "price_ladder.steps[0].max_price"),
+        ({"budget_quadrants": ["broke"]}, "price_ladder.budget_quadrants[0]"),
+        ({"tiers": []}, "price_ladder.tiers"),
+    ]:
+        with pytest.raises(RulesError) as err:
+            Rules.parse({"price_ladder": bad})
+        assert err.value.field == field, bad
+    rules = Rules.parse({"price_ladder": LADDER})
+    again = Rules.parse(rules.to_dict(), now=rules.updated_at)
+    assert again == rules and rules.needs_profile and not Rules().needs_profile
+
+
+def test_price_ladder_and_budget_segments_through_the_api(rules_reset: Served):
+    s = rules_reset
+    facts = {c["item_id"]: c for c in s.shop.catalog}
+    hero = next(i for i in s.shop.complements
+                if len((s.doc("item", i) or {}).get("cross_sell", [])) >= 5)
+    now = time.time()
+    one = [{"type": "purchase", "user_id": "lad-one", "event_id": "lad-one-1", "ts": now - 86400,
+            "items": [{"item_id": "pho-000", "quantity": 1, "price": 10_000.0}]}]
+    three = [{"type": "purchase", "user_id": "lad-three", "event_id": f"lad-three-{n}",
+              "ts": now - 86400 * (n + 1),
+              "items": [{"item_id": "pho-001", "quantity": 1, "price": 10_000.0}]}
+             for n in range(3)]
+    small = [{"type": "purchase", "user_id": "lad-small", "event_id": "lad-small-1",
+              "ts": now - 86400, "items": [{"item_id": "aud-002", "quantity": 1, "price": 5.0}]}]
+    assert s.post("/v1/events", one + three + small).status_code == 202
+    deadline = time.monotonic() + 30
+    while any(len(orjson.loads(s.r.get(f"{s.settings.prefix}profile:{u}") or b'{"orders":[]}')
+                  ["orders"]) < n for u, n in (("lad-one", 1), ("lad-three", 3),
+                                                ("lad-small", 1))):
+        assert time.monotonic() < deadline, "profiles never reached Redis"
+        time.sleep(0.2)
+    assert s.put("/v1/rules", {"price_ladder": LADDER}).status_code == 200
+
+    def answer(user: str | None, kind: str = "cross_sell") -> dict:
+        params = {"kind": kind, "k": 5} | ({"user_id": user} if user else {})
+        resp = s.get(f"/v1/items/{hero}/suggestions", **params)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    plain = answer(None)
+    first = answer("lad-one")
+    assert first["shopper"] == {"orders": 1, "quadrant": "important_to_develop", "step": 1,
+                                "budget": False, "average_order": 10_000.0}
+    assert {e["item_id"] for e in first["items"]} == {e["item_id"] for e in plain["items"]}
+    prices = [facts[e["item_id"]]["price"] for e in first["items"]]
+    assert prices == sorted(prices) and prices != [facts[e["item_id"]]["price"]
+                                                   for e in plain["items"]]
+    regular = answer("lad-three")
+    assert regular["shopper"]["step"] == 3
+    assert [e["item_id"] for e in regular["items"]] == [e["item_id"] for e in plain["items"]]
+    # 5 spent in 90 days: general_to_develop, a budget segment: no upsell, complements.
+    budget = answer("lad-small", kind="upsell")
+    assert budget["shopper"]["budget"] and budget["kind"] == "cross_sell"
+    assert all(e["kind"] != "upsell" for e in budget["items"])
+    assert answer("lad-three", kind="upsell")["kind"] == "upsell"
+    # With a cap of 5x the average order (5), nothing dearer than 25 is offered at all.
+    user = s.get("/v1/users/lad-small/suggestions", k=5).json()
+    assert user["shopper"]["budget"] and user["items"]
+    assert all(facts[e["item_id"]]["price"] <= 25.0 for e in user["items"])
+    assert all(e["kind"] != "alternatives" for e in user["items"])
