@@ -58,6 +58,7 @@ from cartwise.lag import collect as collect_lag
 from cartwise.runtime import tune_gc
 from cartwise.settings import Settings
 from models import serving
+from models.audience import RELATED_PER_KIND, rank_audience, related_items
 from models.config import ModelConfig
 from models.ranking import rank_for_cart
 from models.rules import NO_RULES, LadderStep, Rules, RulesError, ladder, order_by_price
@@ -70,6 +71,8 @@ STATIC = FsPath(__file__).parent / "static"
 TRENDING_READ = 60  # trending entries read per set: enough to fill k after filtering
 TRENDING_TTL_S = 1.0  # how stale a process's copy of the trending sets may be
 CACHE_REFRESH_S = 0.5  # how often the catalog version, rules and trending sets are checked
+MAX_AUDIENCE = 1000  # shoppers per audience request
+AUDIENCE_READ = 200  # newest shoppers read per related item and channel
 SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
 
 
@@ -360,6 +363,40 @@ class Backend:
             pipe.hincrby(key, e["item_id"], 1)
         pipe.expire(key, SHOWN_TTL_S)
         await pipe.execute()
+
+    async def audience(self, item_id: str, k: int) -> dict[str, Any]:
+        """Ranked shoppers for an item (docs/audiences.md): three pipelined reads."""
+        keys = self.keys
+        raw = await self.redis.get(keys.item(item_id))
+        doc = orjson.loads(raw) if raw else None
+        heads = list(dict.fromkeys(
+            e["item_id"] for kind, n in RELATED_PER_KIND.items()
+            for e in (doc or {}).get(kind, ())[:n] if e["item_id"] != item_id))
+        docs = await self.store.item_lists(heads)
+        related = related_items(item_id, doc, docs)
+        pipe = self.redis.pipeline(transaction=False)
+        for r in related:
+            pipe.zrevrange(keys.audience("buy", r.item_id), 0, AUDIENCE_READ - 1,
+                           withscores=True)
+            pipe.zrevrange(keys.audience("view", r.item_id), 0, AUDIENCE_READ - 1,
+                           withscores=True)
+        got = await pipe.execute()
+        touches = {r.item_id: ([(u.decode(), ts) for u, ts in got[2 * n]],
+                               [(u.decode(), ts) for u, ts in got[2 * n + 1]])
+                   for n, r in enumerate(related)}
+        now = time.time()
+        # Rank more than asked, then drop those whose profile says they bought it already.
+        ranked = rank_audience(related, touches, now, 2 * k + 20)
+        owners: set[str] = set()
+        if ranked:
+            profiles = await self.redis.mget([keys.profile(e["user_id"]) for e in ranked])
+            owners = {e["user_id"] for e, p in zip(ranked, profiles, strict=True)
+                      if p and item_id in orjson.loads(p).get("bought", ())}
+        shoppers = [e for e in ranked if e["user_id"] not in owners][:k]
+        return {"item_id": item_id, "shoppers": shoppers,
+                "related": [{"item_id": r.item_id, "strength": round(r.strength, 6),
+                             "kind": r.kind} for r in related[:10]],
+                "known_item": doc is not None, "served_at": now}
 
     # -- Redis reads ------------------------------------------------------------------------
 
@@ -696,6 +733,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "bought": doc.get("bought", []),
             "as_of": doc.get("as_of"), "generated_at": doc.get("generated_at"),
             "served_at": now, "request_id": request_id(request)})
+
+    @app.get("/v1/audiences/{item_id}", tags=["shoppers"],
+             summary="Shoppers most likely to buy this item who have not (admin)")
+    async def audience(request: Request, item_id: Annotated[str, id_path],
+                       k: Annotated[int, Query(ge=1, le=MAX_AUDIENCE)] = 50,
+                       _: str = admin) -> Response:
+        body = await backend.audience(item_id, k)
+        return json_response(body | {"request_id": request_id(request)})
 
     @app.post("/v1/cart/suggestions", response_model=Suggestions, tags=["suggestions"],
               summary="Suggestions for an anonymous cart")

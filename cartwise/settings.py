@@ -13,6 +13,15 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CARTWISE_{name.upper()}", default)
 
 
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"CARTWISE_{name.upper()} must be true or false, not {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     broker: str = "kafka://127.0.0.1:9092"  # comma-separated host:port list, kafka:// optional
@@ -62,6 +71,10 @@ class Settings:
     # moved for `stall_after_s` while records wait is reported stalled (/ready, metrics).
     stall_check_s: float = 15.0
     stall_after_s: float = 120.0
+    # Who touched each item lately (cw:buyers / cw:viewers), for GET /v1/audiences; off saves
+    # two Redis writes per item per batch (docs/audiences.md).
+    audience_index: bool = True
+    audience_index_size: int = 1000  # newest shoppers kept per item and channel
     # RFM segments (docs/segments.md): the window, and the amount x frequency thresholds.
     segment_window_days: float = 90.0
     segment_frequent_orders: int = 2
@@ -83,7 +96,10 @@ class Settings:
             elif f"CARTWISE_{f.name.upper()}" in os.environ:
                 raw = _env(f.name, "")
                 kind = type(getattr(cls, f.name, "")) if f.name != "worker_id" else str
-                values[f.name] = kind(raw) if kind in (int, float) else raw
+                if kind is bool:
+                    values[f.name] = _flag(f.name, raw)
+                else:
+                    values[f.name] = kind(raw) if kind in (int, float) else raw
         return cls(**values)
 
     @property

@@ -334,6 +334,9 @@ class ContextStage(Stage):
         n_pairs = s.partitions
         out: list[list] = [[] for _ in range(n_pairs)]
         touched: list[str] = []
+        # (channel, item) -> {user: ts}, for the audience index (docs/audiences.md)
+        index: defaultdict[tuple[str, str], dict[str, float]] | None = (
+            defaultdict(dict) if s.audience_index else None)
         counts = st.counts
         book = st.book
         partition_of = self.partition_of
@@ -353,6 +356,10 @@ class ContextStage(Stage):
                 continue
             counts[f"applied.{event.type}"] += 1
             touched.append(event.user_id)
+            if index is not None and event.type != "remove_from_cart":
+                channel = "view" if event.type == "view" else "buy"
+                for line in event.lines:
+                    index[(channel, line.item_id)][event.user_id] = event.ts
             ts, marginals, pairs = evidence
             if newest is None or ts > newest:
                 newest = ts
@@ -382,9 +389,26 @@ class ContextStage(Stage):
         t_lists = time.perf_counter()
         await self.user_lists(partition, st, list(dict.fromkeys(touched)))
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
+        if index:
+            await self.write_audience_index(index)
         now = time.time()
         for _, _, _, ts in records:
             self.stats.observe("user", now - ts)
+
+    async def write_audience_index(self, index: dict[tuple[str, str], dict[str, float]]) -> None:
+        """Who touched each item lately, newest kept: what audiences are ranked from.
+
+        Derived output like the lists: a replay writes the same scores again (GT keeps the
+        newest time), so it needs no checkpoint.
+        """
+        keep = self.settings.audience_index_size
+        pipe = self.store.redis.pipeline(transaction=False)
+        for (channel, item), users in index.items():
+            key = self.keys.audience(channel, item)
+            pipe.zadd(key, users, gt=True)
+            pipe.zremrangebyrank(key, 0, -keep - 1)
+        with self.stats.redis_write("audience_index"):
+            await pipe.execute()
 
     def checkpoint_ops(self, partition: int, st: ContextPartition) -> Ops:
         ops = Ops()

@@ -55,6 +55,10 @@ class Keys:
         """A shopper's order history, for segments (admin reads; not for storefronts)."""
         return f"{self.prefix}profile:{user_id}"
 
+    def audience(self, channel: str, item_id: str) -> str:
+        """Sorted set user -> last event time: who viewed ("view") or carted/bought ("buy")."""
+        return f"{self.prefix}{'viewers' if channel == 'view' else 'buyers'}:{item_id}"
+
     @property
     def rules(self) -> str:
         """The merchant's business rules document (models/rules.py), written by the API."""
