@@ -76,6 +76,15 @@ AUDIENCE_READ = 200  # newest shoppers read per related item and channel
 SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
 
 
+def parse_span(text: str) -> float | None:
+    """'7d' or '36h' in seconds; None if malformed or over 90 days."""
+    m = re.fullmatch(r"(\d{1,4}(?:\.\d{1,3})?)([dh])", text.strip())
+    if not m:
+        return None
+    seconds = float(m[1]) * (86400.0 if m[2] == "d" else 3600.0)
+    return seconds if 0 < seconds <= 90 * 86400.0 else None
+
+
 def utc_day(now: float | None = None) -> str:
     return time.strftime("%Y%m%d", time.gmtime(time.time() if now is None else now))
 CATALOG_CACHE_MAX = 200_000
@@ -741,6 +750,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        _: str = admin) -> Response:
         body = await backend.audience(item_id, k)
         return json_response(body | {"request_id": request_id(request)})
+
+    @app.get("/v1/replenishment/due", tags=["shoppers"],
+             summary="Shoppers due to rebuy a consumable (admin)")
+    async def replenishment_due(
+        request: Request,
+        within: Annotated[str, Query(description="How far ahead: e.g. 7d, 36h (at most 90d)",
+                                     max_length=10)] = "7d",
+        cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
+        count: Annotated[int, Query(ge=1, le=1000)] = 100,
+        _: str = admin,
+    ) -> Response:
+        ahead = parse_span(within)
+        if ahead is None:
+            raise ApiError(422, "invalid_parameter", "within: a number of days or hours, e.g. "
+                           "7d or 36h, at most 90d", "query.within")
+        now = time.time()
+        lead = s.replenish_lead_days * 86400.0
+        # Due = reminded up to `lead` ago (the run-out is still ahead) or within `ahead`.
+        rows = await backend.redis.zrangebyscore(backend.keys.due, now - lead, now + ahead,
+                                                 start=cursor, num=count + 1, withscores=True)
+        more = len(rows) > count
+        rows = rows[:count]
+        catalog = await backend.facts(list({orjson.loads(m)[1] for m, _ in rows}))
+        out = []
+        for member, at in rows:
+            user, item = orjson.loads(member)
+            facts = catalog.get(item) or {}
+            out.append({"user_id": user, "item_id": item, "due_at": at,
+                        "expected_run_out": at + lead, "name": facts.get("name"),
+                        "price": facts.get("price"), "in_stock": facts.get("in_stock")})
+        return json_response({"due": out, "within_s": ahead, "lead_days": s.replenish_lead_days,
+                              "next_cursor": cursor + count if more else None,
+                              "served_at": now, "request_id": request_id(request)})
 
     @app.post("/v1/cart/suggestions", response_model=Suggestions, tags=["suggestions"],
               summary="Suggestions for an anonymous cart")

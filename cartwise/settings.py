@@ -31,6 +31,7 @@ class Settings:
     events_topic: str = "cartwise.events"
     catalog_topic: str = "cartwise.catalog"
     dlq_topic: str = "cartwise.dlq"
+    touchpoints_topic: str = "cartwise.touchpoints"  # reminders for CRM / SMS (docs/events.md)
     partitions: int = 4  # of the events and pairs topics; the most workers that share work
     batch_max: int = 1000
     # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
@@ -75,6 +76,12 @@ class Settings:
     # two Redis writes per item per batch (docs/audiences.md).
     audience_index: bool = True
     audience_index_size: int = 1000  # newest shoppers kept per item and channel
+    # Repurchase cycles (docs/replenishment.md): reminders this long before the expected
+    # run-out; touchpoints found this late (a worker was down, an old log replayed) are
+    # dropped instead of sent; how often the workers look for touchpoints to send.
+    replenish_lead_days: float = 7.0
+    touchpoint_max_late_s: float = 86400.0
+    touchpoint_check_s: float = 10.0
     # RFM segments (docs/segments.md): the window, and the amount x frequency thresholds.
     segment_window_days: float = 90.0
     segment_frequent_orders: int = 2

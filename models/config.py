@@ -27,6 +27,9 @@ class ModelConfig:
     # Purchase history per shopper for RFM segments (models/segments.py): a year, 200 orders.
     orders_keep_s: float = 365 * 86400.0
     orders_max: int = 200
+    # A consumable is due again this long before its expected run-out (models/repurchase.py);
+    # the workers take it from CARTWISE_REPLENISH_LEAD_DAYS.
+    replenish_lead_s: float = 7 * 86400.0
     max_users: int = 500_000
     max_neighbours: int = 200
     max_items: int = 200_000

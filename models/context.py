@@ -15,6 +15,7 @@ import orjson
 
 from cartwise.contract import Event
 from models.config import ModelConfig
+from models.repurchase import KEEP_PER_SHOPPER, MIN_INTERVAL_S, observe
 
 BUY_TYPES = frozenset({"add_to_cart", "purchase"})
 
@@ -46,6 +47,8 @@ class ShopperContext:
     # One [ts, amount] per purchase event (amount None when no line had a price), oldest
     # first, kept for `orders_keep_s`: what RFM segments are computed from (models/segments.py).
     orders: list[list[Any]] = field(default_factory=list)
+    # item -> the shopper's own newest repeat intervals (s), for repurchase cycles
+    repeats: dict[str, list[float]] = field(default_factory=dict)
     last_ts: float = 0.0
     session: str = ""
     session_n: int = 0
@@ -58,6 +61,7 @@ class ShopperContext:
                 "b": self.bought,
                 "e": list(self.seen),
                 "o": self.orders,
+                "r": self.repeats,
                 "t": self.last_ts,
                 "s": self.session,
                 "n": self.session_n,
@@ -73,6 +77,7 @@ class ShopperContext:
             bought=d["b"],
             seen=deque(d["e"]),
             orders=d.get("o", []),  # contexts checkpointed before order history was kept
+            repeats=d.get("r", {}),
             last_ts=d["t"],
             session=d["s"],
             session_n=d["n"],
@@ -112,6 +117,10 @@ class ContextBook:
         self.users: dict[str, ShopperContext] = {}
         self.dirty: set[str] = set()
         self.evicted: set[str] = set()
+        # Of the last event learned: repeat purchases (item, interval s) for the item stage,
+        # and purchases that start a repurchase cycle (item, ts, previous purchase ts or None).
+        self.last_repeats: list[tuple[str, float]] = []
+        self.last_purchases: list[tuple[str, float, float | None]] = []
 
     def get(self, user_id: str) -> ShopperContext | None:
         return self.users.get(user_id)
@@ -129,6 +138,8 @@ class ContextBook:
             ctx = self.users[event.user_id] = ShopperContext()
         elif event.event_id in ctx.seen:
             return None
+        self.last_repeats = []
+        self.last_purchases = []
         ctx.seen.append(event.event_id)
         while len(ctx.seen) > cfg.seen_ids_max:
             ctx.seen.popleft()
@@ -159,10 +170,22 @@ class ContextBook:
                 ctx.cart[line.item_id] = ctx.cart.get(line.item_id, 0) + line.quantity
             elif event.type == "purchase":
                 ctx.cart.pop(line.item_id, None)
-                ctx.bought.pop(line.item_id, None)
-                ctx.bought[line.item_id] = now
+                prev = ctx.bought.pop(line.item_id, None)
+                if prev is not None and now - prev < MIN_INTERVAL_S:
+                    now_or_prev = prev  # the same need: the cycle runs from the first purchase
+                else:
+                    now_or_prev = now
+                    if prev is not None and now > prev:
+                        own = ctx.repeats.pop(line.item_id, [])
+                        observe(own, now - prev, KEEP_PER_SHOPPER)
+                        ctx.repeats[line.item_id] = own
+                        self.last_repeats.append((line.item_id, now - prev))
+                    self.last_purchases.append((line.item_id, now, prev))
+                ctx.bought[line.item_id] = now_or_prev
         while len(ctx.bought) > cfg.bought_max:
             del ctx.bought[next(iter(ctx.bought))]
+        while len(ctx.repeats) > cfg.bought_max:
+            del ctx.repeats[next(iter(ctx.repeats))]
         if event.type == "purchase":
             record_order(ctx.orders, event, cfg)
         return now, marginals, pairs

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from models.config import ModelConfig
+from models.repurchase import DAY, KEEP_PER_ITEM, crowd_cycle, observe
 from models.scoring import confidence_lift, pair_llr, round_sig, top_rounded
 from models.trending import trending_score
 
@@ -40,6 +41,9 @@ class ItemGraph:
         self.touched: set[str] = set()  # like dirty, for a second consumer (list publishing)
         self.marg_touched: set[str] = set()  # like dirty_marg, for trending publishing
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
+        # item -> newest repeat-purchase intervals of all shoppers (s): repurchase cycles
+        self.cycles: dict[str, list[float]] = {}
+        self.dirty_cycles: set[str] = set()
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -132,6 +136,26 @@ class ItemGraph:
                 self.dirty.discard(item)
                 self.touched.discard(item)
                 self.dropped.add(item)
+            if self.cycles.pop(item, None) is not None:
+                self.dirty_cycles.discard(item)
+                self.dropped.add(item)
+
+    def repeat(self, item: str, interval_s: float) -> None:
+        """A shopper bought `item` again after `interval_s` (models/repurchase.py)."""
+        history = self.cycles.get(item)
+        if history is None:
+            history = self.cycles[item] = []
+        if observe(history, interval_s, KEEP_PER_ITEM):
+            self.dirty_cycles.add(item)
+            self.touched.add(item)  # its published document carries the cycle
+
+    def repurchase(self, item: str) -> dict[str, Any] | None:
+        """The item's repurchase cycle as published in cw:item, once enough repeats were seen."""
+        history = self.cycles.get(item) or ()
+        cycle = crowd_cycle(history)
+        if cycle is None:
+            return None
+        return {"cycle_days": round(cycle / DAY, 2), "intervals": len(history)}
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -203,6 +227,13 @@ class ItemGraph:
 
     def load_marg(self, item: str, raw: bytes | str) -> None:
         self.marg[item] = orjson.loads(raw)
+
+    def cycle_json(self, item: str) -> bytes | None:
+        history = self.cycles.get(item)
+        return None if history is None else orjson.dumps(history)
+
+    def load_cycle(self, item: str, raw: bytes | str) -> None:
+        self.cycles[item] = orjson.loads(raw)
 
     def meta(self) -> dict[str, Any]:
         return {"total": self.total, "landmark": self.landmark, "now": self.now}

@@ -7,6 +7,7 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.context import ShopperContext
+from models.repurchase import DAY, predict
 from models.scoring import top_rounded
 
 _DEFAULT = ModelConfig()
@@ -27,9 +28,9 @@ def rank_for_user(
 ) -> list[dict[str, Any]]:
     """Blend the item lists of the shopper's anchors; drop what must never be suggested.
 
-    Excluded: items in the cart, bought durable items (consumables may come back), items the
-    catalog marks out of stock, and the context items themselves unless `revisit_weight`
-    lets viewed ones come back.
+    Excluded: items in the cart, bought durable items, bought consumables not yet due
+    (`not_due`), items the catalog marks out of stock, and the context items themselves
+    unless `revisit_weight` lets viewed ones come back.
     """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
@@ -41,7 +42,29 @@ def rank_for_user(
         exclude |= {i for i in ctx.items if i not in revisit}
     else:
         exclude |= set(ctx.items)
+    exclude |= not_due(ctx, item_lists, catalog, config)
     return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit)
+
+
+def not_due(ctx: ShopperContext, item_lists: Mapping[str, Mapping[str, Any] | None],
+            catalog: Mapping[str, Mapping[str, Any] | None],
+            config: ModelConfig = _DEFAULT) -> set[str]:
+    """Bought consumables the shopper should not run out of yet, as of their last event.
+
+    Due = bought + expected cycle - lead (models/repurchase.py). Only items whose cycle is
+    known can be judged: a consumable without one may come back, as the shop flagged it.
+    """
+    out = set()
+    for j, bought_ts in ctx.bought.items():
+        if not (catalog.get(j) or {}).get("consumable"):
+            continue
+        learned = (item_lists.get(j) or {}).get("repurchase")
+        crowd = learned["cycle_days"] * DAY if learned else None
+        estimate = predict(ctx.repeats.get(j, ()), crowd)
+        if estimate is not None and \
+                ctx.last_ts < bought_ts + estimate.cycle_s - config.replenish_lead_s:
+            out.add(j)
+    return out
 
 
 def rank_for_cart(

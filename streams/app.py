@@ -52,7 +52,7 @@ def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
 
 def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
     settings = settings or Settings.from_env()
-    config = config or ModelConfig()
+    config = config or ModelConfig(replenish_lead_s=settings.replenish_lead_days * 86400.0)
     # Faust wants a directory even with in-memory tables; keep it out of the working tree.
     datadir = Path(tempfile.gettempdir()) / "cartwise-faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -79,12 +79,13 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     topics = {
         name: app.topic(name, key_type=bytes, value_type=bytes, internal=False)
         for name in (settings.events_topic, settings.pairs_topic, settings.catalog_topic,
-                     settings.dlq_topic)
+                     settings.dlq_topic, settings.touchpoints_topic)
     }
 
     async def send(topic: str, value: bytes, partition: int | None,
-                   headers: dict[str, bytes] | None) -> Any:
-        return await topics[topic].send(value=value, partition=partition, headers=headers)
+                   headers: dict[str, bytes] | None, key: bytes | None = None) -> Any:
+        return await topics[topic].send(key=key, value=value, partition=partition,
+                                        headers=headers)
 
     redis = aioredis.Redis.from_url(settings.redis_url)
     store = Store(redis, settings.prefix)
@@ -145,6 +146,10 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     async def checkpoint_timer() -> None:
         await guarded("checkpoint", context.checkpoint_all())
         await guarded("checkpoint", graph.checkpoint_all())
+
+    @app.timer(settings.touchpoint_check_s)
+    async def touchpoints_timer() -> None:
+        await guarded("touchpoints", context.send_touchpoints())
 
     @app.timer(settings.refresh_interval_s)
     async def refresh_timer() -> None:

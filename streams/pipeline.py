@@ -10,6 +10,7 @@ and checkpointed to Redis with the input offset in one atomic step (docs/archite
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import zlib
@@ -31,6 +32,7 @@ from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
 from models.ranking import anchors, rank_for_user
+from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
 from streams.stats import Stats
 from streams.store import Ops, Store
 
@@ -43,7 +45,8 @@ YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this of
 # (value, partition, offset, broker timestamp in seconds)
 Record = tuple[bytes, int, int, float]
 # send(topic_name, value, partition, headers) -> awaitable that resolves when acked
-Sender = Callable[[str, bytes, int | None, dict[str, bytes] | None], Awaitable[Awaitable[Any]]]
+# send(topic, value, partition, headers, key=None) -> a future settled once the broker has it
+Sender = Callable[..., Awaitable[Awaitable[Any]]]
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -111,6 +114,27 @@ class ReadCache:
         return out
 
 
+TOUCHPOINTS_PER_TICK = 500  # per partition: bounds one tick's work after downtime
+
+
+def touchpoint_member(user: str, item: str, kind: str, bought_at: float) -> bytes:
+    return orjson.dumps([user, item, kind, bought_at])
+
+
+def touchpoint_message(member: bytes, at: float, lead_s: float) -> dict[str, Any]:
+    """A touchpoint as sent to the touchpoints topic (docs/events.md, contract v1)."""
+    user, item, kind, bought_at = orjson.loads(member)
+    msg: dict[str, Any] = {
+        "v": 1, "touchpoint_id": hashlib.sha1(member + repr(at).encode()).hexdigest()[:20],
+        "kind": kind, "user_id": user, "item_id": item, "at": at, "bought_at": bought_at}
+    if kind == "replenish":
+        msg["expected_run_out"] = at + lead_s
+        msg["reason"] = f"about to run out of {item}"
+    else:
+        msg["reason"] = f"{kind.replace('_', ' ')} after buying {item}"
+    return msg
+
+
 def order_mark(ctx: ShopperContext) -> tuple:
     return (len(ctx.orders), ctx.orders[-1][0] if ctx.orders else None)
 
@@ -128,6 +152,10 @@ class ContextPartition:
     applied: int = -1  # last offset applied in memory (>= offset)
     written: dict[str, int] = field(default_factory=dict)  # user -> digest of the last list
     profiled: dict[str, tuple] = field(default_factory=dict)  # user -> orders last written
+    # Touchpoint and due-reminder changes since the last checkpoint: member -> time, or None
+    # to remove (docs/replenishment.md); written with the checkpoint, so a replay redoes them.
+    schedule: dict[bytes, float | None] = field(default_factory=dict)
+    due: dict[bytes, float | None] = field(default_factory=dict)
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -333,6 +361,8 @@ class ContextStage(Stage):
         s = self.settings
         n_pairs = s.partitions
         out: list[list] = [[] for _ in range(n_pairs)]
+        repeats: list[list] = [[] for _ in range(n_pairs)]
+        cycles: list[tuple[str, str, float, float | None]] = []  # purchases starting a cycle
         touched: list[str] = []
         # (channel, item) -> {user: ts}, for the audience index (docs/audiences.md)
         index: defaultdict[tuple[str, str], dict[str, float]] | None = (
@@ -363,6 +393,10 @@ class ContextStage(Stage):
             ts, marginals, pairs = evidence
             if newest is None or ts > newest:
                 newest = ts
+            for item, interval in book.last_repeats:  # to the partition owning the item
+                repeats[partition_of[item]].append((offset, item, interval))
+            for item, ts_, prev in book.last_purchases:
+                cycles.append((event.user_id, item, ts_, prev))
             if not marginals and not pairs:
                 continue
             # Stage 2 gets [offset, ts, entries]: the offset is its dedup key. Marginals go to
@@ -384,16 +418,75 @@ class ContextStage(Stage):
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
             msg = orjson.dumps({"src": partition, "last": last, "t": first_ts, "n": newest,
-                                "m": all_marginals, "p": out[q]})
+                                "m": all_marginals, "p": out[q], "r": repeats[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
         await self.user_lists(partition, st, list(dict.fromkeys(touched)))
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
         if index:
             await self.write_audience_index(index)
+        if cycles:
+            await self.schedule(st, cycles)
         now = time.time()
         for _, _, _, ts in records:
             self.stats.observe("user", now - ts)
+
+    async def schedule(self, st: ContextPartition,
+                       cycles: list[tuple[str, str, float, float | None]]) -> None:
+        """Plan the touchpoints and the due reminder of each consumable just bought."""
+        items = sorted({i for _, i, _, _ in cycles})
+        catalog = await self.catalog_cache.get_many(items, self.store.catalog_facts)
+        docs = await self.list_cache.get_many(items, self.store.item_lists)
+        lead = self.config.replenish_lead_s
+        for user, item, ts, prev in cycles:
+            if not (catalog.get(item) or {}).get("consumable"):
+                continue
+            if prev is not None:  # a repeat: what the last purchase planned is void
+                for kind in (*(f"day_{d}" for d in LIFECYCLE_DAYS), "replenish"):
+                    st.schedule[touchpoint_member(user, item, kind, prev)] = None
+            ctx = st.book.users.get(user)
+            learned = (docs.get(item) or {}).get("repurchase")
+            estimate = predict(ctx.repeats.get(item, ()) if ctx else (),
+                               learned["cycle_days"] * DAY if learned else None)
+            planned = touchpoints(ts, prev is not None, estimate, lead)
+            for tp in planned:
+                st.schedule[touchpoint_member(user, item, tp.kind, ts)] = tp.at
+            due = [tp.at for tp in planned if tp.kind == "replenish"]
+            st.due[orjson.dumps([user, item])] = due[0] if due else None
+            st.counts["context.touchpoints_planned"] += len(planned)
+
+    async def send_touchpoints(self) -> None:
+        """Send the touchpoints whose time has come to the touchpoints topic, then forget them.
+
+        At least once: a crash between the send and the removal sends again; consumers dedupe
+        by `touchpoint_id`. The partition lock keeps a checkpoint from re-planning a member
+        between reading and removing it.
+        """
+        s = self.settings
+        redis = self.store.redis
+        for p in sorted(self.assigned):
+            async with self.locks[p]:
+                now = time.time()
+                key = self.keys.touchpoints(p)
+                rows = await redis.zrangebyscore(key, "-inf", now, start=0,
+                                                 num=TOUCHPOINTS_PER_TICK, withscores=True)
+                if not rows:
+                    continue
+                acks, stale = [], 0
+                for member, at in rows:
+                    if at < now - s.touchpoint_max_late_s:
+                        stale += 1
+                        continue
+                    msg = touchpoint_message(member, at, self.config.replenish_lead_s)
+                    acks.append(await self.send(s.touchpoints_topic, orjson.dumps(msg), None,
+                                                None, msg["user_id"].encode()))
+                await asyncio.gather(*acks)
+                await redis.zrem(key, *[m for m, _ in rows])
+                self.stats.inc("context.touchpoints_sent", len(acks))
+                self.stats.inc("context.touchpoints_stale", stale)
+        # Reminders whose run-out has passed unanswered are no longer due.
+        await redis.zremrangebyscore(self.keys.due, "-inf",
+                                     time.time() - self.config.replenish_lead_s)
 
     async def write_audience_index(self, index: dict[tuple[str, str], dict[str, float]]) -> None:
         """Who touched each item lately, newest kept: what audiences are ranked from.
@@ -419,11 +512,23 @@ class ContextStage(Stage):
                 ops.hset(self.keys.contexts(partition), user, ctx.to_json())
         for user in book.evicted:
             ops.hdel(self.keys.contexts(partition), user)
+        for member, at in st.schedule.items():
+            if at is None:
+                ops.zrem(self.keys.touchpoints(partition), member)
+            else:
+                ops.zadd(self.keys.touchpoints(partition), at, member)
+        for member, at in st.due.items():
+            if at is None:
+                ops.zrem(self.keys.due, member)
+            else:
+                ops.zadd(self.keys.due, at, member)
         return ops
 
     def checkpointed(self, partition: int, st: ContextPartition) -> None:
         st.book.dirty.clear()
         st.book.evicted.clear()
+        st.schedule.clear()
+        st.due.clear()
 
     async def user_lists(self, partition: int, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:
@@ -439,6 +544,13 @@ class ContextStage(Stage):
         candidates.update(wanted)  # anchors come back as revisits: their stock matters too
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
+        # A bought consumable may come back only when due: its learned cycle is in its lists.
+        rebuy = sorted({j for _, c in ctxs for j in c.bought
+                        if j in candidates and j not in lists
+                        and (catalog.get(j) or {}).get("consumable")})
+        if rebuy:
+            lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists,
+                                                           only_changed)
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
         profiled: dict[str, tuple] = {}
@@ -530,6 +642,8 @@ class GraphStage(Stage):
             graph.load_row(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.marginals(partition))).items():
             graph.load_marg(item, raw)
+        for item, raw in (await self.store.hgetall(self.keys.cycles(partition))).items():
+            graph.load_cycle(item, raw)
         meta = await self.store.get_json(self.keys.meta(partition))
         hwm: dict[int, int] = {}
         if meta:
@@ -557,6 +671,9 @@ class GraphStage(Stage):
             for offset, ts, pairs in msg["p"]:
                 if offset > seen:
                     g.apply(ts, (), pairs)
+            for offset, item, interval in msg.get("r", ()):  # older messages have none
+                if offset > seen:
+                    g.repeat(item, interval)
             if msg.get("n") is not None:
                 g.advance(msg["n"])  # events without evidence still move "now", as in models/
             st.hwm[src] = last
@@ -578,8 +695,12 @@ class GraphStage(Stage):
             ops.hset(keys.rows(partition), item, g.row_json(item))
         for item in g.dirty_marg:
             ops.hset(keys.marginals(partition), item, g.marg_json(item))
+        for item in g.dirty_cycles:
+            ops.hset(keys.cycles(partition), item, g.cycle_json(item))
         for item in g.dropped:
             ops.hdel(keys.rows(partition), item)
+            if item not in g.cycles:
+                ops.hdel(keys.cycles(partition), item)
         meta = g.meta()
         meta["hwm"] = {str(k): v for k, v in st.hwm.items()}
         ops.set(keys.meta(partition), orjson.dumps(meta))
@@ -590,6 +711,7 @@ class GraphStage(Stage):
         g = st.graph
         g.dirty.clear()
         g.dirty_marg.clear()
+        g.dirty_cycles.clear()
         g.dropped.clear()
 
     async def _item_lists(self, st: GraphPartition, items: list[str],
@@ -604,8 +726,9 @@ class GraphStage(Stage):
         for n, item in enumerate(items):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a settle of many rows must not stall the event loop
-            payload: dict[str, Any] = {"item_id": item, **g.lists(item)}
-            digest = list_digest(payload, KINDS)
+            payload: dict[str, Any] = {"item_id": item, **g.lists(item),
+                                       "repurchase": g.repurchase(item)}
+            digest = list_digest(payload, (*KINDS, "repurchase"))
             if st.written.get(item) == digest:
                 continue
             digests[item] = digest

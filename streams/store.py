@@ -25,6 +25,8 @@ while i <= n do
   elseif op == 'S' then redis.call('SET', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'X' then redis.call('DEL', ARGV[i+1]); i = i + 2
   elseif op == 'I' then redis.call('INCR', ARGV[i+1]); i = i + 2
+  elseif op == 'Z' then redis.call('ZADD', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  elseif op == 'R' then redis.call('ZREM', ARGV[i+1], ARGV[i+2]); i = i + 3
   else return redis.error_reply('cartwise checkpoint: unknown op ' .. op) end
 end
 return {1, ARGV[2]}
@@ -88,6 +90,18 @@ class Keys:
     def marginals(self, partition: int) -> str:
         return f"{self.prefix}state:marg:{partition}"
 
+    def touchpoints(self, partition: int) -> str:
+        """Sorted set of scheduled touchpoints, [user, item, kind, bought_at] -> send time."""
+        return f"{self.prefix}state:touchpoints:{partition}"
+
+    @property
+    def due(self) -> str:
+        """Sorted set [user_id, item_id] -> when a consumable's replenish reminder is due."""
+        return f"{self.prefix}due"
+
+    def cycles(self, partition: int) -> str:
+        return f"{self.prefix}state:cycles:{partition}"
+
     def meta(self, partition: int) -> str:
         return f"{self.prefix}state:meta:{partition}"
 
@@ -124,6 +138,12 @@ class Ops:
 
     def incr(self, key: str) -> None:
         self.args += ("I", key)
+
+    def zadd(self, key: str, score: float, member: bytes) -> None:
+        self.args += ("Z", key, repr(float(score)), member)
+
+    def zrem(self, key: str, member: bytes) -> None:
+        self.args += ("R", key, member)
 
 
 class Store:

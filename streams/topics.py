@@ -17,7 +17,7 @@ log = logging.getLogger("cartwise.topics")
 def topic_plan(settings: Settings) -> dict[str, int]:
     p = settings.partitions
     return {settings.events_topic: p, settings.pairs_topic: p, settings.catalog_topic: p,
-            settings.dlq_topic: 1}
+            settings.dlq_topic: 1, settings.touchpoints_topic: p}
 
 
 def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:

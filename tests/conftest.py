@@ -50,7 +50,7 @@ def make_settings(stack: EmbeddedStack) -> Callable[..., Settings]:
             broker=stack.broker, redis_url=stack.redis_url, prefix=f"{base}:", app_id=base,
             events_topic=src.events_topic if src else f"{base}.events",
             catalog_topic=src.catalog_topic if src else f"{base}.catalog",
-            dlq_topic=f"{base}.dlq",
+            dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
             session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
             settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
             refresh_max_users=1_000_000,
@@ -118,7 +118,7 @@ def served(make_settings: Callable[..., Settings],
     keys = {role: new_key(role) for role in ("read", "ingest", "admin")}
     settings = make_settings(
         "api", api_port=free_port(), api_keys=",".join(e for _, e in keys.values()),
-        cors_origins="https://shop.example", rate_admin=10_000.0,
+        cors_origins="https://shop.example", rate_admin=10_000.0, touchpoint_check_s=0.5,
         demo_read_key=keys["read"][0], demo_ingest_key=keys["ingest"][0])
     ensure_topics(settings)
     shop = Shop(seed=5)

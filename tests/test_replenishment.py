@@ -1,0 +1,149 @@
+"""Repurchase cycles: the estimates and schedules on hand-checked cases, then reminders and
+touchpoints through the real worker, broker, Redis and API."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from kafka import KafkaConsumer
+
+from cartwise.contract import prepare_event
+from models.config import ModelConfig
+from models.context import ContextBook
+from models.graph import ItemGraph
+from models.ranking import not_due
+from models.repurchase import DAY, Estimate, observe, predict, touchpoints
+from tests.conftest import Served
+
+NOW = 1_700_000_000.0
+LEAD = 7 * DAY
+
+
+def test_predict_prefers_medians_and_blends_a_regular_shopper_with_the_crowd():
+    assert predict([], None) is None
+    assert predict([], 30 * DAY) == Estimate(30 * DAY, "item")
+    assert predict([10 * DAY], None) == Estimate(10 * DAY, "shopper")
+    # One interval of their own is noise next to the crowd's median.
+    assert predict([10 * DAY], 40 * DAY) == Estimate(40 * DAY, "item")
+    both = predict([10 * DAY, 10 * DAY, 300 * DAY], 40 * DAY)
+    assert both.source == "shopper+item" and both.cycle_s == pytest.approx(20 * DAY)
+
+
+def test_observe_ignores_same_day_repeats_and_keeps_the_newest():
+    history: list[float] = []
+    assert not observe(history, 3600.0, 3)
+    for d in (5, 6, 7, 8):
+        assert observe(history, d * DAY, 3)
+    assert history == [6 * DAY, 7 * DAY, 8 * DAY]
+
+
+def test_touchpoints_follow_a_first_purchase_and_only_the_reminder_a_repeat():
+    est = Estimate(30 * DAY, "item")
+    first = touchpoints(NOW, False, est, LEAD)
+    assert [(t.kind, (t.at - NOW) / DAY) for t in first] == [
+        ("day_1", 1), ("day_3", 3), ("day_7", 7), ("replenish", 23)]
+    assert [t.kind for t in touchpoints(NOW, True, est, LEAD)] == ["replenish"]
+    # A 10-day cycle is due on day 3: lifecycle messages from then on give way to it.
+    short = touchpoints(NOW, False, Estimate(10 * DAY, "item"), LEAD)
+    assert [(t.kind, (t.at - NOW) / DAY) for t in short] == [("day_1", 1), ("replenish", 3)]
+    assert [t.kind for t in touchpoints(NOW, False, None, LEAD)] == ["day_1", "day_3", "day_7"]
+    assert touchpoints(NOW, True, None, LEAD) == []
+
+
+def buy(book: ContextBook, user: str, item: str, ts: float, n: int) -> None:
+    book.learn(prepare_event({"type": "purchase", "user_id": user, "item_id": item, "ts": ts,
+                              "event_id": f"{user}-{n}"}, ts)[0])
+
+
+def test_context_reports_repeats_and_cycle_starts_and_the_graph_learns_the_cycle():
+    book = ContextBook()
+    buy(book, "u", "ink", NOW, 1)
+    assert book.last_purchases == [("ink", NOW, None)] and book.last_repeats == []
+    buy(book, "u", "ink", NOW + 3600, 2)  # same need: no new cycle
+    assert book.last_purchases == [] and book.get("u").bought["ink"] == NOW
+    buy(book, "u", "ink", NOW + 20 * DAY, 3)
+    assert book.last_repeats == [("ink", 20 * DAY)]
+    assert book.last_purchases == [("ink", NOW + 20 * DAY, NOW)]
+    assert book.get("u").repeats == {"ink": [20 * DAY]}
+    g = ItemGraph()
+    for d in (20, 30):
+        g.repeat("ink", d * DAY)
+    assert g.repurchase("ink") is None  # two intervals are not a cycle yet
+    g.repeat("ink", 400 * DAY)
+    g.repeat("ink", 0.5 * DAY)  # ignored: same day
+    assert g.repurchase("ink") == {"cycle_days": 30.0, "intervals": 3}
+    again = ItemGraph()
+    again.load_cycle("ink", g.cycle_json("ink"))
+    assert again.repurchase("ink") == g.repurchase("ink")
+
+
+def test_bought_consumables_come_back_only_when_due():
+    book = ContextBook()
+    buy(book, "u", "ink", NOW, 1)
+    buy(book, "u", "mug", NOW, 2)
+    ctx = book.get("u")
+    catalog = {"ink": {"consumable": True}, "mug": {"consumable": False}}
+    lists = {"ink": {"repurchase": {"cycle_days": 30.0, "intervals": 9}}}
+    cfg = ModelConfig()
+    assert not_due(ctx, lists, catalog, cfg) == {"ink"}
+    ctx.last_ts = NOW + 22 * DAY  # 8 days before the run-out: not yet
+    assert not_due(ctx, lists, catalog, cfg) == {"ink"}
+    ctx.last_ts = NOW + 23 * DAY
+    assert not_due(ctx, lists, catalog, cfg) == set()
+    # Without a learned cycle nothing can be judged: the shop flagged it consumable.
+    assert not_due(ctx, {}, catalog, cfg) == set()
+
+
+def test_reminders_and_touchpoints_flow_to_redis_the_topic_and_the_api(served: Served):
+    s = served
+    prefix = s.settings.prefix
+    item = {"item_id": "rep-ink", "category": "office", "price": 12.0, "consumable": True,
+            "name": "Ink cartridge"}
+    assert s.post("/v1/catalog", item, key="admin").status_code == 202
+    deadline = time.monotonic() + 30
+    while s.r.hget(f"{prefix}catalog", "rep-ink") is None:
+        assert time.monotonic() < deadline, "catalog record never reached Redis"
+        time.sleep(0.1)
+    consumer = KafkaConsumer(s.settings.touchpoints_topic, bootstrap_servers=s.settings.bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=500)
+    now = time.time()
+
+    def purchase(user: str, ts: float, n: int) -> dict:
+        return {"type": "purchase", "user_id": user, "event_id": f"{user}-{n}", "ts": ts,
+                "items": [{"item_id": "rep-ink", "quantity": 1, "price": 12.0}]}
+
+    events = [
+        # Every 20 days: the reminder falls due half a day ago, a week before the run-out.
+        purchase("rep-a", now - 33.5 * DAY, 1), purchase("rep-a", now - 13.5 * DAY, 2),
+        # First purchase a day ago: the day-1 message is due now, no cycle is known yet.
+        purchase("rep-b", now - DAY - 60, 1),
+        # Five days ago: days 1 and 3 are too late to send, day 7 is still ahead.
+        purchase("rep-c", now - 5 * DAY, 1),
+    ]
+    assert s.post("/v1/events", events).status_code == 202
+    got: dict[tuple[str, str], dict] = {}
+    deadline = time.monotonic() + 40
+    while not {("rep-a", "replenish"), ("rep-b", "day_1")} <= set(got):
+        assert time.monotonic() < deadline, f"touchpoints never arrived: {sorted(got)}"
+        for record in consumer:
+            msg = orjson.loads(record.value)
+            got[(msg["user_id"], msg["kind"])] = msg
+            assert record.key == msg["user_id"].encode()
+    consumer.close()
+    reminder = got[("rep-a", "replenish")]
+    assert reminder["item_id"] == "rep-ink" and reminder["bought_at"] == now - 13.5 * DAY
+    assert reminder["at"] == pytest.approx(now - 0.5 * DAY, abs=1)
+    assert reminder["expected_run_out"] == pytest.approx(now + 6.5 * DAY, abs=1)
+    assert not any(u == "rep-c" for u, _ in got) and ("rep-a", "day_1") not in got
+    day7 = orjson.dumps(["rep-c", "rep-ink", "day_7", now - 5 * DAY])
+    assert any(s.r.zscore(f"{prefix}state:touchpoints:{p}", day7) is not None
+               for p in range(s.settings.partitions))
+    due = s.get("/v1/replenishment/due", key="admin", within="7d").json()
+    rows = {(d["user_id"], d["item_id"]): d for d in due["due"]}
+    assert ("rep-a", "rep-ink") in rows and rows[("rep-a", "rep-ink")]["name"] == "Ink cartridge"
+    assert ("rep-b", "rep-ink") not in rows  # no cycle known: nothing to be due
+    bad = s.get("/v1/replenishment/due", key="admin", within="1y")
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "query.within"
+    assert s.get("/v1/replenishment/due", key="read").status_code == 403
