@@ -728,8 +728,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            _: str = admin) -> Response:
         raw = await backend.redis.get(backend.keys.profile(user_id))
         if raw is None:
-            raise ApiError(404, "not_found", f"no purchase of shopper '{user_id}' is known "
-                           "(a profile starts with the first purchase event)", "path.user_id")
+            raise ApiError(404, "not_found", f"nothing is known of shopper '{user_id}' yet (a "
+                           "profile starts with their first purchase, or first view of an "
+                           "item the catalog has a category for)", "path.user_id")
         doc = orjson.loads(raw)
         now = time.time()
         return json_response({
@@ -740,6 +741,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "first_order_ts": doc["orders"][0][0] if doc["orders"] else None,
             "last_order_ts": doc["orders"][-1][0] if doc["orders"] else None,
             "bought": doc.get("bought", []),
+            "interest": doc.get("interest"),
             "as_of": doc.get("as_of"), "generated_at": doc.get("generated_at"),
             "served_at": now, "request_id": request_id(request)})
 

@@ -170,7 +170,53 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
             cells.append(f"{v:.4f} ({v - full:+.4f})")
         what = ", ".join(f"{k}={v}" for k, v in over.items())
         out.append(f"| {a} | {what} | " + " | ".join(cells) + " |")
+    out += shoppers_section()
     return "\n".join(out) + "\n"
+
+
+def shoppers_section() -> list[str]:
+    """Repurchase cycles and the price ladder (bench/repurchase.py, bench/ladder.py), when run."""
+    out: list[str] = []
+    rep_path, lad_path = RESULTS.parent / "repurchase.json", RESULTS.parent / "ladder.json"
+    if rep_path.exists():
+        r = orjson.loads(rep_path.read_bytes())
+        out += ["", "## Repurchase cycles", "",
+                f"`python -m bench.repurchase` on {r['dataset']}: {r['purchases']:,} purchase "
+                f"lines, {r['repeat_purchases']:,} repeat purchases (a day or more after the "
+                "shopper's previous purchase of the item). Each interval is predicted before it "
+                "is learned; each method is scored on the same repeats (docs/replenishment.md).",
+                "", "| method | repeats | median abs error (days) | mean abs error (days) | "
+                "within 7 days | median abs log ratio |", "|---|---|---|---|---|---|"]
+        for m, v in r["prediction"].items():
+            bold = "**" if m == "cartwise" else ""
+            out.append(f"| {bold}{m}{bold} | {v['n']:,} | {v['median_abs_error_days']} | "
+                       f"{v['mean_abs_error_days']} | {v['within_7_days']:.1%} | "
+                       f"{v['median_abs_log_ratio']} |")
+        out += ["", f"Reminders {r['lead_days']:g} days before the predicted run-out; followed = "
+                f"the shopper bought the item again within {r['followed_window_days']:g} days "
+                "after the reminder; early = bought again before it.", "",
+                "| method | reminders | followed | followed share | early share |",
+                "|---|---|---|---|---|"]
+        for m, v in r["reminders"].items():
+            bold = "**" if m == "cartwise" else ""
+            out.append(f"| {bold}{m}{bold} | {v['sent']:,} | {v['followed']:,} | "
+                       f"{v['followed_share']:.1%} | {v['early_share']:.1%} |")
+    if lad_path.exists():
+        r = orjson.loads(lad_path.read_bytes())
+        out += ["", "## Price ladder by segment", "",
+                f"`python -m bench.ladder` on {r['dataset']} ({r['events']:,} events): before each "
+                "purchase in the reported part, the shopper's top 20 plain and through the "
+                "ladder of docs/rules.md (cheapest first from one order, evidence order from "
+                "three, budget quadrants lose alternatives), by the shopper's RFM quadrant then.",
+                "", "| segment | targets | HR@10 plain / ladder | HR@20 plain / ladder | "
+                "MRR@20 plain / ladder | avg price of top 10 plain / ladder |",
+                "|---|---|---|---|---|---|"]
+        for seg, v in sorted(r["segments"].items(), key=lambda kv: kv[0] != "all"):
+            p, q = v["plain"], v["ladder"]
+            out.append(f"| {seg} | {p['targets']:,} | {p['hr10']:.4f} / {q['hr10']:.4f} | "
+                       f"{p['hr20']:.4f} / {q['hr20']:.4f} | {p['mrr20']:.4f} / "
+                       f"{q['mrr20']:.4f} | {p['avg_price_top10']} / {q['avg_price_top10']} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ before each repeat purchase the interval is predicted from what was known, then 
 purchase schedules a reminder `lead` before the predicted run-out; it counts as followed when
 the shopper bought the item again within `2 x lead` after it (the week before and the week
 after the expected run-out, by default). Baselines in the same run: one shop-wide median
-cycle for every item, and a fixed 30 days. Writes bench/results/repurchase.json; the quality
+cycle for every item, a fixed 30 days, the item's cycle alone, and a blend of the shopper's
+and the item's (models/repurchase.py). Writes bench/results/repurchase.json; the quality
 page (bench/quality.py) shows it.
 """
 
@@ -29,6 +30,7 @@ from models.repurchase import (
     KEEP_PER_ITEM,
     KEEP_PER_SHOPPER,
     MIN_INTERVAL_S,
+    blend,
     crowd_cycle,
     median,
     observe,
@@ -98,7 +100,7 @@ def run(name: str, lead_days: float, limit: int | None) -> dict[str, Any]:
     own: dict[tuple[str, str], list[float]] = defaultdict(list)
     per_item: dict[str, list[float]] = defaultdict(list)
     everything: list[float] = []  # sorted, for the shop-wide median baseline
-    methods = ("cartwise", "cartwise_repeat_buyers", "item_only", "shopper_only", "shop_median",
+    methods = ("cartwise", "cartwise_repeat_buyers", "blend", "item_only", "shop_median",
                "fixed_30d")
     errs: dict[str, list[float]] = {m: [] for m in methods}
     logs: dict[str, list[float]] = {m: [] for m in methods}
@@ -108,13 +110,12 @@ def run(name: str, lead_days: float, limit: int | None) -> dict[str, Any]:
     def estimates(key: tuple[str, str], item: str) -> dict[str, float | None]:
         crowd = crowd_cycle(per_item.get(item, ()))
         full = predict(own.get(key, ()), crowd)
-        item_only = predict((), crowd)
-        shopper_only = predict(own.get(key, ()), None)
+        mixed = blend(own.get(key, ()), crowd)
         shop = everything[len(everything) // 2] if everything else None  # sorted already
         return {"cartwise": full.cycle_s if full else None,
                 "cartwise_repeat_buyers": full.cycle_s if full and own.get(key) else None,
-                "item_only": item_only.cycle_s if item_only else None,
-                "shopper_only": shopper_only.cycle_s if shopper_only else None,
+                "blend": mixed.cycle_s if mixed else None,
+                "item_only": crowd,
                 "shop_median": shop, "fixed_30d": FIXED_S}
 
     repeats = 0

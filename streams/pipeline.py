@@ -31,6 +31,7 @@ from cartwise.contract import (
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
+from models.interests import InterestClusters, preferences
 from models.ranking import anchors, rank_for_user
 from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
 from streams.stats import Stats
@@ -139,10 +140,11 @@ def order_mark(ctx: ShopperContext) -> tuple:
     return (len(ctx.orders), ctx.orders[-1][0] if ctx.orders else None)
 
 
-def profile_doc(user: str, ctx: ShopperContext) -> dict[str, Any]:
+def profile_doc(user: str, ctx: ShopperContext,
+                interest: dict[str, Any] | None) -> dict[str, Any]:
     """What segments and audiences are computed from (docs/redis.md, cw:profile)."""
     return {"user_id": user, "orders": ctx.orders, "bought": list(ctx.bought),
-            "as_of": ctx.last_ts, "generated_at": time.time()}
+            "interest": interest, "as_of": ctx.last_ts, "generated_at": time.time()}
 
 
 @dataclass
@@ -156,6 +158,8 @@ class ContextPartition:
     # to remove (docs/replenishment.md); written with the checkpoint, so a replay redoes them.
     schedule: dict[bytes, float | None] = field(default_factory=dict)
     due: dict[bytes, float | None] = field(default_factory=dict)
+    clusters: InterestClusters = field(default_factory=InterestClusters)
+    clusters_dirty: bool = False
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -354,7 +358,9 @@ class ContextStage(Stage):
         offset = await self.store.offset(self.name, partition)
         log.info("context partition %d loaded: %d shoppers, offset %d", partition,
                  len(book.users), offset)
-        return ContextPartition(offset, book)
+        raw = await self.store.redis.get(self.keys.clusters(partition))
+        clusters = InterestClusters.from_bytes(raw) if raw else InterestClusters()
+        return ContextPartition(offset, book, clusters=clusters)
 
     async def process(self, partition: int, st: ContextPartition,
                       records: list[Record]) -> None:
@@ -522,6 +528,8 @@ class ContextStage(Stage):
                 ops.zrem(self.keys.due, member)
             else:
                 ops.zadd(self.keys.due, at, member)
+        if st.clusters_dirty:
+            ops.set(self.keys.clusters(partition), st.clusters.to_bytes())
         return ops
 
     def checkpointed(self, partition: int, st: ContextPartition) -> None:
@@ -529,6 +537,7 @@ class ContextStage(Stage):
         st.book.evicted.clear()
         st.schedule.clear()
         st.due.clear()
+        st.clusters_dirty = False
 
     async def user_lists(self, partition: int, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:
@@ -567,8 +576,14 @@ class ContextStage(Stage):
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
-            if ctx.orders and st.profiled.get(user) != (mark := order_mark(ctx)):
-                docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx))
+            interest = None
+            if not only_changed:  # a refresh changes no context: nothing new to learn
+                interest = st.clusters.learn(preferences(
+                    ((i, t.w) for i, t in ctx.items.items()), catalog))
+                st.clusters_dirty = st.clusters_dirty or interest is not None
+            mark = (order_mark(ctx), interest["cluster"] if interest else None)
+            if (ctx.orders or interest) and not only_changed and st.profiled.get(user) != mark:
+                docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx, interest))
                 profiled[user] = mark
         if docs and not only_changed:
             # Ranked against cached item lists, possibly older than the last refresh: the

@@ -99,6 +99,10 @@ class Keys:
         """Sorted set [user_id, item_id] -> when a consumable's replenish reminder is due."""
         return f"{self.prefix}due"
 
+    def clusters(self, partition: int) -> str:
+        """The partition's interest-cluster model (river, pickled; models/interests.py)."""
+        return f"{self.prefix}state:clusters:{partition}"
+
     def cycles(self, partition: int) -> str:
         return f"{self.prefix}state:cycles:{partition}"
 

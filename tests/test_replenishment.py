@@ -14,21 +14,23 @@ from models.config import ModelConfig
 from models.context import ContextBook
 from models.graph import ItemGraph
 from models.ranking import not_due
-from models.repurchase import DAY, Estimate, observe, predict, touchpoints
+from models.repurchase import DAY, Estimate, blend, observe, predict, touchpoints
 from tests.conftest import Served
 
 NOW = 1_700_000_000.0
 LEAD = 7 * DAY
 
 
-def test_predict_prefers_medians_and_blends_a_regular_shopper_with_the_crowd():
+def test_predict_takes_the_shoppers_own_rhythm_first_then_the_items():
     assert predict([], None) is None
     assert predict([], 30 * DAY) == Estimate(30 * DAY, "item")
     assert predict([10 * DAY], None) == Estimate(10 * DAY, "shopper")
-    # One interval of their own is noise next to the crowd's median.
-    assert predict([10 * DAY], 40 * DAY) == Estimate(40 * DAY, "item")
-    both = predict([10 * DAY, 10 * DAY, 300 * DAY], 40 * DAY)
-    assert both.source == "shopper+item" and both.cycle_s == pytest.approx(20 * DAY)
+    assert predict([10 * DAY], 40 * DAY) == Estimate(10 * DAY, "shopper")
+    # A median: the one long gap does not move it.
+    assert predict([10 * DAY, 12 * DAY, 300 * DAY], 40 * DAY) == Estimate(12 * DAY, "shopper")
+    mixed = blend([10 * DAY, 10 * DAY, 300 * DAY], 40 * DAY)
+    assert mixed.source == "shopper+item" and mixed.cycle_s == pytest.approx(20 * DAY)
+    assert blend([10 * DAY], 40 * DAY) == Estimate(40 * DAY, "item")
 
 
 def test_observe_ignores_same_day_repeats_and_keeps_the_newest():

@@ -10,6 +10,7 @@ import pytest
 from cartwise.contract import prepare_event
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
+from models.interests import InterestClusters, label, preferences
 from models.segments import (
     DAY,
     GENERAL_TO_DEVELOP,
@@ -125,3 +126,47 @@ def test_profile_route_segments_shoppers_from_their_purchases(served: Served):
     missing = served.get("/v1/users/nobody-bought/profile", key="admin")
     assert missing.status_code == 404 and missing.json()["error"]["field"] == "path.user_id"
     assert served.get("/v1/users/rfm-a/profile", key="read").status_code == 403
+
+
+# -- interest clusters ------------------------------------------------------------------------
+
+def test_preferences_are_shares_of_touch_weight_per_category():
+    catalog = {"a": {"category": "coffee"}, "b": {"category": "coffee"},
+               "c": {"category": "books"}, "d": {}}
+    got = preferences([("a", 1.0), ("b", 3.0), ("c", 4.0), ("d", 5.0), ("x", 2.0)], catalog)
+    assert got == {"coffee": 0.5, "books": 0.5}
+    assert preferences([("d", 1.0)], catalog) == {}
+    assert label({"coffee": 0.7, "books": 0.25, "toys": 0.05}) == "coffee+books"
+    assert label({}) == "mixed"
+
+
+def test_interest_clusters_separate_tastes_and_survive_a_checkpoint():
+    clusters = InterestClusters()
+    kinds = [{"coffee": 0.9, "books": 0.1}, {"phones": 0.8, "audio": 0.2}]
+    for _ in range(50):
+        for prefs in kinds:
+            clusters.learn(prefs)
+    coffee, phones = clusters.learn(kinds[0]), clusters.learn(kinds[1])
+    assert coffee["cluster"].startswith("coffee") and phones["cluster"].startswith("phones")
+    assert coffee["categories"] == {"coffee": 0.9, "books": 0.1}
+    again = InterestClusters.from_bytes(clusters.to_bytes())
+    assert again.learn(kinds[0])["cluster"] == coffee["cluster"]
+    assert clusters.learn({}) is None
+
+
+def test_profile_route_names_a_browsing_shoppers_interest(served: Served):
+    facts = {c["item_id"]: c for c in served.shop.catalog}
+    items = [i for i, c in facts.items() if c["category"] == "coffee"][:3]
+    now = time.time()
+    events = [{"type": "view", "user_id": "int-a", "item_id": i, "event_id": f"int-a{n}",
+               "ts": now + n} for n, i in enumerate(items)]
+    assert served.post("/v1/events", events).status_code == 202
+    deadline = time.monotonic() + 30
+    while (resp := served.get("/v1/users/int-a/profile", key="admin")).status_code != 200 or \
+            len(resp.json()["interest"]["categories"]) < 1:
+        assert time.monotonic() < deadline, "interest never reached the profile"
+        time.sleep(0.2)
+    body = resp.json()
+    assert body["interest"]["categories"] == {"coffee": 1.0}
+    assert body["interest"]["cluster"]
+    assert body["rfm"]["frequency"] == 0 and body["rfm"]["quadrant"] is None
