@@ -219,6 +219,12 @@ Where to look:
     curl -H 'X-API-Key: {read_key}' '{base}/v1/users/u-00003/suggestions?placement=cart'
     ingest key {ingest_key}
     admin key  {admin_key}
+  shopper intelligence (admin key):
+    curl -H 'X-API-Key: {admin_key}' {base}/v1/users/u-00003/profile
+    curl -H 'X-API-Key: {admin_key}' {base}/v1/audiences/cof-001
+    curl -H 'X-API-Key: {admin_key}' '{base}/v1/replenishment/due?within=30d'
+    curl -X PUT -H 'X-API-Key: {admin_key}' -H 'Content-Type: application/json' \\
+         -d '{{"block": ["aud-001"], "frequency_cap": 3}}' {base}/v1/rules
   from another terminal:
     export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
     .venv/bin/cartwise show item pho-000    # the stored lists of an item
