@@ -215,6 +215,7 @@ class Backend:
         self._catalog: dict[str, dict | None] = {}  # item -> facts (None: not in the catalog)
         self._catalog_generation = 0  # bumped whenever the copy above is dropped
         self.rules: Rules = NO_RULES
+        self.segments = settings.segments  # validated here: bad thresholds stop the start
         self._rules_raw: bytes | None = None
 
     async def start(self) -> None:
@@ -501,23 +502,20 @@ class Backend:
                 "generated_at": doc.get("generated_at") if doc else None,
                 "served_at": time.time(), **extra}
 
-    async def shopper_policy(self, user_id: str | None, raw: bytes | None = None,
-                             read: bool = True
-                             ) -> tuple[LadderStep | None, float | None, dict[str, Any] | None]:
+    def shopper_policy(self, user_id: str | None, raw: bytes | None
+                       ) -> tuple[LadderStep | None, float | None, dict[str, Any] | None]:
         """The price-ladder step, average order and a summary for this shopper (docs/rules.md).
 
-        `raw` is their cw:profile document when the caller already read it (`read=False`). A
-        shopper with no profile has 0 orders: a step starting at 0 applies to them, if any.
+        `raw` is their cw:profile document, read by the caller in the same round trip as the
+        list. A shopper with no profile has 0 orders: a step starting at 0 applies, if any.
         """
         rules = self.rules
         if not rules.needs_profile or user_id is None:
             return None, None, None
-        if read:
-            raw = await self.redis.get(self.keys.profile(user_id))
         orders = orjson.loads(raw)["orders"] if raw else []
         amounts = [a for _, a in orders if a is not None]
         average = sum(amounts) / len(amounts) if amounts else None
-        quadrant = rfm(orders, time.time(), self.settings.segments).quadrant
+        quadrant = rfm(orders, time.time(), self.segments).quadrant
         step = rules.step(len(orders))
         return step, average, {
             "orders": len(orders), "quadrant": quadrant,
@@ -527,9 +525,13 @@ class Backend:
 
     async def item_answer(self, item_id: str, kind: str, k: int,
                           user_id: str | None = None) -> dict[str, Any]:
-        raw = await self.redis.get(self.keys.item(item_id))
+        if user_id is not None and self.rules.needs_profile:  # one round trip for both
+            raw, profile = await self.redis.mget(self.keys.item(item_id),
+                                                 self.keys.profile(user_id))
+        else:
+            raw, profile = await self.redis.get(self.keys.item(item_id)), None
         doc = orjson.loads(raw) if raw else None
-        step, average, shopper = await self.shopper_policy(user_id)
+        step, average, shopper = self.shopper_policy(user_id, profile)
         if shopper and shopper["budget"] and kind == "upsell":
             kind = "cross_sell"  # a budget-limited shopper is offered complements instead
         source = "alternatives" if kind == "upsell" else kind
@@ -569,7 +571,7 @@ class Backend:
             raw, profile = await self.redis.get(self.keys.user(user_id)), None
         doc = orjson.loads(raw) if raw else None
         listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
-        step, average, shopper = await self.shopper_policy(user_id, profile, read=False)
+        step, average, shopper = self.shopper_policy(user_id, profile)
         if shopper and shopper["budget"]:
             # Substitutes are where the dearer tiers are: complements instead (SPEC 1).
             listed = [e for e in listed if e.get("kind") != "alternatives"]
@@ -611,8 +613,8 @@ def create_asgi(settings: Settings | None = None) -> "FastPath":
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or Settings.from_env()
-    segments = s.segments  # invalid thresholds stop the start, not each profile request
     backend = Backend(s)
+    segments = backend.segments
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
