@@ -38,6 +38,8 @@ bench: $(STAMP)
 
 # The full prequential replay of the shared logs (docs/quality-protocol.md); writes docs/quality.md.
 quality: $(STAMP)
+	$(BIN)/python -m bench.repurchase
+	$(BIN)/python -m bench.ladder
 	$(BIN)/python -m bench.quality
 
 clean:
