@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import orjson
+import redis
 
 from api.auth import new_key
 from cartwise.embedded import EmbeddedStack, free_port
@@ -159,6 +160,22 @@ def prepare(stack: EmbeddedStack, users: int, log_dir: Path) -> tuple[Settings, 
     return settings, shop, key, [api]
 
 
+def bench_rules(shop: Shop, users: list[str]) -> dict:
+    """A rules document with every rule in use, at a realistic size."""
+    items = [c["item_id"] for c in shop.catalog]
+    return {"block": items[::17], "exclude_categories": ["garden"],
+            "pins": {i: items[n + 1: n + 3] for n, i in enumerate(items[:-3:5])},
+            "boost": {"items": items[-5:], "slots": 1}, "frequency_cap": 1000,
+            "price_ladder": {"steps": [{"min_orders": 1, "order": "price_ascending"},
+                                       {"min_orders": 3, "order": "score"}],
+                             "budget_quadrants": ["general_to_develop"]}}
+
+
+def report(r: int, name: str, row: dict) -> None:
+    print(f"round {r + 1} {name:15s} p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+          f"({row['achieved_rps']:.0f} req/s, {row['errors']} errors)", flush=True)
+
+
 async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key: str,
                   redis_port: int) -> dict:
     rng = random.Random(1)
@@ -176,14 +193,24 @@ async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key:
     # interpreter's first calls. Steady state is what a storefront sees.
     for conns, targets in arms.values():
         await open_loop(conns, targets, args.rate, len(targets) / args.rate)
+    store = redis.Redis(port=redis_port)
+    rules = orjson.dumps(bench_rules(shop, users))
     rounds: list[dict] = []
     for r in range(args.rounds):
         row = {}
         for name, (conns, targets) in arms.items():
             row[name] = await open_loop(conns, targets, args.rate, args.seconds)
-            print(f"round {r + 1} {name:10s} p50 {row[name]['p50_ms']:.2f} ms  p99 "
-                  f"{row[name]['p99_ms']:.2f} ms  ({row[name]['achieved_rps']:.0f} req/s, "
-                  f"{row[name]['errors']} errors)", flush=True)
+            report(r, name, row[name])
+        # The same lookups with merchant rules in force (docs/rules.md): every rule on, so
+        # this is the most a rules document can cost.
+        store.set(keys.rules, rules)
+        await asyncio.sleep(1.5)  # API processes re-read the rules every half second
+        for name in ("api_item", "api_user"):
+            conns, targets = arms[name]
+            row[f"{name}_rules"] = await open_loop(conns, targets, args.rate, args.seconds)
+            report(r, f"{name}_rules", row[f"{name}_rules"])
+        store.delete(keys.rules)
+        await asyncio.sleep(1.5)
         rounds.append(row)
     throughput = {"api_item": await closed_loop(http, item_targets, args.seconds),
                   "redis_get": await closed_loop(resp, redis_targets, args.seconds)}
@@ -201,7 +228,7 @@ def summarise(result: dict) -> dict:
         return statistics.median(r[arm][f] for r in rounds)
 
     out = {}
-    for arm in ("api_item", "api_user"):
+    for arm in ("api_item", "api_user", "api_item_rules", "api_user_rules"):
         out[arm] = {
             "p50_ms": med(arm, "p50_ms"), "p99_ms": med(arm, "p99_ms"),
             "p99_minus_redis_p99_ms": statistics.median(
@@ -238,10 +265,10 @@ def main() -> None:
     (RESULTS / "api_latency.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     s = result["summary"]
     print("\nmedian over rounds at", args.rate, "req/s:")
-    for arm in ("api_item", "api_user", "redis_get"):
+    for arm in ("api_item", "api_user", "api_item_rules", "api_user_rules", "redis_get"):
         extra = (f", p99 - Redis p99 {s[arm]['p99_minus_redis_p99_ms']:.2f} ms"
                  if arm != "redis_get" else "")
-        print(f"  {arm:10s} p50 {s[arm]['p50_ms']:.2f} ms  p99 {s[arm]['p99_ms']:.2f} ms{extra}")
+        print(f"  {arm:15s} p50 {s[arm]['p50_ms']:.2f} ms  p99 {s[arm]['p99_ms']:.2f} ms{extra}")
     print(f"  closed-loop throughput API / Redis: {s['throughput_ratio_api_to_redis']:.2f}")
 
 
