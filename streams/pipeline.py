@@ -45,7 +45,6 @@ YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this of
 
 # (value, partition, offset, broker timestamp in seconds)
 Record = tuple[bytes, int, int, float]
-# send(topic_name, value, partition, headers) -> awaitable that resolves when acked
 # send(topic, value, partition, headers, key=None) -> a future settled once the broker has it
 Sender = Callable[..., Awaitable[Awaitable[Any]]]
 
@@ -478,6 +477,9 @@ class ContextStage(Stage):
                                                  num=TOUCHPOINTS_PER_TICK, withscores=True)
                 if not rows:
                     continue
+                # Re-planned or voided since the last checkpoint: the checkpoint decides.
+                pending = st.schedule if (st := self.parts.get(p)) is not None else {}
+                rows = [(m, at) for m, at in rows if m not in pending]
                 acks, stale = [], 0
                 for member, at in rows:
                     if at < now - s.touchpoint_max_late_s:
@@ -487,7 +489,8 @@ class ContextStage(Stage):
                     acks.append(await self.send(s.touchpoints_topic, orjson.dumps(msg), None,
                                                 None, msg["user_id"].encode()))
                 await asyncio.gather(*acks)
-                await redis.zrem(key, *[m for m, _ in rows])
+                if rows:
+                    await redis.zrem(key, *[m for m, _ in rows])
                 self.stats.inc("context.touchpoints_sent", len(acks))
                 self.stats.inc("context.touchpoints_stale", stale)
         # Reminders whose run-out has passed unanswered are no longer due.
