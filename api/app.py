@@ -725,7 +725,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(body | {"request_id": request_id(request)})
 
     @app.get("/v1/users/{user_id}/profile", tags=["shoppers"],
-             summary="A shopper's RFM segment and order history summary (admin)")
+             summary="A shopper's RFM segment, interest cluster and orders (admin)",
+             responses={404: {"model": ErrorBody, "description": "Nothing known of this "
+                                                                "shopper yet"}})
     async def user_profile(request: Request, user_id: Annotated[str, id_path],
                            _: str = admin) -> Response:
         raw = await backend.redis.get(backend.keys.profile(user_id))
