@@ -114,6 +114,7 @@ class ReadCache:
         return out
 
 
+TRIM_EVERY = 8  # audience index: each item's sets are trimmed one batch in this many
 TOUCHPOINTS_PER_TICK = 500  # per partition: bounds one tick's work after downtime
 
 
@@ -152,7 +153,8 @@ class ContextPartition:
     book: ContextBook
     applied: int = -1  # last offset applied in memory (>= offset)
     written: dict[str, int] = field(default_factory=dict)  # user -> digest of the last list
-    profiled: dict[str, tuple] = field(default_factory=dict)  # user -> orders last written
+    # user -> (orders, category-share hash, interest) of the profile last written
+    profiled: dict[str, tuple] = field(default_factory=dict)
     # Touchpoint and due-reminder changes since the last checkpoint: member -> time, or None
     # to remove (docs/replenishment.md); written with the checkpoint, so a replay redoes them.
     schedule: dict[bytes, float | None] = field(default_factory=dict)
@@ -349,6 +351,7 @@ class ContextStage(Stage):
         self.partition_of = PartitionOf(self.settings.partitions)
         self.list_cache = ReadCache(self.settings.lists_interval_s)
         self.catalog_cache = ReadCache(self.settings.lists_interval_s)
+        self._trim_turn = 0
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -503,14 +506,15 @@ class ContextStage(Stage):
         Derived output like the lists: a replay writes the same scores again (GT keeps the
         newest time), so it needs no checkpoint.
         """
-        keep = self.settings.audience_index_size
-        pipe = self.store.redis.pipeline(transaction=False)
+        rows = []
         for (channel, item), users in index.items():
             key = self.keys.audience(channel, item)
-            pipe.zadd(key, users, gt=True)
-            pipe.zremrangebyrank(key, 0, -keep - 1)
+            # Trimming every time would cost a command per key; a set may run past the bound
+            # by what one item gets in a few batches before its next trim.
+            rows.append((key, zlib.crc32(key.encode()) % TRIM_EVERY == self._trim_turn, users))
+        self._trim_turn = (self._trim_turn + 1) % TRIM_EVERY
         with self.stats.redis_write("audience_index"):
-            await pipe.execute()
+            await self.store.audience_index(self.settings.audience_index_size, rows)
 
     def checkpoint_ops(self, partition: int, st: ContextPartition) -> Ops:
         ops = Ops()
@@ -579,15 +583,8 @@ class ContextStage(Stage):
                 # The hot path skips the digest; the next refresh rewrites this one once.
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
-            interest = None
             if not only_changed:  # a refresh changes no context: nothing new to learn
-                interest = st.clusters.learn(preferences(
-                    ((i, t.w) for i, t in ctx.items.items()), catalog))
-                st.clusters_dirty = st.clusters_dirty or interest is not None
-            mark = (order_mark(ctx), interest["cluster"] if interest else None)
-            if (ctx.orders or interest) and not only_changed and st.profiled.get(user) != mark:
-                docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx, interest))
-                profiled[user] = mark
+                self._profile(st, user, ctx, catalog, docs, profiled)
         if docs and not only_changed:
             # Ranked against cached item lists, possibly older than the last refresh: the
             # partition needs refreshing again, and must not look refreshed meanwhile.
@@ -600,6 +597,26 @@ class ContextStage(Stage):
         st.written.update(digests)
         st.profiled.update(profiled)
         return len(docs)
+
+    def _profile(self, st: ContextPartition, user: str, ctx: ShopperContext, catalog: dict,
+                 docs: dict[str, bytes], profiled: dict[str, tuple]) -> None:
+        """Learn the shopper's interest and queue their profile, when either changed.
+
+        The clustering learns a shopper again only when their category shares moved: most
+        events are another view in the same categories, and k-means is the costly part.
+        """
+        prefs = preferences(((i, t.w) for i, t in ctx.items.items()), catalog)
+        shape = hash(tuple(sorted((c, round(v, 2)) for c, v in prefs.items())))
+        before = st.profiled.get(user)
+        if before is not None and before[1] == shape:
+            interest = before[2]
+        else:
+            interest = st.clusters.learn(prefs)
+            st.clusters_dirty = st.clusters_dirty or interest is not None
+        mark = (order_mark(ctx), shape, interest)
+        if (ctx.orders or interest) and before != mark:
+            docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx, interest))
+            profiled[user] = mark
 
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
         return {

@@ -33,6 +33,21 @@ return {1, ARGV[2]}
 """
 
 
+# The audience index in one command: per-command overhead in the client, not Redis, is what
+# a pipeline of thousands of small ZADDs costs. ARGV: keep, then per key: key, trim (0/1),
+# n, and n (score, member) pairs.
+_AUDIENCE_LUA = """
+local keep, i, n = tonumber(ARGV[1]), 2, #ARGV
+while i <= n do
+  local key, trim, count = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2])
+  redis.call('ZADD', key, 'GT', unpack(ARGV, i + 3, i + 2 + 2 * count))
+  if trim == '1' then redis.call('ZREMRANGEBYRANK', key, 0, -keep - 1) end
+  i = i + 3 + 2 * count
+end
+return 1
+"""
+
+
 class Keys:
     """The Redis key contract (docs/redis.md). One place builds every key name."""
 
@@ -155,6 +170,7 @@ class Store:
         self.redis = redis
         self.keys = Keys(prefix)
         self._checkpoint = redis.register_script(_CHECKPOINT_LUA)
+        self._audience = redis.register_script(_AUDIENCE_LUA)
 
     async def offset(self, stage: str, partition: int) -> int:
         raw = await self.redis.get(self.keys.offset(stage, partition))
@@ -172,6 +188,16 @@ class Store:
             keys=[self.keys.offset(stage, partition)], args=[exp, str(new), *ops.args]
         )
         return bool(ok), (-1 if found in (b"", "") else int(found))
+
+    async def audience_index(self, keep: int,
+                             rows: list[tuple[str, bool, dict[str, float]]]) -> None:
+        """ZADD GT each key's {user: ts}, trimming those marked to the newest `keep`."""
+        args: list[str | float | int] = [keep]
+        for key, trim, users in rows:
+            args += (key, "1" if trim else "0", len(users))
+            for user, ts in users.items():
+                args += (repr(float(ts)), user)
+        await self._audience(args=args)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         raw = await self.redis.hgetall(key)
