@@ -22,8 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from bench import save
 from cartwise import datasets
 from models.repurchase import (
     DAY,
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
     result = run(args.dataset, args.lead_days, args.limit)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    save(RESULTS, result)
     return 0
 
 
