@@ -45,21 +45,46 @@ def variant(name: str, config: ModelConfig) -> CartwiseModel:
     return m
 
 
-def run(name: str, limit: int | None) -> dict[str, Any]:
+# A log is replayed in two processes side by side: the default with the baselines (the
+# paired comparison needs both in one replay) and the ablations; the results are merged.
+GROUPS = ("main", "ablations")
+
+
+def run(name: str, limit: int | None, group: str = "main") -> dict[str, Any]:
     events = datasets.load(name)
     if limit:
         events = events[:limit]
     base = ModelConfig()
-    models = [variant("cartwise", base)]
-    models += [variant(f"cartwise-{a}", replace(base, **over)) for a, over in ABLATIONS.items()]
-    models += [cls() for cls in BASELINES.values()]
+    if group == "main":
+        models: list[Any] = [variant("cartwise", base)]
+        models += [cls() for cls in BASELINES.values()]
+    else:
+        models = [variant(f"cartwise-{a}", replace(base, **over))
+                  for a, over in ABLATIONS.items()]
     kinds = list(datasets.DATASETS[name].targets)
-    print(f"{name}: {len(events)} events, {len(models)} models", file=sys.stderr, flush=True)
-    result = evaluate(events, kinds, models)
+    total = len(events)
+    print(f"{name}/{group}: {total} events, {len(models)} models", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+
+    def progress(n: int) -> None:
+        if n and n % 50_000 == 0:
+            print(f"{name}/{group}: {n}/{total} events, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    result = evaluate(events, kinds, models, progress=progress)
     result["source"] = name
     result["description"] = datasets.DATASETS[name].description
     result["config"] = base.to_dict()
     return result
+
+
+def merge(main: dict[str, Any], ablations: dict[str, Any]) -> dict[str, Any]:
+    """Puts the ablations after the default, in the order the page shows them."""
+    models = {"cartwise": main["models"]["cartwise"], **ablations["models"]}
+    models.update((n, r) for n, r in main["models"].items() if n != "cartwise")
+    main["models"] = models
+    main["seconds"] = max(main["seconds"], ablations["seconds"])
+    return main
 
 
 def verdict_against_best_baseline(r: dict[str, Any]) -> None:
@@ -226,18 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="rebuild the page from saved results instead of replaying")
     parser.add_argument("--jobs", type=int, default=2,
-                        help="datasets replayed at once, one process each")
+                        help="replays at once, two per dataset (default+baselines, ablations)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     names = args.datasets.split(",")
     todo = [n for n in names if not (args.reuse and (RESULTS / f"{n}.json").exists())]
     # Each log's result is saved the moment it is done, so a long run that is cut off keeps
     # what it finished and `--reuse` picks up from there.
+    parts: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in todo}
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run, n, args.limit): n for n in todo}
+        futures = {pool.submit(run, n, args.limit, g): (n, g) for n in todo for g in GROUPS}
         for future in as_completed(futures):
-            (RESULTS / f"{futures[future]}.json").write_bytes(
-                orjson.dumps(future.result(), option=orjson.OPT_INDENT_2))
+            n, g = futures[future]
+            parts[n][g] = future.result()
+            if len(parts[n]) == len(GROUPS):
+                (RESULTS / f"{n}.json").write_bytes(orjson.dumps(
+                    merge(parts[n]["main"], parts[n]["ablations"]),
+                    option=orjson.OPT_INDENT_2))
     results = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in names}
     plot(results)
     command = "python -m bench.quality" + (f" --limit {args.limit}" if args.limit else "")
