@@ -60,6 +60,17 @@ from cartwise.settings import Settings
 from models import serving
 from models.audience import RELATED_PER_KIND, rank_audience, related_items
 from models.config import ModelConfig
+from models.experiments import (
+    MAX_EXPERIMENTS,
+    RANKINGS,
+    Experiment,
+    ExperimentError,
+    Strategy,
+    choose,
+    parse_counters,
+)
+from models.experiments import report as experiment_report
+from models.feedback import FEATURES, combine, features, rerank
 from models.ranking import rank_for_cart
 from models.rules import NO_RULES, LadderStep, Rules, RulesError, ladder, order_by_price
 from models.rules import apply as apply_rules
@@ -217,10 +228,20 @@ class Backend:
         self.rules: Rules = NO_RULES
         self.segments = settings.segments  # validated here: bad thresholds stop the start
         self._rules_raw: bytes | None = None
+        if settings.ranking not in RANKINGS:
+            raise ValueError(f"CARTWISE_RANKING must be one of {list(RANKINGS)}, not "
+                             f"{settings.ranking!r}")
+        self.default_strategy = Strategy(ranking=settings.ranking)
+        self.experiments: dict[str, Experiment] = {}
+        self._experiments_raw: bytes | None = None
+        self.reranker: dict[str, Any] = combine([], settings.reranker_min_examples)
+        self._background: set[asyncio.Task] = set()  # served documents being written
 
     async def start(self) -> None:
         try:
             await self.load_rules()
+            await self.load_experiments()
+            await self.load_reranker()
         except Exception as exc:  # Redis not up yet: the refresh loop keeps trying
             log.warning("rules not loaded yet: %r", exc)
         self._producer_task = asyncio.create_task(self._start_producer())
@@ -276,6 +297,8 @@ class Backend:
                     self._catalog_generation += 1
                     self._catalog.clear()
                 await self.load_rules()
+                await self.load_experiments()
+                await self.load_reranker()
                 stale = [c for c, (at, _, _) in self._trending.items()
                          if time.monotonic() - at >= TRENDING_TTL_S]
                 if stale:
@@ -361,6 +384,78 @@ class Backend:
         raw = orjson.dumps(rules.to_dict())
         await self.redis.set(self.keys.rules, raw)
         self.rules, self._rules_raw = rules, raw
+
+    async def load_experiments(self) -> None:
+        """Pick up experiment changes made through any API process (every CACHE_REFRESH_S)."""
+        raw = await self.redis.get(self.keys.experiments)
+        if raw == self._experiments_raw:
+            return
+        try:
+            docs = orjson.loads(raw) if raw else {}
+            self.experiments = {i: Experiment.parse(i, d) for i, d in docs.items()}
+        except (ValueError, ExperimentError) as exc:
+            log.error("stored experiments are not usable, keeping the previous ones: %s", exc)
+        self._experiments_raw = raw
+
+    async def save_experiments(self, experiments: dict[str, Experiment]) -> None:
+        raw = orjson.dumps({i: {k: v for k, v in e.to_dict().items() if k != "id"}
+                            for i, e in experiments.items()})
+        await self.redis.set(self.keys.experiments, raw)
+        self.experiments, self._experiments_raw = experiments, raw
+
+    async def load_reranker(self) -> None:
+        """The partitions' re-rankers, combined (models/feedback.py, combine)."""
+        raws = await self.redis.mget([self.keys.reranker(p)
+                                      for p in range(self.settings.partitions)])
+        self.reranker = combine((orjson.loads(r) for r in raws if r),
+                                self.settings.reranker_min_examples)
+
+    def strategy(self, user_id: str | None) -> tuple[dict[str, str] | None, Strategy]:
+        """The shopper's experiment variant and what it changes; the default outside any."""
+        chosen = choose(self.experiments, user_id, time.time())
+        if chosen is None:
+            return None, self.default_strategy
+        exp, variant = chosen
+        return {"id": exp.id, "variant": variant.name}, variant.strategy
+
+    def order(self, entries: list[dict], catalog: dict, anchor: dict | None, placement: str,
+              existing: bool, evidence: dict[str, dict], reranked: bool
+              ) -> tuple[list[dict], dict[str, list[float]]]:
+        """Each entry's features, taken in the plain order; the re-ranker's order if asked."""
+        top = max((e["score"] or 0.0 for e in entries), default=0.0)
+        xs = [features(e, n, top, catalog.get(e["item_id"]), anchor, placement, existing,
+                       evidence.get(e["item_id"])) for n, e in enumerate(entries)]
+        if reranked and entries:
+            entries = rerank(entries, xs, self.reranker["weights"], self.reranker["intercept"])
+        return entries, {e["item_id"]: x for e, x in zip(entries, xs, strict=True)}
+
+    def remember(self, rid: str, user_id: str | None, placement: str,
+                 experiment: dict[str, str] | None, entries: list[dict],
+                 xs: dict[str, list[float]], catalog: dict, anchor: dict | None,
+                 existing: bool) -> None:
+        """Keep what was served under `rid` for the workers (docs/feedback.md), off the
+        request path. Entries added after ordering (pins, fillers) get features where they
+        ended up."""
+        ttl = self.settings.served_ttl_s
+        if ttl <= 0 or not entries:
+            return
+        top = max((e["score"] or 0.0 for e in entries), default=0.0)
+        doc = {"u": user_id, "p": placement,
+               "e": experiment["id"] if experiment else None,
+               "v": experiment["variant"] if experiment else None,
+               "x": {e["item_id"]: xs.get(e["item_id"]) or features(
+                   e, n, top, catalog.get(e["item_id"]), anchor, placement, existing)
+                   for n, e in enumerate(entries)}}
+        task = asyncio.create_task(self._remember(self.keys.served(rid), orjson.dumps(doc), ttl))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _remember(self, key: str, raw: bytes, ttl: float) -> None:
+        try:
+            await self.redis.set(key, raw, ex=max(1, int(ttl)))
+        except Exception as exc:  # feedback for this answer is lost, the answer was not
+            self.metrics.served_lost.inc()
+            log.debug("served document not written: %r", exc)
 
     async def shown_today(self, user_id: str) -> dict[str, int]:
         got = await self.redis.hgetall(self.keys.shown(user_id, utc_day()))
@@ -469,16 +564,17 @@ class Backend:
     async def fill(self, entries: list[dict], catalog: dict[str, dict | None], k: int,
                    exclude: set[str], categories: list[str | None],
                    first: Callable[[list, dict], list] | None = None,
-                   price_cap: float | None = None) -> tuple[list[dict], str | None]:
+                   price_cap: float | None = None, rules: Rules | None = None,
+                   enabled: bool = True) -> tuple[list[dict], str | None]:
         """Top up a short answer from trending sets (category first, then shop-wide)."""
-        if len(entries) >= k:
+        if len(entries) >= k or not enabled:
             return entries, None
         sets, facts = await self.trending_sets(list(dict.fromkeys([*categories, None])))
         for i, f in facts.items():
             catalog.setdefault(i, f)
         if first is not None:
             sets = [(first(ranked, catalog), c) for ranked, c in sets if c is not None] + sets
-        rules = self.rules
+        rules = self.rules if rules is None else rules
         if not rules.empty:
             sets = [([(i, sc) for i, sc in ranked if rules.permits(i, catalog.get(i))], c)
                     for ranked, c in sets]
@@ -496,20 +592,22 @@ class Backend:
 
     def body(self, entries: list[dict], catalog: dict, fallback: str | None,
              doc: dict | None, **extra: Any) -> dict[str, Any]:
+        exp = extra.get("experiment")
+        self.metrics.answers.labels(exp["id"] if exp else "", exp["variant"] if exp else "",
+                                    extra.get("ranking") or "plain").inc()
         return {"items": serving.enrich(entries, catalog), "fallback": fallback,
                 "model": doc.get("model") if doc else None,
                 "as_of": doc.get("as_of") if doc else None,
                 "generated_at": doc.get("generated_at") if doc else None,
                 "served_at": time.time(), **extra}
 
-    def shopper_policy(self, user_id: str | None, raw: bytes | None
+    def shopper_policy(self, user_id: str | None, raw: bytes | None, rules: Rules
                        ) -> tuple[LadderStep | None, float | None, dict[str, Any] | None]:
         """The price-ladder step, average order and a summary for this shopper (docs/rules.md).
 
         `raw` is their cw:profile document, read by the caller in the same round trip as the
         list. A shopper with no profile has 0 orders: a step starting at 0 applies, if any.
         """
-        rules = self.rules
         if not rules.needs_profile or user_id is None:
             return None, None, None
         orders = orjson.loads(raw)["orders"] if raw else []
@@ -524,22 +622,24 @@ class Backend:
             "average_order": round(average, 2) if average is not None else None}
 
     async def item_answer(self, item_id: str, kind: str, k: int,
-                          user_id: str | None = None) -> dict[str, Any]:
-        if user_id is not None and self.rules.needs_profile:  # one round trip for both
+                          user_id: str | None = None, rid: str | None = None) -> dict[str, Any]:
+        experiment, strategy = self.strategy(user_id)
+        rules = self.rules if strategy.rules else NO_RULES
+        if user_id is not None and rules.needs_profile:  # one round trip for both
             raw, profile = await self.redis.mget(self.keys.item(item_id),
                                                  self.keys.profile(user_id))
         else:
             raw, profile = await self.redis.get(self.keys.item(item_id)), None
         doc = orjson.loads(raw) if raw else None
-        step, average, shopper = self.shopper_policy(user_id, profile)
+        step, average, shopper = self.shopper_policy(user_id, profile, rules)
         if shopper and shopper["budget"] and kind == "upsell":
             kind = "cross_sell"  # a budget-limited shopper is offered complements instead
         source = "alternatives" if kind == "upsell" else kind
         listed = doc.get(source, []) if doc else []
-        rules = self.rules
+        reranked = strategy.ranking == "auto" and bool(self.reranker["active"])
         # Pins belong next to an item's complements; the other kinds answer other questions.
         pinned = rules.wanted([item_id], False) if kind == "cross_sell" else []
-        room = k if rules.empty else k + serving.HEADROOM
+        room = k if rules.empty and not reranked else k + serving.HEADROOM
         wanted = ([e["item_id"] for e in listed] if kind == "upsell"
                   else serving.candidates(listed, room))
         catalog = await self.facts([item_id, *wanted, *pinned])
@@ -548,22 +648,33 @@ class Backend:
             entries = serving.upsell(item_id, doc, anchor, catalog, room)
         else:
             entries = serving.in_stock(listed, catalog, room, {item_id})
+        existing = bool(shopper and shopper["orders"])
+        entries, xs = self.order(entries, catalog, anchor, "product", existing,
+                                 {e["item_id"]: e for e in listed}, reranked)
         if not rules.empty:
             entries = ladder(entries, step, catalog, average)
             entries = apply_rules(entries, rules, catalog, k,
                                   [item_id] if kind == "cross_sell" else [], {item_id})
             entries = order_by_price(entries, step, catalog)
+        entries = entries[:k]
         category = (anchor or {}).get("category")
         first = ((lambda ranked, cat: serving.upsell_trending(ranked, anchor, cat))
                  if kind == "upsell" else None)
         cap = step.cap(average) if step else None
         entries, fallback = await self.fill(entries, catalog, k, {item_id}, [category], first,
-                                            cap)
+                                            cap, rules, strategy.fill)
+        if rid is not None:
+            self.remember(rid, user_id, "product", experiment, entries, xs, catalog, anchor,
+                          existing)
         extra = {"shopper": shopper} if shopper else {}
-        return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind, **extra)
+        return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind,
+                         experiment=experiment, ranking="reranker" if reranked else "plain",
+                         **extra)
 
-    async def user_answer(self, user_id: str, placement: str, k: int) -> dict[str, Any]:
-        rules = self.rules
+    async def user_answer(self, user_id: str, placement: str, k: int,
+                          rid: str | None = None) -> dict[str, Any]:
+        experiment, strategy = self.strategy(user_id)
+        rules = self.rules if strategy.rules else NO_RULES
         if rules.needs_profile:  # one round trip for both
             raw, profile = await self.redis.mget(self.keys.user(user_id),
                                                  self.keys.profile(user_id))
@@ -571,7 +682,7 @@ class Backend:
             raw, profile = await self.redis.get(self.keys.user(user_id)), None
         doc = orjson.loads(raw) if raw else None
         listed = serving.for_placement(doc.get("items", []) if doc else [], placement)
-        step, average, shopper = self.shopper_policy(user_id, profile)
+        step, average, shopper = self.shopper_policy(user_id, profile, rules)
         if shopper and shopper["budget"]:
             # Substitutes are where the dearer tiers are: complements instead (SPEC 1).
             listed = [e for e in listed if e.get("kind") != "alternatives"]
@@ -579,29 +690,36 @@ class Backend:
         recent = ctx.get("recent") or []
         anchors = list(dict.fromkeys([*recent[:1], *reversed(list(ctx.get("cart") or {}))]))
         existing = bool(ctx.get("bought"))
-        room = k if rules.empty else k + serving.HEADROOM
+        reranked = strategy.ranking == "auto" and bool(self.reranker["active"])
+        room = k if rules.empty and not reranked else k + serving.HEADROOM
         catalog = await self.facts(list(dict.fromkeys(
             [*serving.candidates(listed, room), *recent[:1], *rules.wanted(anchors, existing)])))
+        anchor = catalog.get(recent[0]) if recent else None
         exclude = serving.user_exclusions(doc, catalog)
         # The worker ranked `listed` from the context stored beside it (revisits included on
         # purpose); the exclusions are for the trending fillers and what the rules add.
-        if rules.empty:
-            entries = serving.in_stock(listed, catalog, k)
-        else:
+        entries, xs = self.order(serving.in_stock(listed, catalog, room), catalog, anchor,
+                                 placement, existing, {}, reranked)
+        if not rules.empty:
             shown = await self.shown_today(user_id) if rules.frequency_cap else {}
-            entries = ladder(serving.in_stock(listed, catalog, room), step, catalog, average)
+            entries = ladder(entries, step, catalog, average)
             entries = apply_rules(entries, rules, catalog, k, anchors, held=exclude,
                                   existing_customer=existing, shown=shown)
             entries = order_by_price(entries, step, catalog)
             exclude = exclude | {i for i, n in shown.items() if n >= rules.frequency_cap}
+        entries = entries[:k]
         categories = [(catalog.get(recent[0]) or {}).get("category")] if recent else []
         cap = step.cap(average) if step else None
         entries, fallback = await self.fill(entries, catalog, k, exclude, categories,
-                                            price_cap=cap)
+                                            price_cap=cap, rules=rules, enabled=strategy.fill)
         if rules.frequency_cap:
             await self.count_shown(user_id, entries)
+        if rid is not None:
+            self.remember(rid, user_id, placement, experiment, entries, xs, catalog, anchor,
+                          existing)
         extra = {"shopper": shopper} if shopper else {}
         return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement,
+                         experiment=experiment, ranking="reranker" if reranked else "plain",
                          **extra)
 
 
@@ -707,8 +825,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "(docs/rules.md)")] = None,
         _: str = read,
     ) -> Response:
-        body = await backend.item_answer(item_id, kind, k, user_id)
-        return json_response(body | {"request_id": request_id(request)})
+        rid = request_id(request)
+        body = await backend.item_answer(item_id, kind, k, user_id, rid)
+        return json_response(body | {"request_id": rid})
 
     @app.get("/v1/users/{user_id}/suggestions", response_model=Suggestions,
              tags=["suggestions"], summary="A shopper's \"you may also need\" list")
@@ -721,8 +840,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                "complements")] = "product",
         _: str = read,
     ) -> Response:
-        body = await backend.user_answer(user_id, placement, k)
-        return json_response(body | {"request_id": request_id(request)})
+        rid = request_id(request)
+        body = await backend.user_answer(user_id, placement, k, rid)
+        return json_response(body | {"request_id": rid})
 
     @app.get("/v1/users/{user_id}/profile", tags=["shoppers"],
              summary="A shopper's RFM segment, interest cluster and orders (admin)",
@@ -801,23 +921,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
         wanted = {e["item_id"] for doc in lists.values() for kind in ("cross_sell", "next")
                   for e in doc.get(kind, ())[: CONFIG.per_anchor(kind)]}
-        rules = backend.rules
+        experiment, strategy = backend.strategy(body.user_id)
+        rules = backend.rules if strategy.rules else NO_RULES
+        reranked = strategy.ranking == "auto" and bool(backend.reranker["active"])
         anchors = list(reversed(cart))
         catalog = await backend.facts(sorted(wanted | set(cart) | set(rules.wanted(anchors,
                                                                                  False))))
         exclude = set(body.exclude) | set(cart)
-        if rules.empty:
-            entries = rank_for_cart(cart, lists, catalog, body.k, exclude, CONFIG)
-        else:
-            ranked = rank_for_cart(cart, lists, catalog, body.k + serving.HEADROOM,
-                                   exclude | rules.block, CONFIG)
-            entries = apply_rules(ranked, rules, catalog, body.k, anchors, exclude)
+        room = body.k if rules.empty and not reranked else body.k + serving.HEADROOM
+        ranked = rank_for_cart(cart, lists, catalog, room, exclude | rules.block, CONFIG)
+        anchor = catalog.get(cart[-1])
+        ranked, xs = backend.order(ranked, catalog, anchor, "cart", False, {}, reranked)
+        entries = (ranked[: body.k] if rules.empty
+                   else apply_rules(ranked, rules, catalog, body.k, anchors, exclude))
         categories = [(catalog.get(i) or {}).get("category") for i in reversed(cart)]
         entries, fallback = await backend.fill(entries, catalog, body.k, exclude,
-                                               [c for c in categories if c][:3])
+                                               [c for c in categories if c][:3],
+                                               rules=rules, enabled=strategy.fill)
+        rid = request_id(request)
+        backend.remember(rid, body.user_id, "cart", experiment, entries, xs, catalog, anchor,
+                         False)
         newest = max(lists.values(), key=lambda d: d.get("generated_at") or 0, default=None)
-        body = backend.body(entries, catalog, fallback, newest)
-        return json_response(body | {"request_id": request_id(request)})
+        out = backend.body(entries, catalog, fallback, newest, experiment=experiment,
+                           ranking="reranker" if reranked else "plain")
+        return json_response(out | {"request_id": rid})
 
     @app.get("/v1/trending", response_model=Trending, tags=["suggestions"],
              summary="Most popular items now, shop-wide or in one category")
@@ -865,6 +992,81 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "invalid_rules", exc.detail, f"body.{exc.field}") from None
         await backend.save_rules(rules)
         return json_response(rules.to_dict() | {"request_id": request_id(request)})
+
+    # -- experiments and the re-ranker (docs/experiments.md) ----------------------------------
+
+    exp_path = Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @app.get("/v1/experiments", tags=["experiments"], summary="Experiment definitions (admin)")
+    async def list_experiments(request: Request, _: str = admin) -> Response:
+        await backend.load_experiments()
+        return json_response({"experiments": [e.to_dict() for _, e in
+                                              sorted(backend.experiments.items())],
+                              "default": backend.default_strategy.to_dict(),
+                              "request_id": request_id(request)})
+
+    @app.put("/v1/experiments/{experiment_id}", tags=["experiments"],
+             summary="Create or replace an experiment (admin); every API process applies it "
+                     "within a second")
+    async def put_experiment(request: Request, experiment_id: Annotated[str, exp_path],
+                             _: str = admin) -> Response:
+        try:
+            doc = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+        try:
+            exp = Experiment.parse(experiment_id, doc)
+        except ExperimentError as exc:
+            where = "path.experiment_id" if exc.field == "id" else f"body.{exc.field}"
+            raise ApiError(422, "invalid_experiment", exc.detail, where) from None
+        await backend.load_experiments()
+        current = dict(backend.experiments)
+        if experiment_id not in current and len(current) >= MAX_EXPERIMENTS:
+            raise ApiError(422, "too_many_experiments", f"at most {MAX_EXPERIMENTS}; delete an "
+                           "ended one first", "path.experiment_id")
+        current[experiment_id] = exp
+        await backend.save_experiments(current)
+        return json_response(exp.to_dict() | {"request_id": request_id(request)})
+
+    @app.delete("/v1/experiments/{experiment_id}", tags=["experiments"],
+                summary="Stop and forget an experiment and its counters (admin)")
+    async def delete_experiment(request: Request, experiment_id: Annotated[str, exp_path],
+                                _: str = admin) -> Response:
+        await backend.load_experiments()
+        current = dict(backend.experiments)
+        if current.pop(experiment_id, None) is None:
+            raise ApiError(404, "not_found", f"no experiment {experiment_id!r}",
+                           "path.experiment_id")
+        await backend.save_experiments(current)
+        await backend.redis.delete(backend.keys.experiment(experiment_id))
+        return json_response({"deleted": experiment_id, "request_id": request_id(request)})
+
+    @app.get("/v1/experiments/{experiment_id}/report", tags=["experiments"],
+             summary="Per-variant impressions, CTR, conversion, cross-sell rate, order value "
+                     "and revenue per shopper, with 95% intervals and a verdict (admin)")
+    async def experiment_report_route(request: Request,
+                                      experiment_id: Annotated[str, exp_path],
+                                      _: str = admin) -> Response:
+        await backend.load_experiments()
+        exp = backend.experiments.get(experiment_id)
+        if exp is None:
+            raise ApiError(404, "not_found", f"no experiment {experiment_id!r}",
+                           "path.experiment_id")
+        counters = parse_counters(await backend.redis.hgetall(
+            backend.keys.experiment(experiment_id)))
+        out = experiment_report(exp, counters, time.time())
+        return json_response(out | {"request_id": request_id(request)})
+
+    @app.get("/v1/reranker", tags=["experiments"],
+             summary="The learned re-ranker: examples, progressive AUC against the plain "
+                     "order, whether it is used (admin)")
+    async def reranker_status(request: Request, _: str = admin) -> Response:
+        await backend.load_reranker()
+        r = backend.reranker
+        weights = dict(zip(FEATURES, r["weights"], strict=True)) if r["weights"] else None
+        return json_response({**r, "weights": weights, "intercept": r["intercept"],
+                              "min_examples": s.reranker_min_examples,
+                              "default_ranking": s.ranking, "request_id": request_id(request)})
 
     # -- ingest -------------------------------------------------------------------------------
 
@@ -1110,9 +1312,9 @@ class FastPath:
             b.authorize(key.decode("latin-1") if key else None, "read")
             choice, k = parsed
             if match[1] == "items":
-                body = await b.item_answer(match[2], choice, k)
+                body = await b.item_answer(match[2], choice, k, rid=rid)
             else:
-                body = await b.user_answer(match[2], choice, k)
+                body = await b.user_answer(match[2], choice, k, rid)
             status, payload = 200, body | {"request_id": rid}
         except ApiError as exc:
             status, extra = exc.status, exc.headers

@@ -29,6 +29,12 @@ class ApiMetrics:
                               ["kind", "outcome", "reason"], registry=self.registry)
         self.fallback = Counter("cartwise_api_fallback", "Answers topped up with trending items",
                                 ["source"], registry=self.registry)
+        self.served_lost = Counter("cartwise_api_served_lost", "Served documents (re-ranker "
+                                   "features of an answer) not written: that answer's "
+                                   "feedback cannot train", registry=self.registry)
+        self.answers = Counter("cartwise_api_answers", "Suggestion answers by experiment "
+                               "variant and ranking used", ["experiment", "variant", "ranking"],
+                               registry=self.registry)
         self.rate_limited = Counter("cartwise_api_rate_limited", "Requests refused with 429",
                                     ["role"], registry=self.registry)
 

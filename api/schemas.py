@@ -40,6 +40,12 @@ class Suggestions(BaseModel):
     shopper: dict[str, Any] | None = Field(
         None, description="Only with a price ladder or budget segments in the rules: the "
                           "shopper's orders, quadrant, ladder step and budget flag used")
+    experiment: dict[str, str] | None = Field(
+        None, description="The experiment and variant this shopper's answers follow, e.g. "
+                          "{\"id\": \"rerank-test\", \"variant\": \"plain\"}; null when none. "
+                          "Send it back, with request_id, in the impression (docs/feedback.md)")
+    ranking: str | None = Field(
+        None, description="'reranker' when the learned re-ranker ordered the list, else 'plain'")
 
 
 class CartRequest(BaseModel):
@@ -49,6 +55,9 @@ class CartRequest(BaseModel):
     k: int = Field(10, ge=1, le=50)
     exclude: list[str] = Field(default_factory=list, max_length=500,
                                description="Items never to suggest (e.g. already on the page)")
+    user_id: str | None = Field(None, min_length=1, max_length=128,
+                                description="The shopper, when known: puts the answer in "
+                                            "their experiment variant")
 
 
 class Problem(BaseModel):

@@ -15,9 +15,13 @@ from typing import Any
 import orjson
 
 CONTRACT_VERSION = 1
-EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
-# Reserved by the spec for suggestion feedback; rejected with `unsupported_type` until supported.
-RESERVED_TYPES = ("impression", "click")
+SHOP_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
+# Suggestion feedback (docs/feedback.md): what was shown, under which request, and what was
+# clicked. They feed experiments and the re-ranker, never the co-occurrence counts.
+FEEDBACK_TYPES = ("impression", "click")
+EVENT_TYPES = SHOP_TYPES + FEEDBACK_TYPES
+RESERVED_TYPES: tuple[str, ...] = ()
+MAX_SHOWN = 50  # suggestions one impression may list
 MAX_EVENT_BYTES = 64 * 1024
 MAX_ID_LEN = 128
 MAX_TEXT_LEN = 200  # catalog category, tier, brand and name
@@ -67,6 +71,12 @@ class Event:
     session_id: str | None = None
     order_id: str | None = None
     category: str | None = None
+    # Feedback only: the suggestion answer's request_id, where it was shown, and the
+    # experiment and variant that answer carried.
+    request_id: str | None = None
+    placement: str | None = None
+    experiment_id: str | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +183,18 @@ def validate_event(d: dict[str, Any]) -> Event:
     user_id = _id(d, "user_id")
     ts = _ts(d.get("ts"))
     raw_lines = d.get("items")
+    if etype == "impression" and raw_lines is None:
+        raise ContractError("missing_field", "items",
+                            "an impression lists the suggestions shown in 'items'")
     if raw_lines is not None:
-        if etype != "purchase":
-            raise ContractError("bad_value", "items", "'items' lines are only for purchases")
+        if etype not in ("purchase", "impression"):
+            raise ContractError("bad_value", "items",
+                                "'items' lines are only for purchases and impressions")
         if not isinstance(raw_lines, list) or not raw_lines:
             raise ContractError("wrong_type", "items", "'items' must be a non-empty list")
-        if len(raw_lines) > MAX_ORDER_LINES:
-            raise ContractError("too_many_lines", "items", f"more than {MAX_ORDER_LINES} lines")
+        most = MAX_SHOWN if etype == "impression" else MAX_ORDER_LINES
+        if len(raw_lines) > most:
+            raise ContractError("too_many_lines", "items", f"more than {most} lines")
         lines = []
         for n, raw in enumerate(raw_lines):
             if not isinstance(raw, dict):
@@ -199,6 +214,17 @@ def validate_event(d: dict[str, Any]) -> Event:
     category = d.get("category")
     if category is not None and not isinstance(category, str):
         raise ContractError("wrong_type", "category", "'category' must be a string")
+    feedback = etype in FEEDBACK_TYPES
+    extra = {f: _id(d, f, required=f == "request_id" and feedback)
+             for f in ("request_id", "placement", "experiment_id", "variant")}
+    if not feedback:
+        given = [f for f, v in extra.items() if v is not None]
+        if given:
+            raise ContractError("bad_value", given[0],
+                                f"'{given[0]}' is only for impression and click events")
+    elif (extra["experiment_id"] is None) != (extra["variant"] is None):
+        raise ContractError("missing_field", "variant" if extra["variant"] is None
+                            else "experiment_id", "give both 'experiment_id' and 'variant'")
     return Event(
         event_id=event_id,
         type=etype,
@@ -208,6 +234,7 @@ def validate_event(d: dict[str, Any]) -> Event:
         session_id=_id(d, "session_id", required=False),
         order_id=_id(d, "order_id", required=False),
         category=category,
+        **extra,
     )
 
 
@@ -296,7 +323,7 @@ def event_to_dict(e: Event) -> dict[str, Any]:
     """The canonical wire form of a validated event (used by the producer and replays)."""
     d: dict[str, Any] = {"v": CONTRACT_VERSION, "event_id": e.event_id, "type": e.type,
                          "user_id": e.user_id, "ts": e.ts}
-    if len(e.lines) == 1:
+    if len(e.lines) == 1 and e.type != "impression":
         ln = e.lines[0]
         d["item_id"] = ln.item_id
         if ln.quantity != 1:
@@ -306,7 +333,8 @@ def event_to_dict(e: Event) -> dict[str, Any]:
     else:
         d["items"] = [{"item_id": ln.item_id, "quantity": ln.quantity, "price": ln.price}
                       for ln in e.lines]
-    for field in ("session_id", "order_id", "category"):
+    for field in ("session_id", "order_id", "category", "request_id", "placement",
+                  "experiment_id", "variant"):
         v = getattr(e, field)
         if v is not None:
             d[field] = v

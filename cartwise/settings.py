@@ -82,6 +82,17 @@ class Settings:
     replenish_lead_days: float = 7.0
     touchpoint_max_late_s: float = 86400.0
     touchpoint_check_s: float = 10.0
+    # Suggestion feedback (docs/feedback.md): a click, add-to-cart or purchase of a shown item
+    # within the attribution window counts as a conversion; a shown item with none of them
+    # within the label window is a negative example for the re-ranker. The API keeps what it
+    # served (features per item) for `served_ttl_s`; "plain" ranking turns the re-ranker off
+    # outside experiments, "auto" uses it once it beats the plain order on
+    # `reranker_min_examples` held-out examples.
+    attribution_window_s: float = 7 * 86400.0
+    feedback_label_s: float = 1800.0
+    served_ttl_s: float = 86400.0
+    ranking: str = "auto"
+    reranker_min_examples: int = 500
     # RFM segments (docs/segments.md): the window, and the amount x frequency thresholds.
     segment_window_days: float = 90.0
     segment_frequent_orders: int = 2

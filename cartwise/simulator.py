@@ -110,3 +110,41 @@ class Shop:
             b' "items": [{"item_id": "i", "price": -3}]}' % n,
             b"[1, 2, 3]",
         ])
+
+
+@dataclass
+class Responder:
+    """Shoppers who react to shown suggestions with a known preference, for A/B tests.
+
+    A shopper reads the list top down and clicks a slot with chance
+    `base * decay**slot * appeal`; `appeal` is `cheap_appeal` for an item cheaper than the
+    anchor (what the page was about) and `dear_appeal` otherwise: a price-sensitive crowd
+    that the model's plain order, built from co-occurrence alone, knows nothing about. After
+    a click the shopper adds the item to the cart with chance `cart_after_click`. A test knows
+    therefore which ordering converts better before any data is seen.
+    """
+
+    seed: int = 11
+    base: float = 0.6
+    decay: float = 0.75
+    cheap_appeal: float = 1.0
+    dear_appeal: float = 0.1
+    cart_after_click: float = 0.7
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def appeal(self, price: float | None, anchor_price: float | None) -> float:
+        if price is None or anchor_price is None:
+            return self.dear_appeal
+        return self.cheap_appeal if price < anchor_price else self.dear_appeal
+
+    def respond(self, shown: list[tuple[str, float | None]], anchor_price: float | None
+                ) -> tuple[str | None, bool]:
+        """(clicked item or None, whether it was carted) for a list of (item, price)."""
+        for slot, (item, price) in enumerate(shown):
+            p = self.base * self.decay ** slot * self.appeal(price, anchor_price)
+            if self.rng.random() < p:
+                return item, self.rng.random() < self.cart_after_click
+        return None, False

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from cartwise.contract import Event
+from cartwise.contract import FEEDBACK_TYPES, Event
 from models.config import ModelConfig
 from models.repurchase import KEEP_PER_SHOPPER, MIN_INTERVAL_S, observe
 
@@ -52,10 +52,13 @@ class ShopperContext:
     last_ts: float = 0.0
     session: str = ""
     session_n: int = 0
+    # Suggestions shown and experiments joined (models/feedback.py, Attribution)
+    feedback: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(
             {
+                "f": self.feedback,
                 "i": [[k, t.w, t.b, t.ts, t.session] for k, t in self.items.items()],
                 "c": self.cart,
                 "b": self.bought,
@@ -81,6 +84,7 @@ class ShopperContext:
             last_ts=d["t"],
             session=d["s"],
             session_n=d["n"],
+            feedback=d.get("f") or {},
         )
 
     def public(self) -> dict[str, Any]:
@@ -145,6 +149,8 @@ class ContextBook:
             ctx.seen.popleft()
         self.dirty.add(event.user_id)
         now = event.ts
+        if event.type in FEEDBACK_TYPES:  # models/feedback.py keeps what it needs
+            return now, [], []
         if event.session_id is not None:
             ctx.session = event.session_id
         elif not ctx.session or now - ctx.last_ts > cfg.session_gap_s:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import logging
 import time
 import zlib
@@ -22,7 +23,9 @@ from typing import Any
 import orjson
 
 from cartwise.contract import (
+    FEEDBACK_TYPES,
     ContractError,
+    Event,
     check_not_future,
     dlq_headers,
     parse_catalog,
@@ -30,6 +33,7 @@ from cartwise.contract import (
 )
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
+from models.feedback import Attribution, Delta, Example, FeedbackConfig, Reranker
 from models.graph import KINDS, ItemGraph
 from models.interests import InterestClusters, preferences
 from models.ranking import anchors, rank_for_user
@@ -161,6 +165,12 @@ class ContextPartition:
     due: dict[bytes, float | None] = field(default_factory=dict)
     clusters: InterestClusters = field(default_factory=InterestClusters)
     clusters_dirty: bool = False
+    reranker: Reranker = field(default_factory=Reranker)
+    reranker_dirty: bool = False
+    # (experiment, "variant|counter") -> amount since the last checkpoint, added with it
+    exp_deltas: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    # (event time to settle at, user): shoppers with unlabelled impressions, soonest first
+    settle_heap: list[tuple[float, str]] = field(default_factory=list)
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -352,6 +362,8 @@ class ContextStage(Stage):
         self.list_cache = ReadCache(self.settings.lists_interval_s)
         self.catalog_cache = ReadCache(self.settings.lists_interval_s)
         self._trim_turn = 0
+        self.attribution = Attribution(FeedbackConfig(self.settings.attribution_window_s,
+                                                      self.settings.feedback_label_s))
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -360,9 +372,61 @@ class ContextStage(Stage):
         offset = await self.store.offset(self.name, partition)
         log.info("context partition %d loaded: %d shoppers, offset %d", partition,
                  len(book.users), offset)
-        raw = await self.store.redis.get(self.keys.clusters(partition))
+        raw, raw_rr = await self.store.redis.mget(self.keys.clusters(partition),
+                                                  self.keys.reranker_state(partition))
         clusters = InterestClusters.from_bytes(raw) if raw else InterestClusters()
-        return ContextPartition(offset, book, clusters=clusters)
+        reranker = (Reranker.from_bytes(raw_rr) if raw_rr
+                    else Reranker(self.settings.reranker_min_examples))
+        st = ContextPartition(offset, book, clusters=clusters, reranker=reranker)
+        for user, ctx in book.users.items():
+            if ctx.feedback and (at := self.attribution.next_settle(ctx.feedback)) is not None:
+                st.settle_heap.append((at, user))
+        heapq.heapify(st.settle_heap)
+        return st
+
+    async def served_docs(self, events: list[Event]) -> dict[str, Any]:
+        """What the API served for the impressions of a batch: one MGET."""
+        rids = list({e.request_id for e in events if e.type == "impression" and e.request_id})
+        if not rids:
+            return {}
+        raws = await self.store.redis.mget([self.keys.served(r) for r in rids])
+        return {r: orjson.loads(raw) for r, raw in zip(rids, raws, strict=True) if raw}
+
+    def feedback(self, st: ContextPartition, event: Event, served: dict[str, Any],
+                 deltas: list[Delta], examples: list[Example]) -> None:
+        """Attribute one impression or click (after the context learned it: it is new)."""
+        ctx = st.book.users[event.user_id]
+        fb = ctx.feedback
+        if event.type == "impression":
+            doc = served.get(event.request_id or "")
+            if doc is not None and doc.get("u") not in (None, event.user_id):
+                doc = None  # another shopper's answer: its features are not about this one
+            st.counts["feedback.impressions"] += 1
+            if doc is None:
+                st.counts["feedback.unserved"] += 1
+            deltas += self.attribution.impression(fb, event, doc, bool(ctx.orders))
+            at = self.attribution.next_settle(fb)
+            if at is not None:
+                heapq.heappush(st.settle_heap, (at, event.user_id))
+        else:
+            st.counts["feedback.clicks"] += 1
+            d, x = self.attribution.click(fb, event)
+            deltas += d
+            examples += x
+
+    def settle(self, st: ContextPartition, now: float, examples: list[Example]) -> None:
+        """Label the impressions whose window has passed by event time `now`."""
+        heap = st.settle_heap
+        while heap and heap[0][0] <= now:
+            _, user = heapq.heappop(heap)
+            ctx = st.book.users.get(user)
+            if ctx is None or not ctx.feedback:
+                continue
+            examples += self.attribution.settle(ctx.feedback, now)
+            st.book.dirty.add(user)
+            at = self.attribution.next_settle(ctx.feedback)
+            if at is not None:
+                heapq.heappush(heap, (at, user))
 
     async def process(self, partition: int, st: ContextPartition,
                       records: list[Record]) -> None:
@@ -380,19 +444,34 @@ class ContextStage(Stage):
         partition_of = self.partition_of
         all_marginals: list[tuple] = []
         newest: float | None = None  # event time of the newest event applied
+        parsed: list[tuple[int, Event]] = []
         for value, _, offset, broker_ts in records:
             try:
-                event = check_not_future(parse_event(value), broker_ts)
+                parsed.append((offset, check_not_future(parse_event(value), broker_ts)))
             except ContractError as err:
                 counts[f"dlq.{err.reason}"] += 1
                 source = f"{s.events_topic}/{partition}/{offset}"
                 st.acks.append(await self.send(s.dlq_topic, value, None, dlq_headers(err, source)))
-                continue
+        served = await self.served_docs([e for _, e in parsed])
+        deltas: list[Delta] = []
+        examples: list[Example] = []
+        for offset, event in parsed:
+            if event.type in ("add_to_cart", "purchase"):
+                ctx0 = book.users.get(event.user_id)
+                if ctx0 is not None and ctx0.feedback and event.event_id not in ctx0.seen:
+                    d, x = self.attribution.shop_event(ctx0.feedback, event, ctx0.bought)
+                    deltas += d
+                    examples += x
             evidence = book.learn(event)
             if evidence is None:
                 counts["duplicate"] += 1
                 continue
             counts[f"applied.{event.type}"] += 1
+            if event.type in FEEDBACK_TYPES:
+                self.feedback(st, event, served, deltas, examples)
+                if newest is None or event.ts > newest:
+                    newest = event.ts
+                continue
             touched.append(event.user_id)
             if index is not None and event.type != "remove_from_cart":
                 channel = "view" if event.type == "view" else "buy"
@@ -421,6 +500,14 @@ class ContextStage(Stage):
                         by_q[q] = [pair]
                 for q, mine in by_q.items():
                     out[q].append((offset, ts, mine))
+        if newest is not None:
+            self.settle(st, newest, examples)
+        for exp, variant, counter, amount in deltas:
+            st.exp_deltas[(exp, f"{variant}|{counter}")] += amount
+        if examples:
+            st.reranker.learn(examples)
+            st.reranker_dirty = True
+            counts["feedback.examples"] += len(examples)
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
@@ -537,6 +624,11 @@ class ContextStage(Stage):
                 ops.zadd(self.keys.due, at, member)
         if st.clusters_dirty:
             ops.set(self.keys.clusters(partition), st.clusters.to_bytes())
+        for (exp, fld), amount in st.exp_deltas.items():
+            ops.hincrbyfloat(self.keys.experiment(exp), fld, amount)
+        if st.reranker_dirty:
+            ops.set(self.keys.reranker_state(partition), st.reranker.to_bytes())
+            ops.set(self.keys.reranker(partition), orjson.dumps(st.reranker.summary()))
         return ops
 
     def checkpointed(self, partition: int, st: ContextPartition) -> None:
@@ -545,6 +637,8 @@ class ContextStage(Stage):
         st.schedule.clear()
         st.due.clear()
         st.clusters_dirty = False
+        st.exp_deltas.clear()
+        st.reranker_dirty = False
 
     async def user_lists(self, partition: int, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:

@@ -27,6 +27,7 @@ while i <= n do
   elseif op == 'I' then redis.call('INCR', ARGV[i+1]); i = i + 2
   elseif op == 'Z' then redis.call('ZADD', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
   elseif op == 'R' then redis.call('ZREM', ARGV[i+1], ARGV[i+2]); i = i + 3
+  elseif op == 'F' then redis.call('HINCRBYFLOAT', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
   else return redis.error_reply('cartwise checkpoint: unknown op ' .. op) end
 end
 return {1, ARGV[2]}
@@ -121,6 +122,28 @@ class Keys:
     def cycles(self, partition: int) -> str:
         return f"{self.prefix}state:cycles:{partition}"
 
+    def served(self, request_id: str) -> str:
+        """What the API served under a request id, with each item's re-ranker features; read
+        by the workers when the storefront reports the impression (docs/feedback.md)."""
+        return f"{self.prefix}served:{request_id}"
+
+    @property
+    def experiments(self) -> str:
+        """The experiment definitions (models/experiments.py), written by the API."""
+        return f"{self.prefix}experiments"
+
+    def experiment(self, experiment_id: str) -> str:
+        """Hash "variant|counter" -> value: what each variant's shoppers did."""
+        return f"{self.prefix}exp:{experiment_id}"
+
+    def reranker(self, partition: int) -> str:
+        """A context partition's re-ranker summary (weights, progressive AUC) for the API."""
+        return f"{self.prefix}reranker:{partition}"
+
+    def reranker_state(self, partition: int) -> str:
+        """The partition's re-ranker itself (river, pickled): the checkpointed model."""
+        return f"{self.prefix}state:reranker:{partition}"
+
     def meta(self, partition: int) -> str:
         return f"{self.prefix}state:meta:{partition}"
 
@@ -163,6 +186,9 @@ class Ops:
 
     def zrem(self, key: str, member: bytes) -> None:
         self.args += ("R", key, member)
+
+    def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
+        self.args += ("F", key, field, repr(float(amount)))
 
 
 class Store:
