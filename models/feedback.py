@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from river import linear_model, metrics, optim
+from river import linear_model, metrics, optim, utils
 
 from cartwise.contract import Event
 
@@ -231,16 +231,18 @@ class Attribution:
 class Reranker:
     """Online logistic regression (river) over FEATURES, with progressive validation.
 
-    Each example is scored before it is learned, so the running ROC AUC is measured on
-    feedback the model had not seen (river's prequential evaluation); the plain ordering is
-    scored on the same examples. The re-ranker is used only while it beats the plain order.
+    Each example is scored before it is learned, so the ROC AUC is measured on feedback the
+    model had not seen (river's prequential evaluation); the plain ordering is scored on the
+    same examples. Both over the newest `window` examples: the comparison is about the model
+    as it is now, not as it was while it knew nothing. Used only while it beats the plain
+    order.
     """
 
-    def __init__(self, min_examples: int = 500) -> None:
+    def __init__(self, min_examples: int = 500, window: int = 2000) -> None:
         self.min_examples = min_examples
         self.model = linear_model.LogisticRegression(optimizer=optim.SGD(0.05), l2=1e-5)
-        self.auc = metrics.ROCAUC()
-        self.auc_plain = metrics.ROCAUC()
+        self.auc = utils.Rolling(metrics.ROCAUC, window_size=window)
+        self.auc_plain = utils.Rolling(metrics.ROCAUC, window_size=window)
         self.loss = metrics.LogLoss()
         self.examples = 0
         self.positives = 0

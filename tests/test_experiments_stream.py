@@ -1,0 +1,218 @@
+"""An A/B test end to end: API, collector, broker, worker, Redis, report.
+
+Simulated price-sensitive shoppers (cartwise.simulator.Responder) look at item pages, and
+their impressions, clicks, carts and orders go through POST /v1/events. The worker learns the
+re-ranker from that feedback; an experiment then pits the plain order against it, and the
+report must call the re-ranker the winner. Restarting the worker in between must not make it
+forget what it learned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from api.auth import new_key
+from cartwise.embedded import free_port
+from cartwise.harness import (
+    produce,
+    start_api,
+    start_worker,
+    stop_worker,
+    wait_complete,
+    wait_http,
+)
+from cartwise.settings import Settings
+from cartwise.simulator import Responder, Shop
+from models.experiments import Experiment
+from streams.topics import ensure_topics
+
+AB = {"variants": [{"name": "plain", "settings": {"ranking": "plain"}},
+                   {"name": "reranked", "settings": {"ranking": "auto"}}],
+      "min_shoppers": 100, "description": "learned order against the model's order"}
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    base: str
+    keys: dict[str, str]
+    shop: Shop
+    r: redis.Redis
+    logs: Path
+    worker: Any
+
+    def call(self, method: str, path: str, role: str = "read", body: Any = None,
+             **params: Any) -> httpx.Response:
+        headers = {"X-API-Key": self.keys[role], "Content-Type": "application/json"}
+        return httpx.request(method, self.base + path, params=params, headers=headers,
+                             content=None if body is None else orjson.dumps(body), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ab_stack(make_settings: Callable[..., Settings],
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    keys = {role: new_key(role) for role in ("read", "ingest", "admin")}
+    settings = make_settings(
+        "ab", api_port=free_port(), api_keys=",".join(e for _, e in keys.values()),
+        rate_admin=10_000.0, reranker_min_examples=500, feedback_label_s=2.0, partitions=1)
+    ensure_topics(settings)
+    shop = Shop(seed=9)
+    ends = produce(settings, list(shop.events(300, start_ts=time.time() - 86_400)),
+                   shop.catalog)
+    logs = tmp_path_factory.mktemp("ab-logs")
+    worker = start_worker(settings, logs / "worker.log", "ab")
+    api = start_api(settings, logs / "api.log")
+    st = Stack(settings, f"http://127.0.0.1:{settings.api_port}",
+               {k: v[0] for k, v in keys.items()}, shop,
+               redis.Redis.from_url(settings.redis_url), logs, worker)
+    try:
+        wait_complete(settings, ends, procs=[worker])
+        wait_http(st.base + "/ready", api)
+        yield st
+    finally:
+        stop_worker(api)
+        stop_worker(st.worker, hard=True)
+        for log in sorted(logs.glob("*.log")):
+            tail = log.read_bytes().decode(errors="replace").splitlines()[-30:]
+            print(f"--- {log.name} ---", *tail, sep="\n")
+
+
+def heroes(st: Stack) -> list[str]:
+    out = []
+    for item in st.shop.complements:
+        raw = st.r.get(f"{st.settings.prefix}item:{item}")
+        if raw and len(orjson.loads(raw)["cross_sell"]) >= 5:
+            out.append(item)
+    assert len(out) >= 5, "too few items with lists"
+    return out
+
+
+def visit(st: Stack, responder: Responder, user: str, hero: str, n: int,
+          tally: dict[str, Any]) -> dict[str, Any]:
+    """One shopper on one item page: fetch, show five, react, report what happened."""
+    resp = st.call("GET", f"/v1/items/{hero}/suggestions", user_id=user, k=5)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    shown = body["items"]
+    rid = body["request_id"]
+    now = time.time()
+    exp = body["experiment"]
+    tag = {"experiment_id": exp["id"], "variant": exp["variant"]} if exp else {}
+    events = [{"event_id": f"{user}-i", "type": "impression", "user_id": user, "ts": now,
+               "request_id": rid, "placement": "product",
+               "items": [{"item_id": e["item_id"]} for e in shown], **tag}]
+    clicked, carted = responder.respond([(e["item_id"], e["price"]) for e in shown],
+                                        st.shop.prices[hero])
+    if clicked:
+        events.append({"event_id": f"{user}-c", "type": "click", "user_id": user,
+                       "ts": now + 0.01, "item_id": clicked, "request_id": rid, **tag})
+        tally["clicks"] += 1
+    if carted:
+        events.append({"event_id": f"{user}-a", "type": "add_to_cart", "user_id": user,
+                       "ts": now + 0.02, "item_id": clicked})
+        if n % 2 == 0:
+            price = st.shop.prices[clicked]
+            events.append({"event_id": f"{user}-p", "type": "purchase", "user_id": user,
+                           "ts": now + 0.03, "order_id": f"o-{user}",
+                           "items": [{"item_id": clicked, "price": price}]})
+            if exp:
+                tally["revenue"][exp["variant"]] += price
+    resp = st.call("POST", "/v1/events", "ingest", {"events": events})
+    assert resp.status_code == 202, resp.text
+    return body
+
+
+def wait_for(check: Callable[[], tuple[bool, Any]], what: str, timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, got = check()
+        if ok:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last: {got}")
+        time.sleep(0.5)
+
+
+def reranker(st: Stack) -> dict[str, Any]:
+    return st.call("GET", "/v1/reranker", "admin").json()
+
+
+def test_ab_test_through_the_stream_picks_the_reranker(ab_stack: Stack, tmp_path: Path):
+    st = ab_stack
+    items = heroes(st)
+    responder = Responder(seed=4, decay=0.9, dear_appeal=0.05)
+    tally: dict[str, Any] = {"clicks": 0, "revenue": {"plain": 0.0, "reranked": 0.0}}
+
+    # Warm-up, no experiment: the default ("auto") serves the plain order until the
+    # re-ranker beats it on held-out feedback, then the re-ranker's.
+    rankings = []
+    for n in range(800):
+        body = visit(st, responder, f"w{n}", items[n % len(items)], n, tally)
+        assert body["experiment"] is None
+        rankings.append(body["ranking"])
+    assert rankings[0] == "plain" and set(rankings) <= {"plain", "reranker"}
+    status = wait_for(lambda: ((s := reranker(st))["active"], s),
+                      "the re-ranker to win on held-out feedback")
+    assert status["auc"] > status["auc_plain"]
+    assert status["weights"]["cheaper"] > 0  # it learned the shoppers' known preference
+    learned = status["examples"]
+
+    # A restart must not forget it: the new worker carries on from the checkpointed model.
+    stop_worker(st.worker, hard=True)
+    st.worker = start_worker(st.settings, st.logs / "worker2.log", "ab2")
+
+    resp = st.call("PUT", "/v1/experiments/ab", "admin", AB)
+    assert resp.status_code == 200, resp.text
+    exp = Experiment.parse("ab", AB)
+    time.sleep(1.0)  # every API process picks definitions up within CACHE_REFRESH_S
+    tally["clicks"] = 0
+    seen = {"plain": 0, "reranked": 0}
+    for n in range(400):
+        user = f"s{n}"
+        body = visit(st, responder, user, items[n % len(items)], n, tally)
+        variant = exp.assign(user).name
+        assert body["experiment"] == {"id": "ab", "variant": variant}  # deterministic split
+        assert body["ranking"] == ("reranker" if variant == "reranked" else "plain")
+        seen[variant] += 1
+
+    def done() -> tuple[bool, dict]:
+        rep = st.call("GET", "/v1/experiments/ab/report", "admin").json()
+        rows = {r["variant"]: r for r in rep["variants"]}
+        return all(rows[v]["impressions"] == seen[v] for v in seen), rep
+
+    rep = wait_for(done, "every impression to be counted")
+    rows = {r["variant"]: r for r in rep["variants"]}
+    for v in seen:
+        assert rows[v]["shoppers"] == seen[v]
+        assert rows[v]["revenue"] == pytest.approx(tally["revenue"][v])
+    assert rows["reranked"]["conversion_rate"]["value"] > rows["plain"]["conversion_rate"]["value"]
+    assert rep["winner"] == "reranked", rep["verdict"]
+
+    after = wait_for(lambda: ((s := reranker(st))["examples"] >= learned + tally["clicks"], s),
+                     "phase-two clicks to be learned")
+    assert after["examples"] >= learned + tally["clicks"]
+
+
+def test_experiment_routes_refuse_bad_requests(ab_stack: Stack):
+    st = ab_stack
+    bad = st.call("PUT", "/v1/experiments/x", "admin", {"variants": [{"name": "only"}]})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "body.variants"
+    assert st.call("PUT", "/v1/experiments/x", "read", AB).status_code == 403
+    assert st.call("GET", "/v1/experiments/nope/report", "admin").status_code == 404
+    assert st.call("PUT", "/v1/experiments/bad%20id", "admin", AB).status_code == 422
+    # feedback that breaks the contract is refused at the door with the field named
+    resp = st.call("POST", "/v1/events", "ingest", {"events": [
+        {"event_id": "z1", "type": "impression", "user_id": "u", "ts": time.time(),
+         "items": [{"item_id": "a"}]}]})
+    assert resp.status_code in (207, 422), resp.text
+    assert "request_id" in resp.text
