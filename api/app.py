@@ -37,6 +37,7 @@ from api.metrics import ApiMetrics
 from api.schemas import (
     CATALOG_SCHEMA,
     EVENT_SCHEMA,
+    EXPERIMENT_BODY,
     RULES_BODY,
     CartRequest,
     CatalogPage,
@@ -425,15 +426,16 @@ class Backend:
         top = max((e["score"] or 0.0 for e in entries), default=0.0)
         xs = [features(e, n, top, catalog.get(e["item_id"]), anchor, placement, existing,
                        evidence.get(e["item_id"])) for n, e in enumerate(entries)]
+        by_item = {e["item_id"]: x for e, x in zip(entries, xs, strict=True)}
         if reranked and entries:
             entries = rerank(entries, xs, self.reranker["weights"], self.reranker["intercept"])
-        return entries, {e["item_id"]: x for e, x in zip(entries, xs, strict=True)}
+        return entries, by_item
 
     def remember(self, rid: str, user_id: str | None, placement: str,
                  experiment: dict[str, str] | None, entries: list[dict],
                  xs: dict[str, list[float]], catalog: dict, anchor: dict | None,
                  existing: bool) -> None:
-        """Keep what was served under `rid` for the workers (docs/feedback.md), off the
+        """Keep what was served under `rid` for the workers (docs/experiments.md), off the
         request path. Entries added after ordering (pins, fillers) get features where they
         ended up."""
         ttl = self.settings.served_ttl_s
@@ -1007,7 +1009,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.put("/v1/experiments/{experiment_id}", tags=["experiments"],
              summary="Create or replace an experiment (admin); every API process applies it "
-                     "within a second")
+                     "within a second", openapi_extra=EXPERIMENT_BODY)
     async def put_experiment(request: Request, experiment_id: Annotated[str, exp_path],
                              _: str = admin) -> Response:
         try:
@@ -1029,7 +1031,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_response(exp.to_dict() | {"request_id": request_id(request)})
 
     @app.delete("/v1/experiments/{experiment_id}", tags=["experiments"],
-                summary="Stop and forget an experiment and its counters (admin)")
+                summary="Stop and forget an experiment and its counters (admin)",
+                responses={404: {"model": ErrorBody, "description": "No such experiment"}})
     async def delete_experiment(request: Request, experiment_id: Annotated[str, exp_path],
                                 _: str = admin) -> Response:
         await backend.load_experiments()
@@ -1043,7 +1046,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/experiments/{experiment_id}/report", tags=["experiments"],
              summary="Per-variant impressions, CTR, conversion, cross-sell rate, order value "
-                     "and revenue per shopper, with 95% intervals and a verdict (admin)")
+                     "and revenue per shopper, with 95% intervals and a verdict (admin)",
+             responses={404: {"model": ErrorBody, "description": "No such experiment"}})
     async def experiment_report_route(request: Request,
                                       experiment_id: Annotated[str, exp_path],
                                       _: str = admin) -> Response:
@@ -1199,6 +1203,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              response_class=Response)
     async def metrics() -> Response:
         return Response(m.render(), media_type=m.content_type)
+
+    # The experiments page is static; its data comes from the admin routes, with the key the
+    # user types in. Nothing secret is served here.
+    app.mount("/experiments", StaticFiles(directory=STATIC / "experiments", html=True),
+              name="experiments")
 
     # -- demo storefront ----------------------------------------------------------------------
 

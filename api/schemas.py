@@ -43,7 +43,7 @@ class Suggestions(BaseModel):
     experiment: dict[str, str] | None = Field(
         None, description="The experiment and variant this shopper's answers follow, e.g. "
                           "{\"id\": \"rerank-test\", \"variant\": \"plain\"}; null when none. "
-                          "Send it back, with request_id, in the impression (docs/feedback.md)")
+                          "Send it back, with request_id, in the impression (docs/experiments.md)")
     ranking: str | None = Field(
         None, description="'reranker' when the learned re-ranker ordered the list, else 'plain'")
 
@@ -176,3 +176,30 @@ def batch_body(schema: dict[str, Any], plural: str) -> dict[str, Any]:
             ]}}},
         }
     }
+
+
+EXPERIMENT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object",
+        "description": "An experiment as in docs/experiments.md; the first variant is the "
+                       "control",
+        "additionalProperties": False,
+        "required": ["variants"],
+        "properties": {
+            "variants": {"type": "array", "minItems": 2, "maxItems": 8, "items": {
+                "type": "object", "additionalProperties": False, "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "weight": {"type": "number", "exclusiveMinimum": 0},
+                    "settings": {"type": "object", "additionalProperties": False,
+                                 "properties": {
+                                     "ranking": {"type": "string", "enum": ["plain", "auto"]},
+                                     "rules": {"type": "boolean"},
+                                     "fill": {"type": "boolean"}}}}}},
+            "traffic": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "start": {"type": ["number", "null"], "description": "epoch seconds"},
+            "end": {"type": ["number", "null"], "description": "epoch seconds"},
+            "metric": {"type": "string", "enum": ["conversion_rate", "ctr", "cross_sell_rate",
+                                                  "revenue_per_shopper"]},
+            "min_shoppers": {"type": "integer", "minimum": 1},
+            "description": {"type": "string", "maxLength": 500}}}}}}}

@@ -14,6 +14,11 @@ over keep-alive loopback connections, the same code path for both targets.
 2. Throughput (closed loop): as many requests as `--connections` connections can complete in
    `--seconds`, for the API's item route and for Redis GET.
 
+Next to the default API a second one runs with `CARTWISE_SERVED_TTL_S=0` (no served record,
+docs/experiments.md): the `*_noserved` arms show what keeping the re-ranker's features costs.
+The `*_rules` arms run with every business rule on, `*_experiment` with every shopper in a
+two-variant experiment.
+
 Results are printed and written to bench/results/api_latency.json.
 """
 
@@ -24,6 +29,7 @@ import asyncio
 import random
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -137,8 +143,8 @@ async def closed_loop(conns: list, targets: list[str], seconds: float) -> dict:
     return {"requests": done, "rps": done / (time.perf_counter() - t0)}
 
 
-def prepare(stack: EmbeddedStack, users: int, log_dir: Path) -> tuple[Settings, Shop, str,
-                                                                        list]:
+def prepare(stack: EmbeddedStack, users: int, log_dir: Path
+            ) -> tuple[Settings, Settings, Shop, str, list]:
     key, entry = new_key("read")
     settings = Settings(broker=stack.broker, redis_url=stack.redis_url, prefix="bench:",
                         app_id="bench-api", events_topic="bench-api.events",
@@ -156,8 +162,11 @@ def prepare(stack: EmbeddedStack, users: int, log_dir: Path) -> tuple[Settings, 
     finally:
         stop_worker(worker)
     api = start_api(settings, log_dir / "api.log")
+    quiet = replace(settings, api_port=free_port(), served_ttl_s=0.0)
+    api2 = start_api(quiet, log_dir / "api-noserved.log")
     wait_http(f"http://127.0.0.1:{settings.api_port}/ready", api)
-    return settings, shop, key, [api]
+    wait_http(f"http://127.0.0.1:{quiet.api_port}/ready", api2)
+    return settings, quiet, shop, key, [api, api2]
 
 
 def bench_rules(shop: Shop, users: list[str]) -> dict:
@@ -176,8 +185,12 @@ def report(r: int, name: str, row: dict) -> None:
           f"({row['achieved_rps']:.0f} req/s, {row['errors']} errors)", flush=True)
 
 
-async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key: str,
-                  redis_port: int) -> dict:
+EXPERIMENT = {"bench": {"variants": [{"name": "plain", "settings": {"ranking": "plain"}},
+                                     {"name": "auto", "settings": {"ranking": "auto"}}]}}
+
+
+async def measure(args: argparse.Namespace, settings: Settings, quiet: Settings, shop: Shop,
+                  key: str, redis_port: int) -> dict:
     rng = random.Random(1)
     items = [c["item_id"] for c in shop.catalog]
     users = [f"u-{u:05d}" for u in range(args.users)]
@@ -186,8 +199,10 @@ async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key:
     user_targets = [f"/v1/users/{rng.choice(users)}/suggestions?k=10" for _ in range(5000)]
     redis_targets = [keys.item(t.split("/")[3]) for t in item_targets]
     http = await connect("http", settings.api_port, key, args.connections)
+    http2 = await connect("http", quiet.api_port, key, args.connections)
     resp = await connect("resp", redis_port, "", args.connections)
     arms = {"api_item": (http, item_targets), "api_user": (http, user_targets),
+            "api_item_noserved": (http2, item_targets), "api_user_noserved": (http2, user_targets),
             "redis_get": (resp, redis_targets)}
     # Warm-up: connections, the API's catalog and trending copies (every target once), the
     # interpreter's first calls. Steady state is what a storefront sees.
@@ -210,15 +225,25 @@ async def measure(args: argparse.Namespace, settings: Settings, shop: Shop, key:
             row[f"{name}_rules"] = await open_loop(conns, targets, args.rate, args.seconds)
             report(r, f"{name}_rules", row[f"{name}_rules"])
         store.delete(keys.rules)
+        store.set(keys.experiments, orjson.dumps(EXPERIMENT))
+        await asyncio.sleep(1.5)
+        conns, targets = arms["api_user"]
+        row["api_user_experiment"] = await open_loop(conns, targets, args.rate, args.seconds)
+        report(r, "api_user_experiment", row["api_user_experiment"])
+        store.delete(keys.experiments)
         await asyncio.sleep(1.5)
         rounds.append(row)
     throughput = {"api_item": await closed_loop(http, item_targets, args.seconds),
                   "redis_get": await closed_loop(resp, redis_targets, args.seconds)}
     print(f"closed loop: API item {throughput['api_item']['rps']:.0f} req/s, Redis GET "
           f"{throughput['redis_get']['rps']:.0f} req/s", flush=True)
-    for c in (*http, *resp):
+    for c in (*http, *http2, *resp):
         c.w.close()
     return {"rounds": rounds, "throughput": throughput}
+
+
+ARMS = ("api_item", "api_user", "api_item_noserved", "api_user_noserved", "api_item_rules",
+        "api_user_rules", "api_user_experiment")
 
 
 def summarise(result: dict) -> dict:
@@ -228,7 +253,7 @@ def summarise(result: dict) -> dict:
         return statistics.median(r[arm][f] for r in rounds)
 
     out = {}
-    for arm in ("api_item", "api_user", "api_item_rules", "api_user_rules"):
+    for arm in ARMS:
         out[arm] = {
             "p50_ms": med(arm, "p50_ms"), "p99_ms": med(arm, "p99_ms"),
             "p99_minus_redis_p99_ms": statistics.median(
@@ -253,10 +278,10 @@ def main() -> None:
     log_dir = RESULTS / "logs"
     log_dir.mkdir(exist_ok=True)
     with EmbeddedStack(workdir=log_dir / "stack") as stack:
-        settings, shop, key, procs = prepare(stack, args.users, log_dir)
+        settings, quiet, shop, key, procs = prepare(stack, args.users, log_dir)
         try:
             redis_port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-            result = asyncio.run(measure(args, settings, shop, key, redis_port))
+            result = asyncio.run(measure(args, settings, quiet, shop, key, redis_port))
         finally:
             for p in procs:
                 stop_worker(p)
@@ -265,10 +290,10 @@ def main() -> None:
     (RESULTS / "api_latency.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     s = result["summary"]
     print("\nmedian over rounds at", args.rate, "req/s:")
-    for arm in ("api_item", "api_user", "api_item_rules", "api_user_rules", "redis_get"):
+    for arm in (*ARMS, "redis_get"):
         extra = (f", p99 - Redis p99 {s[arm]['p99_minus_redis_p99_ms']:.2f} ms"
                  if arm != "redis_get" else "")
-        print(f"  {arm:15s} p50 {s[arm]['p50_ms']:.2f} ms  p99 {s[arm]['p99_ms']:.2f} ms{extra}")
+        print(f"  {arm:20s} p50 {s[arm]['p50_ms']:.2f} ms  p99 {s[arm]['p99_ms']:.2f} ms{extra}")
     print(f"  closed-loop throughput API / Redis: {s['throughput_ratio_api_to_redis']:.2f}")
 
 

@@ -16,7 +16,7 @@ import orjson
 
 CONTRACT_VERSION = 1
 SHOP_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
-# Suggestion feedback (docs/feedback.md): what was shown, under which request, and what was
+# Suggestion feedback (docs/experiments.md): what was shown, under which request, and what was
 # clicked. They feed experiments and the re-ranker, never the co-occurrence counts.
 FEEDBACK_TYPES = ("impression", "click")
 EVENT_TYPES = SHOP_TYPES + FEEDBACK_TYPES

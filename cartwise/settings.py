@@ -82,7 +82,7 @@ class Settings:
     replenish_lead_days: float = 7.0
     touchpoint_max_late_s: float = 86400.0
     touchpoint_check_s: float = 10.0
-    # Suggestion feedback (docs/feedback.md): a click, add-to-cart or purchase of a shown item
+    # Suggestion feedback (docs/experiments.md): a click, add-to-cart or purchase of a shown item
     # within the attribution window counts as a conversion; a shown item with none of them
     # within the label window is a negative example for the re-ranker. The API keeps what it
     # served (features per item) for `served_ttl_s`; "plain" ranking turns the re-ranker off

@@ -4,8 +4,10 @@ The context stage keeps, per shopper, the impressions of the attribution window 
 shown, under which request and variant, with the features each suggestion had when it was
 served). A click, add-to-cart or purchase of a shown item is attributed to the newest such
 impression; experiment counters change by the deltas returned here. Every shown suggestion
-becomes one training example for the re-ranker: positive once clicked or carted or bought
-within the label window, negative when the window passes without that. Pure logic, no I/O.
+becomes one training example for the re-ranker when its label window closes: positive if it
+was clicked, carted or bought within it, else negative. All of an impression's examples are
+learned together, in impression order: learning positives at once and negatives a window
+later would feed the online model long runs of one class. Pure logic, no I/O.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ FEATURES = ("score", "plain_rank", "lift", "llr", "price_ratio", "cheaper", "sam
             "existing_customer", *(f"kind_{k}" for k in KIND_FEATURES),
             *(f"placement_{p}" for p in PLACEMENT_FEATURES))
 
-# Per shown item: [features or None, label state, converted]
-PENDING, POSITIVE, NEGATIVE, UNLEARNABLE = 0, 1, -1, 2
+# Per shown item: [features or None, label state, converted]. PENDING: nothing yet; HIT: a
+# response within the label window, not learned yet; POSITIVE / NEGATIVE: learned.
+PENDING, POSITIVE, NEGATIVE, UNLEARNABLE, HIT = 0, 1, -1, 2, 3
 
 Delta = tuple[str, str, str, float]  # experiment, variant, counter, amount
 Example = tuple[list[float], bool, float]  # features, label, plain ordering's score
@@ -134,7 +137,7 @@ class Attribution:
             deltas.append((exp, variant, "impressions", 1.0))
         return deltas
 
-    def click(self, fb: dict[str, Any], event: Event) -> tuple[list[Delta], list[Example]]:
+    def click(self, fb: dict[str, Any], event: Event) -> list[Delta]:
         item = event.lines[0].item_id
         for imp in reversed(fb.get("shown", ())):
             if imp[0] == event.request_id and item in imp[5]:
@@ -144,16 +147,16 @@ class Attribution:
                     if not imp[6]:
                         deltas.append((imp[2], imp[3], "clicked", 1.0))
                 imp[6] = 1
-                return deltas, self._label(imp[5][item], True, event.ts - imp[1])
-        return [], []
+                self._hit(imp[5][item], event.ts - imp[1])
+                return deltas
+        return []
 
     def shop_event(self, fb: dict[str, Any], event: Event, bought_before: Mapping[str, Any]
-                   ) -> tuple[list[Delta], list[Example]]:
+                   ) -> list[Delta]:
         """An add-to-cart or purchase: conversions of shown items, and orders and revenue of
         shoppers in an experiment. Call before the context learns the event (`bought_before`
         is what the shopper owned until now)."""
         deltas: list[Delta] = []
-        examples: list[Example] = []
         now = event.ts
         horizon = now - self.config.attribution_s
         exps = fb.get("exp") or {}
@@ -164,7 +167,7 @@ class Attribution:
                 if imp[1] < horizon or imp[1] > now or line.item_id not in imp[5]:
                     continue
                 rec = imp[5][line.item_id]
-                examples += self._label(rec, True, now - imp[1])
+                self._hit(rec, now - imp[1])
                 exp, variant = imp[2], imp[3]
                 if exp is not None and not rec[2]:
                     deltas.append((exp, variant, "conversions", 1.0))
@@ -193,18 +196,22 @@ class Attribution:
                                (exp, variant, "revenue_sq", amount * amount),
                                (exp, variant, "shopper_revenue_sq",
                                 mine[3] * mine[3] - before * before)]
-        return deltas, examples
+        return deltas
 
     def settle(self, fb: dict[str, Any], now: float) -> list[Example]:
-        """Negatives for shown items whose label window passed; forget what is past
-        attribution. `now` is event time (the partition's newest), so a replay agrees."""
+        """The examples of impressions whose label window has closed, oldest first; forget
+        what is past attribution. `now` is event time (the partition's newest), so a replay
+        agrees."""
         examples: list[Example] = []
         label_by = now - self.config.label_s
         keep = []
         for imp in fb.get("shown", ()):
             if imp[1] <= label_by:
                 for rec in imp[5].values():
-                    examples += self._label(rec, False, 0.0)
+                    if rec[1] in (PENDING, HIT):
+                        positive = rec[1] == HIT
+                        rec[1] = POSITIVE if positive else NEGATIVE
+                        examples.append((rec[0], positive, plain_score(rec[0])))
             if imp[1] >= now - self.config.attribution_s:
                 keep.append(imp)
         del keep[: max(0, len(keep) - self.config.max_shown)]
@@ -218,14 +225,12 @@ class Attribution:
     def next_settle(self, fb: Mapping[str, Any]) -> float | None:
         """Event time at which `settle` has something to do for this shopper."""
         pending = [imp[1] for imp in fb.get("shown", ())
-                   if any(r[1] == PENDING for r in imp[5].values())]
+                   if any(r[1] in (PENDING, HIT) for r in imp[5].values())]
         return min(pending) + self.config.label_s if pending else None
 
-    def _label(self, rec: list[Any], positive: bool, age: float) -> list[Example]:
-        if rec[1] != PENDING or (positive and age > self.config.label_s):
-            return []
-        rec[1] = POSITIVE if positive else NEGATIVE
-        return [(rec[0], positive, plain_score(rec[0]))]
+    def _hit(self, rec: list[Any], age: float) -> None:
+        if rec[1] == PENDING and age <= self.config.label_s:
+            rec[1] = HIT
 
 
 class Reranker:

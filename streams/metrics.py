@@ -64,6 +64,14 @@ class WorkerCollector:
             if name.endswith(".checkpoint_conflicts"):
                 conflicts.add_metric([name.removesuffix(".checkpoint_conflicts")], n)
         yield conflicts
+        feedback = CounterMetricFamily("cartwise_feedback", "Suggestion feedback: impressions, "
+                                       "clicks, impressions whose served record was gone "
+                                       "(unserved), re-ranker examples learned",
+                                       labels=["kind"])
+        for name, n in sorted(counters.items()):
+            if name.startswith("feedback."):
+                feedback.add_metric([name.removeprefix("feedback.")], n)
+        yield feedback
         seconds = CounterMetricFamily("cartwise_step_seconds", "Time spent per processing step "
                                       "(process, user_lists, checkpoint = Redis write)",
                                       labels=["step"])

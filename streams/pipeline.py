@@ -393,7 +393,7 @@ class ContextStage(Stage):
         return {r: orjson.loads(raw) for r, raw in zip(rids, raws, strict=True) if raw}
 
     def feedback(self, st: ContextPartition, event: Event, served: dict[str, Any],
-                 deltas: list[Delta], examples: list[Example]) -> None:
+                 deltas: list[Delta]) -> None:
         """Attribute one impression or click (after the context learned it: it is new)."""
         ctx = st.book.users[event.user_id]
         fb = ctx.feedback
@@ -410,9 +410,7 @@ class ContextStage(Stage):
                 heapq.heappush(st.settle_heap, (at, event.user_id))
         else:
             st.counts["feedback.clicks"] += 1
-            d, x = self.attribution.click(fb, event)
-            deltas += d
-            examples += x
+            deltas += self.attribution.click(fb, event)
 
     def settle(self, st: ContextPartition, now: float, examples: list[Example]) -> None:
         """Label the impressions whose window has passed by event time `now`."""
@@ -459,16 +457,14 @@ class ContextStage(Stage):
             if event.type in ("add_to_cart", "purchase"):
                 ctx0 = book.users.get(event.user_id)
                 if ctx0 is not None and ctx0.feedback and event.event_id not in ctx0.seen:
-                    d, x = self.attribution.shop_event(ctx0.feedback, event, ctx0.bought)
-                    deltas += d
-                    examples += x
+                    deltas += self.attribution.shop_event(ctx0.feedback, event, ctx0.bought)
             evidence = book.learn(event)
             if evidence is None:
                 counts["duplicate"] += 1
                 continue
             counts[f"applied.{event.type}"] += 1
             if event.type in FEEDBACK_TYPES:
-                self.feedback(st, event, served, deltas, examples)
+                self.feedback(st, event, served, deltas)
                 if newest is None or event.ts > newest:
                     newest = event.ts
                 continue

@@ -124,7 +124,7 @@ class Keys:
 
     def served(self, request_id: str) -> str:
         """What the API served under a request id, with each item's re-ranker features; read
-        by the workers when the storefront reports the impression (docs/feedback.md)."""
+        by the workers when the storefront reports the impression (docs/experiments.md)."""
         return f"{self.prefix}served:{request_id}"
 
     @property

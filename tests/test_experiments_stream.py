@@ -149,7 +149,7 @@ def reranker(st: Stack) -> dict[str, Any]:
 def test_ab_test_through_the_stream_picks_the_reranker(ab_stack: Stack, tmp_path: Path):
     st = ab_stack
     items = heroes(st)
-    responder = Responder(seed=4, decay=0.9, dear_appeal=0.05)
+    responder = Responder(seed=4, base=0.3, decay=1.0, dear_appeal=0.0)
     tally: dict[str, Any] = {"clicks": 0, "revenue": {"plain": 0.0, "reranked": 0.0}}
 
     # Warm-up, no experiment: the default ("auto") serves the plain order until the
@@ -176,7 +176,7 @@ def test_ab_test_through_the_stream_picks_the_reranker(ab_stack: Stack, tmp_path
     time.sleep(1.0)  # every API process picks definitions up within CACHE_REFRESH_S
     tally["clicks"] = 0
     seen = {"plain": 0, "reranked": 0}
-    for n in range(400):
+    for n in range(700):
         user = f"s{n}"
         body = visit(st, responder, user, items[n % len(items)], n, tally)
         variant = exp.assign(user).name
@@ -194,8 +194,9 @@ def test_ab_test_through_the_stream_picks_the_reranker(ab_stack: Stack, tmp_path
     for v in seen:
         assert rows[v]["shoppers"] == seen[v]
         assert rows[v]["revenue"] == pytest.approx(tally["revenue"][v])
-    assert rows["reranked"]["conversion_rate"]["value"] > rows["plain"]["conversion_rate"]["value"]
-    assert rep["winner"] == "reranked", rep["verdict"]
+    rates = {v: (rows[v]["shoppers"], rows[v]["conversion_rate"]["value"]) for v in rows}
+    assert rates["reranked"][1] > rates["plain"][1], rates
+    assert rep["winner"] == "reranked", (rep["verdict"], rates, reranker(st))
 
     after = wait_for(lambda: ((s := reranker(st))["examples"] >= learned + tally["clicks"], s),
                      "phase-two clicks to be learned")
@@ -216,3 +217,32 @@ def test_experiment_routes_refuse_bad_requests(ab_stack: Stack):
          "items": [{"item_id": "a"}]}]})
     assert resp.status_code in (207, 422), resp.text
     assert "request_id" in resp.text
+
+
+def test_report_page_draws_each_variant_with_its_interval(ab_stack: Stack):
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_storefront import CHROMIUM, FLAGS
+
+    st = ab_stack
+    assert st.call("PUT", "/v1/experiments/page", "admin", AB).status_code == 200
+    # The counters the workers would have written (the stream's part is tested above).
+    st.r.hset(f"{st.settings.prefix}exp:page", mapping={
+        "plain|shoppers": 150, "plain|converters": 15, "plain|impressions": 300,
+        "reranked|shoppers": 150, "reranked|converters": 45, "reranked|impressions": 300})
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(st.base + "/experiments/")
+            page.fill("#key", st.keys["admin"])
+            page.click("#load")
+            page.select_option("#experiment", "page")
+            page.wait_for_function("document.querySelectorAll('#chart rect').length === 2")
+            verdict = page.text_content("#verdict")
+            assert "reranked beats plain on conversion_rate" in verdict
+            labels = page.eval_on_selector_all("#chart text", "ts => ts.map(t => t.textContent)")
+            assert "10.0%" in labels and "30.0%" in labels
+            assert page.eval_on_selector_all("#chart line", "ls => ls.length") == 2
+        finally:
+            browser.close()

@@ -55,17 +55,18 @@ def test_a_click_then_a_cart_is_one_positive_example_and_one_conversion():
     fb: dict[str, Any] = {}
     d = att.impression(fb, shown(["a", "b"], experiment_id="e", variant="B"), SERVED, False)
     assert totals(d) == {"B|shoppers": 1, "B|impressions": 1}
-    d, xs = att.click(fb, ev("click", T0 + 5, item_id="a", request_id="r1"))
+    d = att.click(fb, ev("click", T0 + 5, item_id="a", request_id="r1"))
     assert totals(d) == {"B|clicks": 1, "B|clicked": 1}
-    assert xs == [(x(1), True, x(1)[1])]
-    d, xs = att.click(fb, ev("click", T0 + 6, item_id="a", request_id="r1"))
-    assert totals(d) == {"B|clicks": 1} and xs == []  # labelled once; clicked once
-    d, xs = att.shop_event(fb, ev("add_to_cart", T0 + 9, item_id="a"), {})
-    assert totals(d) == {"B|conversions": 1, "B|converters": 1} and xs == []
-    # the other item is a negative once the label window has passed, and only once
+    d = att.click(fb, ev("click", T0 + 6, item_id="a", request_id="r1"))
+    assert totals(d) == {"B|clicks": 1}  # the impression was clicked once already
+    d = att.shop_event(fb, ev("add_to_cart", T0 + 9, item_id="a"), {})
+    assert totals(d) == {"B|conversions": 1, "B|converters": 1}
+    # both items are learned together when the label window closes, and only once
     assert att.settle(fb, T0 + 100) == []
-    assert att.settle(fb, T0 + 1801) == [(x(2), False, x(2)[1])]
+    assert att.next_settle(fb) == T0 + 1800
+    assert att.settle(fb, T0 + 1801) == [(x(1), True, x(1)[1]), (x(2), False, x(2)[1])]
     assert att.settle(fb, T0 + 3600) == []
+    assert att.next_settle(fb) is None
 
 
 def test_purchases_count_orders_revenue_and_cross_sell_for_existing_customers():
@@ -74,15 +75,15 @@ def test_purchases_count_orders_revenue_and_cross_sell_for_existing_customers():
     att.impression(fb, shown(["a", "b"], experiment_id="e", variant="B"), SERVED, True)
     order = ev("purchase", T0 + 60, items=[{"item_id": "a", "quantity": 2, "price": 5.0},
                                            {"item_id": "z", "price": 10.0}])
-    d, xs = att.shop_event(fb, order, bought_before={"old": T0 - 1e6})
+    d = att.shop_event(fb, order, bought_before={"old": T0 - 1e6})
     t = totals(d)
     assert t["B|orders"] == 1 and t["B|revenue"] == 20.0 and t["B|revenue_sq"] == 400.0
     assert t["B|attributed_revenue"] == 10.0
     assert t["B|cross_sold"] == 1 and t["B|converters"] == 1 and t["B|conversions"] == 1
-    assert len(xs) == 1 and xs[0][1] is True
+    assert [label for _, label, _ in att.settle(fb, T0 + 1800)] == [True, False]
     # a second order: the shopper's revenue goes 20 -> 30, the sum of squares by 900 - 400
-    d, _ = att.shop_event(fb, ev("purchase", T0 + 90, items=[{"item_id": "y", "price": 10.0}]),
-                          {"a": T0})
+    d = att.shop_event(fb, ev("purchase", T0 + 90, items=[{"item_id": "y", "price": 10.0}]),
+                       {"a": T0})
     assert totals(d)["B|shopper_revenue_sq"] == 500.0
     assert "B|cross_sold" not in totals(d)
 
@@ -91,10 +92,8 @@ def test_no_credit_outside_the_attribution_window_or_for_items_not_shown():
     att = Attribution(FeedbackConfig(attribution_s=3600))
     fb: dict[str, Any] = {}
     att.impression(fb, shown(["a"], experiment_id="e", variant="A"), SERVED, False)
-    d, _ = att.shop_event(fb, ev("add_to_cart", T0 + 10, item_id="q"), {})
-    assert d == []
-    d, _ = att.shop_event(fb, ev("add_to_cart", T0 + 7200, item_id="a"), {})
-    assert d == []
+    assert att.shop_event(fb, ev("add_to_cart", T0 + 10, item_id="q"), {}) == []
+    assert att.shop_event(fb, ev("add_to_cart", T0 + 7200, item_id="a"), {}) == []
     att.settle(fb, T0 + 7200)
     assert fb["shown"] == [] and fb["exp"] == {}  # forgotten past the window
 
@@ -103,8 +102,8 @@ def test_an_impression_without_a_served_record_counts_but_does_not_train():
     att = Attribution()
     fb: dict[str, Any] = {}
     att.impression(fb, shown(["a"], experiment_id="e", variant="A"), None, False)
-    _, xs = att.click(fb, ev("click", T0 + 1, item_id="a", request_id="r1"))
-    assert xs == []
+    assert att.click(fb, ev("click", T0 + 1, item_id="a", request_id="r1"))
+    assert att.settle(fb, T0 + 3600) == []
 
 
 def test_rerank_keeps_pins_in_place_and_orders_the_rest_by_prediction():
@@ -181,17 +180,13 @@ class Shop:
         clicked, carted = self.responder.respond(
             [(e["item_id"], facts[e["item_id"]]["price"]) for e in top], ANCHOR["price"])
         if clicked:
-            d, xx = self.att.click(fb, validate_event({
+            deltas += self.att.click(fb, validate_event({
                 "event_id": f"c-{rid}", "type": "click", "user_id": user, "ts": self.t + 1,
                 "item_id": clicked, "request_id": rid}))
-            deltas += d
-            examples += xx
             if carted:
-                d, xx = self.att.shop_event(fb, validate_event({
+                deltas += self.att.shop_event(fb, validate_event({
                     "event_id": f"a-{rid}", "type": "add_to_cart", "user_id": user,
                     "ts": self.t + 2, "item_id": clicked}), {})
-                deltas += d
-                examples += xx
         examples += self.att.settle(fb, self.t + 3600)
         self.reranker.learn(examples)
         for _, v, counter, amount in deltas:

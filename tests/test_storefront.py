@@ -7,8 +7,10 @@ the `served` fixture, with a real worker turning the page's events into suggesti
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
@@ -26,8 +28,21 @@ LIST_STATE = """sel => [...document.querySelectorAll(sel + ' li')]
 def test_adding_to_cart_changes_the_suggestions_shown(served, tmp_path: Path):
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run `make test`"
     hero = hero_with_lists(served)
-    stored = served.doc("item", hero)
     category = next(c["category"] for c in served.shop.catalog if c["item_id"] == hero)
+    # Every shopper in one arm, the default strategy: the lists are what they would be
+    # without it, and the report shows what the page sent as feedback.
+    watch = {"variants": [{"name": "all", "weight": 1}, {"name": "none", "weight": 1e-9}]}
+    assert served.put("/v1/experiments/demo-feedback", watch).status_code == 200
+    time.sleep(1.0)
+    try:
+        shop_with_feedback(served, hero, category, tmp_path)
+    finally:
+        httpx.delete(served.base + "/v1/experiments/demo-feedback",
+                     headers={"X-API-Key": served.admin}, timeout=10)
+
+
+def shop_with_feedback(served, hero: str, category: str, tmp_path: Path) -> None:
+    stored = served.doc("item", hero)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -72,6 +87,18 @@ def test_adding_to_cart_changes_the_suggestions_shown(served, tmp_path: Path):
             assert not {s.split(":")[0] for s in after} & {hero, pick}
             doc = served.doc("user", page.evaluate("() => state.user"))
             assert pick in doc["context"]["cart"]
+
+            # The page reported what it showed and the click on the carted suggestion; the
+            # worker attributed the cart to it.
+            def counted() -> dict:
+                rep = served.get("/v1/experiments/demo-feedback/report", "admin").json()
+                return {r["variant"]: r for r in rep["variants"]}["all"]
+
+            deadline = time.monotonic() + 30
+            while (row := counted())["conversions"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert row["shoppers"] == 1 and row["impressions"] >= 2
+            assert row["clicks"] >= 1 and row["conversions"] >= 1
             page.screenshot(path=str(tmp_path / "storefront.png"))
             assert not errors, errors
         finally:

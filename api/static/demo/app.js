@@ -1,6 +1,8 @@
 // The demo storefront: plain browser JavaScript against the public API (docs/api.md).
 // Every page view and cart change is sent to POST /v1/events; suggestions are read back
 // from the API and refreshed every second, so the lists follow what the shopper does.
+// A list that changed on screen is reported as an impression, a suggestion clicked as a
+// click, both with the answer's request_id (docs/experiments.md).
 "use strict";
 
 const state = { cfg: null, catalog: new Map(), cart: [], item: null, user: null,
@@ -94,7 +96,23 @@ async function showItem(id) {
   refresh();
 }
 
-function renderList(el, body) {
+function feedbackTags(body) {
+  const tags = { request_id: body.request_id };
+  if (body.experiment) {
+    tags.experiment_id = body.experiment.id;
+    tags.variant = body.experiment.variant;
+  }
+  return tags;
+}
+
+function renderList(el, body, placement) {
+  const tags = feedbackTags(body);
+  const shown = body.items.map((s) => s.item_id).join(",");
+  if (shown && shown !== el.dataset.shown) {  // an unchanged list was seen already
+    send("impression", { ...tags, placement,
+                         items: body.items.map((s) => ({ item_id: s.item_id })) });
+  }
+  el.dataset.shown = shown;
   el.replaceChildren(...body.items.map((s) => {
     const li = document.createElement("li");
     li.dataset.item = s.item_id;
@@ -105,12 +123,19 @@ function renderList(el, body) {
     li.querySelector(".price").textContent = money(s.price);
     li.querySelector(".kind").textContent = s.kind.replace("_", "-");
     li.querySelector(".reason").textContent = s.reason;
-    li.onclick = () => showItem(s.item_id);
+    li.onclick = () => {
+      send("click", { ...tags, item_id: s.item_id });
+      showItem(s.item_id);
+    };
     const add = document.createElement("button");
     add.type = "button";
     add.className = "add";
     add.textContent = "+ cart";
-    add.onclick = (e) => { e.stopPropagation(); addToCart(s.item_id); };
+    add.onclick = (e) => {
+      e.stopPropagation();
+      send("click", { ...tags, item_id: s.item_id });
+      addToCart(s.item_id);
+    };
     li.append(add);
     return li;
   }));
@@ -152,14 +177,16 @@ async function refresh() {
                            `?k=7&placement=${placement}`);
     // The item on screen may come back as a revisit; next to itself it is no suggestion.
     mine.items = mine.items.filter((s) => s.item_id !== state.item).slice(0, 6);
-    renderList($("user-suggestions"), mine);
+    renderList($("user-suggestions"), mine, placement);
     $("fallback-note").textContent = mine.fallback
       ? "No evidence about you yet: showing what is popular." : "";
     if (state.item && !$("product").hidden) {
       const id = encodeURIComponent(state.item);
-      renderList($("item-suggestions"), await api(`/v1/items/${id}/suggestions?k=4`));
+      const who = `&user_id=${encodeURIComponent(state.user)}`;
+      renderList($("item-suggestions"), await api(`/v1/items/${id}/suggestions?k=4${who}`),
+                 "product");
       renderList($("upsell-suggestions"),
-                 await api(`/v1/items/${id}/suggestions?k=3&kind=upsell`));
+                 await api(`/v1/items/${id}/suggestions?k=3&kind=upsell${who}`), "upsell");
     }
   } catch (err) {
     $("status").textContent = `suggestions unavailable: ${err.message}`;
