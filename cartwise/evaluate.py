@@ -50,21 +50,25 @@ def model_config(overrides: Sequence[str]) -> ModelConfig:
 
 
 def evaluate(events: Sequence[Event], kinds: Sequence[str], models: Sequence[Model],
-             report_from: float = 0.3, progress: Callable[[int], None] | None = None
-             ) -> dict[str, Any]:
+             report_from: float = 0.3, progress: Callable[[int], None] | None = None,
+             sample: int = 1) -> dict[str, Any]:
     if not events:
         raise ValueError("no events to replay")
     if not 0.0 <= report_from < 1.0:
         raise ValueError("report_from must be in [0, 1)")
     split_ts = events[int(report_from * len(events))].ts
-    replay = Replay(models, kinds, split_ts)
+    if sample < 1:
+        raise ValueError("sample must be >= 1")
+    replay = Replay(models, kinds, split_ts, sample=sample)
     t0 = time.perf_counter()
     for n, e in enumerate(events):
         replay.step(e)
         if progress is not None and n % 10_000 == 0:
             progress(n)
     seconds = time.perf_counter() - t0
-    return summarize(replay, kinds, seconds)
+    out = summarize(replay, kinds, seconds)
+    out["target_sample"] = sample
+    return out
 
 
 def summarize(replay: Replay, kinds: Sequence[str], seconds: float) -> dict[str, Any]:

@@ -280,3 +280,25 @@ def test_loaders_map_each_log_to_contract_events(tmp_path, monkeypatch):
     assert [e.session_id for e in yc] == ["s1", "s2"]
     with pytest.raises(ValueError, match="unknown dataset"):
         datasets.load("retailrocket")
+
+
+def test_sampled_targets_are_a_subset_with_the_same_ranks():
+    from cartwise.simulator import Shop
+
+    shop = Shop(seed=2)
+    events = [validate_event(e) for e in shop.events(150, start_ts=1.7e9)
+              if isinstance(e, dict)]
+    full = Replay([AssociationRules()], ["cart", "purchase"], events[len(events) // 3].ts)
+    part = Replay([AssociationRules()], ["cart", "purchase"], events[len(events) // 3].ts,
+                  sample=3)
+    for e in events:
+        full.step(e)
+        part.step(e)
+    n_full, n_part = len(full.targets.kind), len(part.targets.kind)
+    assert 0 < n_part < n_full / 2
+    # Learning is the same, so each sampled target has the rank it has in the full replay.
+    by_ts = {}
+    for i, ts in enumerate(full.targets.ts):
+        by_ts.setdefault(ts, []).append(full.ranks["association_rules"][i])
+    for i, ts in enumerate(part.targets.ts):
+        assert part.ranks["association_rules"][i] in by_ts[ts]
