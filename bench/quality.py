@@ -161,8 +161,12 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
     for name, r in results.items():
         h = head(r)
         verdict_against_best_baseline(r)
+        sampled = r.get("target_sample", 1)
+        note = (f" Suggestions asked for at 1 in {sampled} targets, every event learned "
+                "(quality-protocol.md, \"Sampled targets\"); us/event is not comparable with "
+                "the other logs." if sampled > 1 else "")
         out += [f"### {name}", "", f"{r['description']}: {r['events']:,} events, "
-                f"{r['items']:,} items; targets: {', '.join(r['kinds'])}.", ""]
+                f"{r['items']:,} items; targets: {', '.join(r['kinds'])}.{note}", ""]
         labels = ([h] if h == "all" else []) + r["kinds"]
         cols = " | ".join(f"HR@20 {k}" for k in labels)
         out += [f"| model | targets | HR@10 | HR@20 | MRR@20 | new-item share of hits | "
