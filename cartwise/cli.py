@@ -225,6 +225,13 @@ Where to look:
     curl -H 'X-API-Key: {admin_key}' '{base}/v1/replenishment/due?within=30d'
     curl -X PUT -H 'X-API-Key: {admin_key}' -H 'Content-Type: application/json' \\
          -d '{{"block": ["aud-001"], "frequency_cap": 3}}' {base}/v1/rules
+  experiments (admin key; the demo page sends impressions and clicks):
+    curl -X PUT -H 'X-API-Key: {admin_key}' -H 'Content-Type: application/json' \\
+         -d '{{"variants": [{{"name": "plain", "settings": {{"ranking": "plain"}}}},
+                           {{"name": "learned", "settings": {{"ranking": "auto"}}}}]}}' \\
+         {base}/v1/experiments/demo
+    {base}/experiments/   (the report with a plot; paste the admin key)
+    curl -H 'X-API-Key: {admin_key}' {base}/v1/reranker
   from another terminal:
     export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
     .venv/bin/cartwise show item pho-000    # the stored lists of an item
