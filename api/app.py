@@ -411,13 +411,19 @@ class Backend:
         self.reranker = combine((orjson.loads(r) for r in raws if r),
                                 self.settings.reranker_min_examples)
 
-    def strategy(self, user_id: str | None) -> tuple[dict[str, str] | None, Strategy]:
-        """The shopper's experiment variant and what it changes; the default outside any."""
+    def strategy(self, user_id: str | None
+                 ) -> tuple[dict[str, str] | None, Strategy, Rules, bool]:
+        """The shopper's experiment variant (None outside any), its strategy, the rules it
+        applies and whether the re-ranker orders the answer."""
         chosen = choose(self.experiments, user_id, time.time())
         if chosen is None:
-            return None, self.default_strategy
-        exp, variant = chosen
-        return {"id": exp.id, "variant": variant.name}, variant.strategy
+            experiment, strategy = None, self.default_strategy
+        else:
+            exp, variant = chosen
+            experiment, strategy = {"id": exp.id, "variant": variant.name}, variant.strategy
+        rules = self.rules if strategy.rules else NO_RULES
+        reranked = strategy.ranking == "auto" and bool(self.reranker["active"])
+        return experiment, strategy, rules, reranked
 
     def order(self, entries: list[dict], catalog: dict, anchor: dict | None, placement: str,
               existing: bool, evidence: dict[str, dict], reranked: bool
@@ -625,8 +631,7 @@ class Backend:
 
     async def item_answer(self, item_id: str, kind: str, k: int,
                           user_id: str | None = None, rid: str | None = None) -> dict[str, Any]:
-        experiment, strategy = self.strategy(user_id)
-        rules = self.rules if strategy.rules else NO_RULES
+        experiment, strategy, rules, reranked = self.strategy(user_id)
         if user_id is not None and rules.needs_profile:  # one round trip for both
             raw, profile = await self.redis.mget(self.keys.item(item_id),
                                                  self.keys.profile(user_id))
@@ -638,7 +643,6 @@ class Backend:
             kind = "cross_sell"  # a budget-limited shopper is offered complements instead
         source = "alternatives" if kind == "upsell" else kind
         listed = doc.get(source, []) if doc else []
-        reranked = strategy.ranking == "auto" and bool(self.reranker["active"])
         # Pins belong next to an item's complements; the other kinds answer other questions.
         pinned = rules.wanted([item_id], False) if kind == "cross_sell" else []
         room = k if rules.empty and not reranked else k + serving.HEADROOM
@@ -675,8 +679,7 @@ class Backend:
 
     async def user_answer(self, user_id: str, placement: str, k: int,
                           rid: str | None = None) -> dict[str, Any]:
-        experiment, strategy = self.strategy(user_id)
-        rules = self.rules if strategy.rules else NO_RULES
+        experiment, strategy, rules, reranked = self.strategy(user_id)
         if rules.needs_profile:  # one round trip for both
             raw, profile = await self.redis.mget(self.keys.user(user_id),
                                                  self.keys.profile(user_id))
@@ -692,7 +695,6 @@ class Backend:
         recent = ctx.get("recent") or []
         anchors = list(dict.fromkeys([*recent[:1], *reversed(list(ctx.get("cart") or {}))]))
         existing = bool(ctx.get("bought"))
-        reranked = strategy.ranking == "auto" and bool(self.reranker["active"])
         room = k if rules.empty and not reranked else k + serving.HEADROOM
         catalog = await self.facts(list(dict.fromkeys(
             [*serving.candidates(listed, room), *recent[:1], *rules.wanted(anchors, existing)])))
@@ -923,9 +925,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lists = {i: d for i, d in (await backend.store.item_lists(cart)).items() if d}
         wanted = {e["item_id"] for doc in lists.values() for kind in ("cross_sell", "next")
                   for e in doc.get(kind, ())[: CONFIG.per_anchor(kind)]}
-        experiment, strategy = backend.strategy(body.user_id)
-        rules = backend.rules if strategy.rules else NO_RULES
-        reranked = strategy.ranking == "auto" and bool(backend.reranker["active"])
+        experiment, strategy, rules, reranked = backend.strategy(body.user_id)
         anchors = list(reversed(cart))
         catalog = await backend.facts(sorted(wanted | set(cart) | set(rules.wanted(anchors,
                                                                                  False))))

@@ -68,8 +68,7 @@ def features(entry: Mapping[str, Any], plain_pos: int, top_score: float,
         1.0 if ratio < 0 else 0.0,
         1.0 if cat is not None and cat == anchor.get("category") else 0.0,
         1.0 if existing else 0.0,
-        *(1.0 if kind == k or (k == "trending" and str(kind).startswith("trending")) else 0.0
-          for k in KIND_FEATURES),
+        *(1.0 if kind == k else 0.0 for k in KIND_FEATURES),
         *(1.0 if placement == p else 0.0 for p in PLACEMENT_FEATURES),
     ]
 
