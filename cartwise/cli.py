@@ -95,6 +95,56 @@ def simulate(producer: object, shop: object, rate: float, seconds: float | None,
     return sent
 
 
+def respond(base: str, read_key: str, ingest_key: str, shop: object, rate: float,
+            stop: list[bool], seed: int = 11) -> int:
+    """Simulated shoppers who look at item pages through the API and react to what they are
+    shown (cartwise.simulator.Responder): impressions, clicks and carts go back through
+    POST /v1/events, so experiments and the re-ranker have feedback. Returns visits made."""
+    import urllib.request
+
+    from cartwise.simulator import Responder
+
+    responder = Responder(seed=seed)
+    heroes = list(shop.complements)  # type: ignore[attr-defined]
+    prices = shop.prices  # type: ignore[attr-defined]
+
+    def call(path: str, key: str, body: object = None) -> dict:
+        req = urllib.request.Request(base + path, headers={
+            "X-API-Key": key, "Content-Type": "application/json"},
+            data=None if body is None else orjson.dumps(body))
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - our own API
+            return orjson.loads(resp.read())
+
+    visits = 0
+    while not stop[0]:
+        started = time.monotonic()
+        user, hero = f"r-{visits:06d}", heroes[visits % len(heroes)]
+        visits += 1
+        try:
+            answer = call(f"/v1/items/{hero}/suggestions?k=5&user_id={user}", read_key)
+            shown = answer["items"]
+            if not shown:
+                continue
+            tags = {"request_id": answer["request_id"]}
+            if answer.get("experiment"):
+                tags |= {"experiment_id": answer["experiment"]["id"],
+                         "variant": answer["experiment"]["variant"]}
+            events = [{"type": "impression", "user_id": user, "placement": "product",
+                       "items": [{"item_id": e["item_id"]} for e in shown], **tags}]
+            clicked, carted = responder.respond([(e["item_id"], e["price"]) for e in shown],
+                                                prices[hero])
+            if clicked:
+                events.append({"type": "click", "user_id": user, "item_id": clicked, **tags})
+            if carted:
+                events.append({"type": "add_to_cart", "user_id": user, "item_id": clicked})
+            call("/v1/events", ingest_key, {"events": events})
+        except OSError as exc:  # the API restarting or busy: try again on the next visit
+            print(f"responding shopper: {exc}", file=sys.stderr, flush=True)
+            time.sleep(1.0)
+        time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+    return visits
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from streams.store import Keys
 
@@ -185,7 +235,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  session_timeout_s=10.0, rebalance_timeout_s=10.0,
                                  heartbeat_interval_s=1.0, api_port=port,
                                  api_keys=",".join((read_entry, ingest_entry, admin_entry)),
-                                 demo_read_key=read_key, demo_ingest_key=ingest_key)
+                                 demo_read_key=read_key, demo_ingest_key=ingest_key,
+                                 # a minute, not half an hour: the re-ranker learns while
+                                 # you watch
+                                 feedback_label_s=60.0)
     ensure_topics(settings)
     worker = start_worker(settings, workdir / "worker.log", "demo")
     api = start_api(settings, workdir / "api.log")
@@ -210,7 +263,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
   redis                    {stack.redis_url}
   worker log               {workdir / 'worker.log'}
   API                      {base}   (docs: {base}/docs, log: {workdir / 'api.log'})
-  traffic                  {args.rate:g} simulated events/s, with a few invalid and duplicate ones
+  traffic                  {args.rate:g} simulated events/s, with a few invalid and duplicate ones,
+                           and {args.respond_rate:g} item-page visits/s by shoppers who react
+                           to the suggestions (impressions, clicks, carts)
 
 Where to look:
   demo storefront          {base}/demo/   (browse, add to cart, watch the suggestions)
@@ -253,6 +308,13 @@ Ctrl-C stops everything.
 
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
+    # Shoppers who react to suggestions (price-sensitive, cartwise.simulator.Responder), so
+    # an experiment's report and the re-ranker have feedback to show (docs/experiments.md).
+    shop = Shop(seed=args.seed)
+    responders = threading.Thread(
+        target=respond, args=(base, read_key, ingest_key, shop, args.respond_rate, stop),
+        daemon=True)
+    responders.start()
     r = _redis(settings)
     try:
         while not stop[0]:
@@ -271,6 +333,7 @@ Ctrl-C stops everything.
         stop_worker(api)
         stop_worker(worker)
         thread.join(5)
+        responders.join(5)
         stack.stop()
     return 0
 
@@ -345,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=50.0, help="simulated events per second")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--port", type=int, default=8000, help="API port (a free one if taken)")
+    p.add_argument("--respond-rate", type=float, default=5.0,
+                   help="item-page visits per second by shoppers who react to suggestions")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("worker", help="run one stream worker (settings from CARTWISE_*)")
     p.add_argument("--loglevel", default="WARNING")
