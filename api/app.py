@@ -448,11 +448,13 @@ class Backend:
         if ttl <= 0 or not entries:
             return
         top = max((e["score"] or 0.0 for e in entries), default=0.0)
+        # Four decimals are plenty for the model and keep a record under 1.5 KB: the API keeps
+        # requests/s x TTL of them (docs/redis.md).
         doc = {"u": user_id, "p": placement,
                "e": experiment["id"] if experiment else None,
                "v": experiment["variant"] if experiment else None,
-               "x": {e["item_id"]: xs.get(e["item_id"]) or features(
-                   e, n, top, catalog.get(e["item_id"]), anchor, placement, existing)
+               "x": {e["item_id"]: [round(v, 4) for v in xs.get(e["item_id"]) or features(
+                   e, n, top, catalog.get(e["item_id"]), anchor, placement, existing)]
                    for n, e in enumerate(entries)}}
         task = asyncio.create_task(self._remember(self.keys.served(rid), orjson.dumps(doc), ttl))
         self._background.add(task)

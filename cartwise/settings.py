@@ -90,7 +90,7 @@ class Settings:
     # `reranker_min_examples` held-out examples.
     attribution_window_s: float = 7 * 86400.0
     feedback_label_s: float = 1800.0
-    served_ttl_s: float = 86400.0
+    served_ttl_s: float = 600.0
     ranking: str = "auto"
     reranker_min_examples: int = 500
     # RFM segments (docs/segments.md): the window, and the amount x frequency thresholds.
