@@ -87,12 +87,19 @@ def ab_stack(make_settings: Callable[..., Settings],
 
 
 def heroes(st: Stack) -> list[str]:
+    """Item pages where the order matters to these shoppers: the model's list offers both
+    items cheaper than the page's item and dearer ones, and its first five hold dearer ones.
+    Where every suggestion is cheaper (or none is), any order converts alike."""
     out = []
+    prices = st.shop.prices
     for item in st.shop.complements:
         raw = st.r.get(f"{st.settings.prefix}item:{item}")
-        if raw and len(orjson.loads(raw)["cross_sell"]) >= 5:
+        listed = [e["item_id"] for e in orjson.loads(raw)["cross_sell"]] if raw else []
+        cheaper = [i for i in listed[:15] if prices[i] < prices[item]]
+        if len(listed) >= 8 and len(cheaper) >= 3 and \
+                sum(prices[i] >= prices[item] for i in listed[:5]) >= 2:
             out.append(item)
-    assert len(out) >= 5, "too few items with lists"
+    assert len(out) >= 5, f"too few item pages with a mixed list: {out}"
     return out
 
 
@@ -195,6 +202,8 @@ def test_ab_test_through_the_stream_picks_the_reranker(ab_stack: Stack, tmp_path
         assert rows[v]["shoppers"] == seen[v]
         assert rows[v]["revenue"] == pytest.approx(tally["revenue"][v])
     rates = {v: (rows[v]["shoppers"], rows[v]["conversion_rate"]["value"]) for v in rows}
+    print("shoppers and conversion rate per variant:", rates,
+          "p =", rows["reranked"]["vs_control"]["conversion_rate"]["p_value"])
     assert rates["reranked"][1] > rates["plain"][1], rates
     assert rep["winner"] == "reranked", (rep["verdict"], rates, reranker(st))
 
