@@ -103,6 +103,15 @@ class Served:
         return httpx.put(self.base + path, content=orjson.dumps(body), timeout=10,
                          headers=self._h(key) | {"Content-Type": "application/json"})
 
+    def delete(self, path: str, key: str | None = "admin") -> httpx.Response:
+        return httpx.delete(self.base + path, headers=self._h(key), timeout=10)
+
+    def clear_experiments(self) -> None:
+        """Delete every experiment: an answer follows the first one (by id) that takes the
+        shopper, so a test that watches its own must be alone."""
+        for e in self.get("/v1/experiments", "admin").json()["experiments"]:
+            assert self.delete(f"/v1/experiments/{e['id']}").status_code == 200
+
     def _h(self, key: str | None) -> dict[str, str]:
         return {} if key is None else {"X-API-Key": getattr(self, key, key)}
 

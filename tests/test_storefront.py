@@ -10,7 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
@@ -32,17 +31,13 @@ def test_adding_to_cart_changes_the_suggestions_shown(served, tmp_path: Path):
     # Every shopper in one arm, the default strategy: the lists are what they would be
     # without it, and the report shows what the page sent as feedback.
     watch = {"variants": [{"name": "all", "weight": 1}, {"name": "none", "weight": 1e-9}]}
-    # An answer follows the first experiment (by id) that takes the shopper: none but this.
-    for e in served.get("/v1/experiments", "admin").json()["experiments"]:
-        httpx.delete(f"{served.base}/v1/experiments/{e['id']}",
-                     headers={"X-API-Key": served.admin}, timeout=10)
+    served.clear_experiments()
     assert served.put("/v1/experiments/demo-feedback", watch).status_code == 200
     time.sleep(1.0)
     try:
         shop_with_feedback(served, hero, category, tmp_path)
     finally:
-        httpx.delete(served.base + "/v1/experiments/demo-feedback",
-                     headers={"X-API-Key": served.admin}, timeout=10)
+        served.delete("/v1/experiments/demo-feedback")
 
 
 def shop_with_feedback(served, hero: str, category: str, tmp_path: Path) -> None:
