@@ -34,6 +34,7 @@ IMG = ROOT / "docs" / "img"
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no_next": {"next_weight": 0.0},
     "no_revisit": {"revisit_weight": 0.0},
+    "no_rebuy": {"rebuy_weight": 0.0},
     "strict_support": {"min_support": 2.0, "llr_min": 6.63},
     "last_anchor_only": {"max_anchors": 1},
 }
@@ -50,30 +51,40 @@ def variant(name: str, config: ModelConfig) -> CartwiseModel:
 # the same for every model) while every event is learned (docs/quality-protocol.md).
 TARGET_SAMPLE = {"online_retail": 5}
 
-# A log is replayed in two processes side by side: the default with the baselines (the
-# paired comparison needs both in one replay) and the ablations; the results are merged.
-GROUPS = ("main", "ablations")
+def groups(keep_baselines: bool) -> list[list[str]]:
+    """The models of each process replaying one log, results merged afterwards: the default
+    with the baselines (a paired comparison needs both in one replay) and the ablations; with
+    `keep_baselines` the default and its ablations, halved."""
+    ablations = [f"cartwise-{a}" for a in ABLATIONS]
+    if not keep_baselines:
+        return [["cartwise", *BASELINES], ablations]
+    models = ["cartwise", *ablations]
+    half = (len(models) + 1) // 2
+    return [models[:half], models[half:]]
 
 
-def run(name: str, limit: int | None, group: str = "main") -> dict[str, Any]:
+def make(model: str, base: ModelConfig) -> Any:
+    if model == "cartwise":
+        return variant(model, base)
+    if model.startswith("cartwise-"):
+        return variant(model, replace(base, **ABLATIONS[model.removeprefix("cartwise-")]))
+    return BASELINES[model]()
+
+
+def run(name: str, limit: int | None, group: list[str]) -> dict[str, Any]:
     events = datasets.load(name)
     if limit:
         events = events[:limit]
     base = ModelConfig()
-    if group == "main":
-        models: list[Any] = [variant("cartwise", base)]
-        models += [cls() for cls in BASELINES.values()]
-    else:
-        models = [variant(f"cartwise-{a}", replace(base, **over))
-                  for a, over in ABLATIONS.items()]
+    models = [make(m, base) for m in group]
     kinds = list(datasets.DATASETS[name].targets)
     total = len(events)
-    print(f"{name}/{group}: {total} events, {len(models)} models", file=sys.stderr, flush=True)
+    print(f"{name}: {total} events, models {', '.join(group)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
 
     def progress(n: int) -> None:
         if n and n % 50_000 == 0:
-            print(f"{name}/{group}: {n}/{total} events, {time.perf_counter() - t0:.0f} s",
+            print(f"{name}/{group[0]}..: {n}/{total} events, {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr, flush=True)
 
     result = evaluate(events, kinds, models, progress=progress,
@@ -84,13 +95,41 @@ def run(name: str, limit: int | None, group: str = "main") -> dict[str, Any]:
     return result
 
 
-def merge(main: dict[str, Any], ablations: dict[str, Any]) -> dict[str, Any]:
-    """Puts the ablations after the default, in the order the page shows them."""
-    models = {"cartwise": main["models"]["cartwise"], **ablations["models"]}
-    models.update((n, r) for n, r in main["models"].items() if n != "cartwise")
-    main["models"] = models
-    main["seconds"] = max(main["seconds"], ablations["seconds"])
-    return main
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the processes' results: the default, its ablations in the order the page
+    shows them, then the baselines."""
+    found = {n: r for part in parts for n, r in part["models"].items()}
+    order = ["cartwise", *(f"cartwise-{a}" for a in ABLATIONS), *BASELINES]
+    out = dict(parts[0])
+    out["models"] = {n: found[n] for n in order if n in found}
+    out["seconds"] = max(part["seconds"] for part in parts)
+    return out
+
+
+def kept_baselines(new: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's baselines beside a new run of the default model, refused unless both
+    replayed the same targets: same events, sampling, time windows and targets per window.
+
+    The baselines' code and the logs did not change, so replaying them again would give the
+    same numbers at the cost of hours (Online Retail); the check makes sure of the second.
+    """
+    defaults = {"target_sample": 1}  # runs saved before sampling existed asked at every target
+    for key in ("events", "items", "kinds", "target_sample", "window_ts"):
+        if new.get(key, defaults.get(key)) != saved.get(key, defaults.get(key)):
+            raise SystemExit(f"--keep-baselines: the saved run differs in {key!r}; replay "
+                             "the baselines too")
+    h = head(new)
+    cur, old = new["models"]["cartwise"], saved["models"]["cartwise"]
+    for kind in [h, *new["kinds"]]:
+        if cur[kind]["targets"] != old[kind]["targets"]:
+            raise SystemExit(f"--keep-baselines: {kind} targets differ "
+                             f"({cur[kind]['targets']} vs {old[kind]['targets']})")
+    models = dict(new["models"])
+    models.update((n, r) for n, r in saved["models"].items() if n in BASELINES)
+    out = dict(new)
+    out["models"] = models
+    out["baselines_from"] = saved.get("generated", "an earlier run")
+    return out
 
 
 def verdict_against_best_baseline(r: dict[str, Any]) -> None:
@@ -165,6 +204,10 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
         note = (f" Suggestions asked for at 1 in {sampled} targets, every event learned "
                 "(quality-protocol.md, \"Sampled targets\"); us/event is not comparable with "
                 "the other logs." if sampled > 1 else "")
+        if r.get("baselines_from"):
+            note += (f" The baselines' rows are those of the run of {r['baselines_from']} "
+                     "(`--keep-baselines`: same events, targets and time windows, checked; "
+                     "their code is unchanged since).")
         out += [f"### {name}", "", f"{r['description']}: {r['events']:,} events, "
                 f"{r['items']:,} items; targets: {', '.join(r['kinds'])}.{note}", ""]
         labels = ([h] if h == "all" else []) + r["kinds"]
@@ -262,22 +305,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the page from saved results instead of replaying")
     parser.add_argument("--jobs", type=int, default=2,
                         help="replays at once, two per dataset (default+baselines, ablations)")
+    parser.add_argument("--keep-baselines", action="store_true",
+                        help="replay the default model and its ablations only; take the "
+                        "baselines from the saved results after checking the targets match")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     names = args.datasets.split(",")
     todo = [n for n in names if not (args.reuse and (RESULTS / f"{n}.json").exists())]
+    saved = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in todo
+             if args.keep_baselines}
+    plan = groups(args.keep_baselines)
     # Each log's result is saved the moment it is done, so a long run that is cut off keeps
     # what it finished and `--reuse` picks up from there.
-    parts: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in todo}
+    parts: dict[str, list[dict[str, Any]]] = {n: [] for n in todo}
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run, n, args.limit, g): (n, g) for n in todo for g in GROUPS}
+        futures = {pool.submit(run, n, args.limit, g): n for n in todo for g in plan}
         for future in as_completed(futures):
-            n, g = futures[future]
-            parts[n][g] = future.result()
-            if len(parts[n]) == len(GROUPS):
+            n = futures[future]
+            parts[n].append(future.result())
+            if len(parts[n]) == len(plan):
+                result = merge(parts[n])
+                result["generated"] = time.strftime("%Y-%m-%d")
+                if args.keep_baselines:
+                    result = kept_baselines(result, saved[n])
                 (RESULTS / f"{n}.json").write_bytes(orjson.dumps(
-                    merge(parts[n]["main"], parts[n]["ablations"]),
-                    option=orjson.OPT_INDENT_2))
+                    result, option=orjson.OPT_INDENT_2))
     results = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in names}
     plot(results)
     command = "python -m bench.quality" + (f" --limit {args.limit}" if args.limit else "")

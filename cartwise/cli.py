@@ -377,6 +377,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cartwise.evaluate import DEFAULT_MODELS, evaluate, load, make_models, table
 
     try:
+        if args.sample < 1:
+            raise ValueError(f"--sample takes a whole number >= 1; got {args.sample}")
         events, kinds = load(args.dataset, Path(args.events) if args.events else None)
         if args.targets:
             kinds = [k.strip() for k in args.targets.split(",") if k.strip()]
@@ -393,7 +395,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"replaying {len(events)} events, targets {', '.join(kinds)}, "
           f"models {', '.join(m.name for m in models)}", file=sys.stderr)
     result = evaluate(events, kinds, models, args.report_from,
-                      progress=lambda n: print(f"  {n} events", file=sys.stderr, flush=True))
+                      progress=lambda n: print(f"  {n} events", file=sys.stderr, flush=True),
+                      sample=args.sample)
     result["source"] = args.dataset or Path(args.events).name
     print(table(result))
     if args.out:
@@ -449,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-from", type=float, default=0.3,
                    help="share of events (in time order) used for tuning, not reported")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    p.add_argument("--sample", type=int, default=1, metavar="N",
+                   help="ask for suggestions at 1 in N targets, learn every event "
+                   "(docs/quality-protocol.md, \"Sampled targets\")")
     p.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
                    help="change one ModelConfig setting of the cartwise model (repeatable)")
     p.add_argument("--out", help="write the full result as JSON here")

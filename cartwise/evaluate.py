@@ -92,7 +92,7 @@ def summarize(replay: Replay, kinds: Sequence[str], seconds: float) -> dict[str,
     window_ts = blocks([replay.targets.ts[i] for i in rows], WINDOWS)
     out["window_ts"] = window_ts
     names = [m.name for m in replay.models]
-    if "cartwise" in names and len(names) > 1:
+    if "cartwise" in names and any(not n.startswith("cartwise") for n in names):
         # Variants of the model (ablations, "cartwise-...") are not baselines.
         best = max((n for n in names if not n.startswith("cartwise")),
                    key=lambda n: out["models"][n][head]["hr20"])

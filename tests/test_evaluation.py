@@ -204,6 +204,13 @@ def test_evaluate_command_on_a_generated_fixture(tmp_path, capsys):
     assert direct["models"]["cartwise"]["all"] == result["models"]["cartwise"]["all"]
     assert result["models"]["cartwise"]["all"]["targets"] > 0
     assert "HR@20" in capsys.readouterr().out
+    # Sampled: about one target in three is asked, every event still learned.
+    assert main(["evaluate", "--events", str(path), "--out", str(out), "--sample", "3",
+                 "--models", "cartwise"]) == 0
+    sampled = orjson.loads(out.read_bytes())
+    full_targets = result["models"]["cartwise"]["all"]["targets"]
+    assert sampled["target_sample"] == 3
+    assert 0 < sampled["models"]["cartwise"]["all"]["targets"] < full_targets
 
 
 def test_evaluate_command_rejects_bad_input(tmp_path, capsys):
@@ -220,6 +227,9 @@ def test_evaluate_command_rejects_bad_input(tmp_path, capsys):
     assert main(["evaluate", "--events", str(path), "--models", "magic"]) == 2
     assert main(["evaluate", "--events", str(path), "--targets", "wish"]) == 2
     assert main(["evaluate", "--events", str(path), "--set", "weights=1"]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "--events", str(path), "--sample", "0"]) == 2
+    assert "--sample takes a whole number >= 1" in capsys.readouterr().err
     assert main(["evaluate", "--events", str(path), "--set", "max_anchors=many"]) == 2
     assert "not a number" in capsys.readouterr().err
 
@@ -302,3 +312,26 @@ def test_sampled_targets_are_a_subset_with_the_same_ranks():
         by_ts.setdefault(ts, []).append(full.ranks["association_rules"][i])
     for i, ts in enumerate(part.targets.ts):
         assert part.ranks["association_rules"][i] in by_ts[ts]
+
+
+def test_quality_page_keeps_saved_baselines_only_for_the_same_targets():
+    from bench.quality import kept_baselines
+
+    def result(model_hr: dict[str, float], events: int = 100) -> dict:
+        models = {m: {"purchase": {"hr20": v, "targets": 40}, "hr20_by_window": [v]}
+                  for m, v in model_hr.items()}
+        return {"events": events, "items": 9, "kinds": ["purchase"], "target_sample": 5,
+                "window_ts": [1.0, 2.0], "models": models, "generated": "2026-11-01"}
+
+    saved = result({"cartwise": 0.3, "sequential_rules": 0.4, "sknn": 0.2})
+    new = result({"cartwise": 0.45, "cartwise-no_next": 0.35})
+    merged = kept_baselines(new, saved)
+    assert {m: r["purchase"]["hr20"] for m, r in merged["models"].items()} == {
+        "cartwise": 0.45, "cartwise-no_next": 0.35, "sequential_rules": 0.4, "sknn": 0.2}
+    assert merged["baselines_from"] == "2026-11-01"
+    with pytest.raises(SystemExit, match="events"):
+        kept_baselines(result({"cartwise": 0.45}, events=99), saved)
+    fewer = result({"cartwise": 0.45})
+    fewer["models"]["cartwise"]["purchase"]["targets"] = 39
+    with pytest.raises(SystemExit, match="targets differ"):
+        kept_baselines(fewer, saved)
