@@ -134,7 +134,7 @@ CATALOG_SCHEMA: dict[str, Any] = {
         "brand": {"type": "string"},
         "tier": {"type": "string"},
         "in_stock": {"type": "boolean"},
-        "consumable": {"type": "boolean"},
+        "consumable": {"type": ["boolean", "null"]},
     },
     "required": ["item_id"],
 }

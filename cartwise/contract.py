@@ -85,7 +85,8 @@ class CatalogItem:
     price: float | None = None
     category: str | None = None
     in_stock: bool = True
-    consumable: bool = False
+    # None: the shop does not say; the model then learns it from repeat purchases
+    consumable: bool | None = None
     tier: str | None = None
     brand: str | None = None
     name: str | None = None  # display name, for storefronts that render suggestions as-is
@@ -245,10 +246,11 @@ def _missing(field: str) -> str:
 def validate_catalog(d: dict[str, Any]) -> CatalogItem:
     _version(d)
     flags = {}
-    for field, default in (("in_stock", True), ("consumable", False)):
+    for field, default in (("in_stock", True), ("consumable", None)):
         v = d.get(field, default)
-        if not isinstance(v, bool):
-            raise ContractError("wrong_type", field, f"'{field}' must be true or false")
+        if not isinstance(v, bool) and not (v is None and default is None):
+            allowed = "true, false or null" if default is None else "true or false"
+            raise ContractError("wrong_type", field, f"'{field}' must be {allowed}")
         flags[field] = v
     for field in ("category", "tier", "brand", "name"):
         v = d.get(field)

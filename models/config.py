@@ -14,7 +14,9 @@ class ModelConfig:
     # Evidence strength of one item in a shopper context, by the strongest event seen on it.
     weights: dict[str, float] = field(default_factory=_default_weights)
     # Counts halve every `half_life_s` of event time (forward decay, docs/model.md).
-    half_life_s: float = 14 * 86400.0
+    half_life_s: float = 60 * 86400.0
+    # Trending (the cold-start answer) follows the shop faster: popularity halves every 14 days.
+    trending_half_life_s: float = 14 * 86400.0
     # A new session starts after this much silence when the app sends no session_id.
     session_gap_s: float = 30 * 60.0
     # Items older than this leave the context; items from earlier sessions count this much.
@@ -31,7 +33,7 @@ class ModelConfig:
     # the workers take it from CARTWISE_REPLENISH_LEAD_DAYS.
     replenish_lead_s: float = 7 * 86400.0
     max_users: int = 500_000
-    max_neighbours: int = 200
+    max_neighbours: int = 500
     max_items: int = 200_000
     # List building.
     list_size: int = 50
@@ -54,6 +56,12 @@ class ModelConfig:
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
     revisit_weight: float = 1.0
+    # A bought item that may be bought again (models/ranking.py, `rebuyable`) comes back as a
+    # revisit scored `rebuy_weight` x times bought, halving every `rebuy_half_life_s` since the
+    # last purchase; only the newest `rebuy_max` bought items are considered.
+    rebuy_weight: float = 0.3
+    rebuy_half_life_s: float = 30 * 86400.0
+    rebuy_max: int = 30
 
     def to_dict(self) -> dict:
         return asdict(self)

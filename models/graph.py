@@ -32,7 +32,8 @@ class ItemGraph:
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config or ModelConfig()
         self.rows: dict[str, dict[str, list[float]]] = {}
-        self.marg: dict[str, list[float]] = {}  # item -> [all, buy, last event ts]
+        # item -> [all, buy, last event ts, all at the trending half-life (models/trending.py)]
+        self.marg: dict[str, list[float]] = {}
         self.total = [0.0, 0.0]
         self.landmark: float | None = None
         self.now = 0.0
@@ -49,7 +50,8 @@ class ItemGraph:
 
     def _factor(self, ts: float) -> float:
         h = self.config.half_life_s
-        step = h * _REBASE_STEP
+        # The faster of the two decays sets the step, so neither stored factor overflows.
+        step = min(h, self.config.trending_half_life_s) * _REBASE_STEP
         if self.landmark is None:
             self.landmark = math.floor(ts / step) * step
         elif ts - self.landmark > 2 * step:
@@ -58,9 +60,11 @@ class ItemGraph:
 
     def _rebase(self, landmark: float) -> None:
         c = 2.0 ** (-(landmark - self.landmark) / self.config.half_life_s)
+        ct = 2.0 ** (-(landmark - self.landmark) / self.config.trending_half_life_s)
         for m in self.marg.values():
             m[0] *= c
             m[1] *= c
+            m[3] *= ct
         for row in self.rows.values():
             for v in row.values():
                 for n in range(len(v)):
@@ -74,15 +78,18 @@ class ItemGraph:
         g = self._factor(ts)
         total = self.total
         marg = self.marg
+        gt = 2.0 ** ((ts - self.landmark) / self.config.trending_half_life_s) if marginals \
+            else 0.0
         for item, da, db in marginals:
             m = marg.get(item)
             if m is None:
-                marg[item] = [da * g, db * g, ts]
+                marg[item] = [da * g, db * g, ts, da * gt]
             else:
                 m[0] += da * g
                 m[1] += db * g
                 if ts > m[2]:
                     m[2] = ts
+                m[3] += da * gt
             total[0] += da * g
             total[1] += db * g
             self.dirty_marg.add(item)
@@ -204,9 +211,9 @@ class ItemGraph:
         """Trending scores of `items` (models/trending.py), comparable across partitions."""
         if self.landmark is None:
             return {}
-        h = self.config.half_life_s
-        return {i: trending_score(m[0], self.landmark, h) for i in items
-                if (m := self.marg.get(i)) is not None and m[0] > 0}
+        h = self.config.trending_half_life_s
+        return {i: trending_score(m[3], self.landmark, h) for i in items
+                if (m := self.marg.get(i)) is not None and m[3] > 0}
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -226,7 +233,10 @@ class ItemGraph:
         return None if m is None else orjson.dumps(m)
 
     def load_marg(self, item: str, raw: bytes | str) -> None:
-        self.marg[item] = orjson.loads(raw)
+        m = orjson.loads(raw)
+        if len(m) < 4:  # checkpoint written before trending had its own half-life
+            m.append(m[0])
+        self.marg[item] = m
 
     def cycle_json(self, item: str) -> bytes | None:
         history = self.cycles.get(item)

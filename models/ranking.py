@@ -12,6 +12,7 @@ from models.scoring import top_rounded
 
 _DEFAULT = ModelConfig()
 REVISIT_REASON = "you looked at it recently"
+REBUY_REASON = "you bought it before"
 
 
 def anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
@@ -34,16 +35,45 @@ def rank_for_user(
     """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
-    revisit: dict[str, float] = {}
+    revisit: dict[str, tuple[float, str]] = {}
     if config.revisit_weight > 0:
         for rank, (a, committed) in enumerate(seeds):
             if not committed and a not in exclude:
-                revisit[a] = config.revisit_weight * config.anchor_decay**rank
+                revisit[a] = (config.revisit_weight * config.anchor_decay**rank, REVISIT_REASON)
         exclude |= {i for i in ctx.items if i not in revisit}
     else:
         exclude |= set(ctx.items)
     exclude |= not_due(ctx, item_lists, catalog, config)
+    if config.rebuy_weight > 0:
+        for j in rebuy_candidates(ctx, config):
+            if j not in exclude and j not in revisit \
+                    and rebuyable(j, item_lists, catalog.get(j) or {}):
+                times = 1 + len(ctx.repeats.get(j, ()))
+                age = max(0.0, ctx.last_ts - ctx.bought[j])
+                revisit[j] = (config.rebuy_weight * times
+                              * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
     return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit)
+
+
+def rebuy_candidates(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
+    """The shopper's newest bought items, newest first: those the rebuy source may offer."""
+    if config.rebuy_weight <= 0:
+        return []
+    return list(reversed(ctx.bought))[: config.rebuy_max]
+
+
+def rebuyable(j: str, item_lists: Mapping[str, Mapping[str, Any] | None],
+              facts: Mapping[str, Any]) -> bool:
+    """May a shopper who bought `j` be offered it again?
+
+    The shop's `consumable` flag decides when the catalog sets it; when it does not, the
+    shoppers do: an item with a learned repurchase cycle (bought again by several shoppers,
+    models/repurchase.py) is one people buy again. Its lists must be in `item_lists`.
+    """
+    flag = facts.get("consumable")
+    if flag is not None:
+        return bool(flag)
+    return bool((item_lists.get(j) or {}).get("repurchase"))
 
 
 def not_due(ctx: ShopperContext, item_lists: Mapping[str, Mapping[str, Any] | None],
@@ -56,7 +86,7 @@ def not_due(ctx: ShopperContext, item_lists: Mapping[str, Mapping[str, Any] | No
     """
     out = set()
     for j, bought_ts in ctx.bought.items():
-        if not (catalog.get(j) or {}).get("consumable"):
+        if not rebuyable(j, item_lists, catalog.get(j) or {}):
             continue
         learned = (item_lists.get(j) or {}).get("repurchase")
         crowd = learned["cycle_days"] * DAY if learned else None
@@ -88,19 +118,20 @@ def blend(
     exclude: set[str],
     bought: set[str],
     config: ModelConfig = _DEFAULT,
-    revisit: Mapping[str, float] | None = None,
+    revisit: Mapping[str, tuple[float, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
 
     `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
     items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
-    adds context items themselves, with their own score, always of kind "revisit".
+    adds the shopper's own items (viewed lately, or bought and bought again by shoppers) with
+    their own score and reason, always of kind "revisit".
     """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
-    for j, c in (revisit or {}).items():
+    for j, (c, why) in (revisit or {}).items():
         scores[j] = c
-        best[j] = (c, "revisit", REVISIT_REASON)
+        best[j] = (c, "revisit", why)
     for rank, (anchor, committed) in enumerate(seeds):
         lists = item_lists.get(anchor)
         if not lists:
@@ -129,13 +160,13 @@ def blend(
         facts = catalog.get(j) or {}
         if facts.get("in_stock") is False:
             continue
-        if j in bought and not facts.get("consumable", False):
+        if j in bought and not rebuyable(j, item_lists, facts):
             continue
         kept.append((score, j))
     out = []
     revisit = revisit or {}
     for score, (_, j) in top_rounded(kept, k, config.score_digits):
         # A context item is shown as one the shopper looked at, whatever else points to it.
-        kind, reason = ("revisit", REVISIT_REASON) if j in revisit else best[j][1:]
+        kind, reason = ("revisit", revisit[j][1]) if j in revisit else best[j][1:]
         out.append({"item_id": j, "score": score, "kind": kind, "reason": reason})
     return out

@@ -13,7 +13,7 @@ from cartwise.contract import CatalogItem, Event, validate_catalog, validate_eve
 from models.config import ModelConfig
 from models.context import ContextBook
 from models.graph import KINDS, ItemGraph
-from models.ranking import anchors, rank_for_user
+from models.ranking import anchors, rank_for_user, rebuy_candidates
 
 
 class CrossSellRecommender:
@@ -37,6 +37,8 @@ class CrossSellRecommender:
         if evidence is None:
             return False
         self.graph.apply(*evidence)
+        for item, interval in self.contexts.last_repeats:  # repurchase cycles, as the stream
+            self.graph.repeat(item, interval)
         return True
 
     def learn_catalog(self, item: CatalogItem | dict[str, Any]) -> None:
@@ -83,8 +85,16 @@ class CrossSellRecommender:
             return []
         seeds = anchors(ctx, self.config)
         self._refresh(seeds)
-        lists = {a: self._lists.get(a) for a in seeds}
-        return rank_for_user(ctx, lists, self.catalog, k, self.config)
+        lists: dict[str, Any] = {a: self._lists.get(a) for a in seeds}
+        # Whether a bought item may come back depends on its learned cycle (models/ranking.py).
+        cfg = self.config
+        offered = {e["item_id"] for doc in lists.values() if doc for kind in KINDS
+                   for e in doc.get(kind, ())[: cfg.per_anchor(kind)]}
+        offered.update(rebuy_candidates(ctx, cfg))
+        for j in offered:
+            if j in ctx.bought and j not in lists:
+                lists[j] = {"repurchase": self.graph.repurchase(j)}
+        return rank_for_user(ctx, lists, self.catalog, k, cfg)
 
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:
         """(item, trending score) best first, as the stream keeps them (models/trending.py)."""

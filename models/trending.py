@@ -1,7 +1,8 @@
 """Trending items: the cold-start answer when a shopper or an item has no evidence yet.
 
 An item's popularity is its decayed interaction weight (views, carts and purchases weighted
-as in the co-occurrence counts, halving every `half_life_s`). The graph stores it forward
+as in the co-occurrence counts, halving every `trending_half_life_s`, faster than the counts
+that build item lists). The graph stores it forward
 decayed: value * 2 ** ((ts - landmark) / half_life). Its log2 plus landmark / half_life is a
 *trending score* that no longer depends on the landmark or on "now": scores written by
 different partitions at different times compare directly, and a score never has to be

@@ -36,7 +36,7 @@ from models.context import ContextBook, ShopperContext
 from models.feedback import Attribution, Delta, Example, FeedbackConfig, Reranker
 from models.graph import KINDS, ItemGraph
 from models.interests import InterestClusters, preferences
-from models.ranking import anchors, rank_for_user
+from models.ranking import anchors, rank_for_user, rebuy_candidates
 from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
 from streams.stats import Stats
 from streams.store import Ops, Store
@@ -648,12 +648,15 @@ class ContextStage(Stage):
         candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
                       for e in doc.get(k, ())[: self.config.per_anchor(k)]}
         candidates.update(wanted)  # anchors come back as revisits: their stock matters too
+        for _, c in ctxs:  # so may the newest bought items
+            candidates.update(rebuy_candidates(c, self.config))
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
-        # A bought consumable may come back only when due: its learned cycle is in its lists.
+        # Whether a bought item may come back, and when, is in its lists' learned cycle
+        # (models/ranking.py, `rebuyable`); a shop's `consumable: false` settles it without.
         rebuy = sorted({j for _, c in ctxs for j in c.bought
                         if j in candidates and j not in lists
-                        and (catalog.get(j) or {}).get("consumable")})
+                        and (catalog.get(j) or {}).get("consumable") is not False})
         if rebuy:
             lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists,
                                                            only_changed)

@@ -107,6 +107,17 @@ def test_catalog_records():
     with pytest.raises(ContractError) as info:
         parse_catalog(b'{"item_id": "i", "in_stock": "no"}')
     assert (info.value.reason, info.value.field) == ("wrong_type", "in_stock")
+    # Not set and null both mean "the shop does not say": the shoppers' repurchases decide.
+    assert parse_catalog(b'{"item_id": "i"}').consumable is None
+    assert parse_catalog(b'{"item_id": "i", "consumable": null}').consumable is None
+    assert parse_catalog(b'{"item_id": "i", "consumable": false}').consumable is False
+    with pytest.raises(ContractError) as info:
+        parse_catalog(b'{"item_id": "i", "consumable": "yes"}')
+    assert (info.value.reason, info.value.field) == ("wrong_type", "consumable")
+    assert "null" in str(info.value)
+    with pytest.raises(ContractError) as info:
+        parse_catalog(b'{"item_id": "i", "in_stock": null}')
+    assert (info.value.reason, info.value.field) == ("wrong_type", "in_stock")
     with pytest.raises(ContractError) as info:
         parse_catalog(b'{"item_id": "i", "price": -5}')
     assert info.value.reason == "negative_price"

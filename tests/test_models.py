@@ -64,7 +64,7 @@ def test_next_evidence_counts_steps_back_within_the_session():
 
 
 def test_next_list_is_the_share_of_picks_right_after_an_item():
-    g = ItemGraph(ModelConfig(min_support=1.0))
+    g = ItemGraph(ModelConfig(min_support=0.5))
     g.apply(T0, [("A", 1, 0), ("B", 1, 0), ("C", 1, 0)],
             [("A", "B", 1, 0, 1, 0, 1.0), ("A", "C", 1, 0, 1, 0, 0.5),
              ("B", "A", 1, 0, 1, 0, 0.0), ("C", "A", 1, 0, 1, 0, 0.0)])
@@ -227,7 +227,8 @@ def test_graph_memory_bounds():
 
 
 # Ranking arithmetic, checked by hand with round numbers: no revisits, no next picks.
-RANK = ModelConfig(anchor_decay=0.8, viewed_weight=0.6, revisit_weight=0.0, next_weight=0.0)
+RANK = ModelConfig(anchor_decay=0.8, viewed_weight=0.6, revisit_weight=0.0, next_weight=0.0,
+                   rebuy_weight=0.0)
 
 
 def _lists(*entries):

@@ -13,7 +13,7 @@ from cartwise.contract import prepare_event
 from models.config import ModelConfig
 from models.context import ContextBook
 from models.graph import ItemGraph
-from models.ranking import not_due
+from models.ranking import REBUY_REASON, not_due, rank_for_user, rebuyable
 from models.repurchase import DAY, Estimate, blend, observe, predict, touchpoints
 from tests.conftest import Served
 
@@ -79,6 +79,54 @@ def test_context_reports_repeats_and_cycle_starts_and_the_graph_learns_the_cycle
     again = ItemGraph()
     again.load_cycle("ink", g.cycle_json("ink"))
     assert again.repurchase("ink") == g.repurchase("ink")
+
+
+def test_the_shop_flag_decides_rebuying_and_the_shoppers_decide_when_it_is_unset():
+    cycle = {"x": {"repurchase": {"cycle_days": 30.0, "intervals": 3}}}
+    assert rebuyable("x", {}, {"consumable": True})
+    assert not rebuyable("x", cycle, {"consumable": False})  # the shop knows best
+    assert rebuyable("x", cycle, {"consumable": None})
+    assert rebuyable("x", cycle, {})  # no catalog record at all
+    assert not rebuyable("x", {}, {})  # nobody was seen buying it again
+    assert not rebuyable("x", {"x": {"repurchase": None}}, {})
+
+
+def test_bought_items_come_back_as_revisits_when_shoppers_rebuy_them_and_they_are_due():
+    book = ContextBook()
+    buy(book, "u", "coffee", NOW, 1)
+    buy(book, "u", "coffee", NOW + 20 * DAY, 2)  # bought twice: one own interval of 20 days
+    buy(book, "u", "tea", NOW + 20 * DAY, 3)
+    buy(book, "u", "kettle", NOW + 20 * DAY, 4)
+    buy(book, "u", "mug", NOW + 20 * DAY, 5)
+    ctx = book.get("u")
+    cycles = {j: {"repurchase": {"cycle_days": 25.0, "intervals": 9}}
+              for j in ("coffee", "tea", "mug")}
+    catalog = {"mug": {"consumable": False}}
+    cfg = ModelConfig()
+    # While they are in the context (the last 3 days) they are not offered again.
+    assert rank_for_user(ctx, cycles, catalog, 10, cfg) == []
+
+    def cart(n: int, at: float) -> None:  # a later event: the purchases leave the context
+        book.learn(prepare_event({"type": "add_to_cart", "user_id": "u", "item_id": f"cup{n}",
+                                  "ts": at, "event_id": f"u-cart-{n}"}, at)[0])
+
+    # 15 days after: coffee is due (own rhythm 20 days, minus the 7-day lead), tea is not
+    # (the shoppers' 25 days); the kettle (nobody rebuys it) and the mug (the shop says it
+    # is durable) never come back.
+    cart(1, NOW + 35 * DAY)
+    assert [e["item_id"] for e in rank_for_user(ctx, cycles, catalog, 10, cfg)] == ["coffee"]
+    cart(2, NOW + 40 * DAY)
+    got = rank_for_user(ctx, cycles, catalog, 10, cfg)
+    assert [e["item_id"] for e in got] == ["coffee", "tea"]
+    assert {e["kind"] for e in got} == {"revisit"}
+    assert {e["reason"] for e in got} == {REBUY_REASON}
+    # Bought twice, bought once, both 20 days ago: 0.3 x times x 0.5 ** (20 / 30).
+    assert got[0]["score"] == pytest.approx(0.3 * 2 * 0.5 ** (20 / 30))
+    assert got[1]["score"] == pytest.approx(0.3 * 1 * 0.5 ** (20 / 30))
+    # Off, or limited to the newest bought items.
+    assert rank_for_user(ctx, cycles, catalog, 10, ModelConfig(rebuy_weight=0)) == []
+    newest = rank_for_user(ctx, cycles, catalog, 10, ModelConfig(rebuy_max=3))
+    assert [e["item_id"] for e in newest] == ["tea"]  # coffee is the oldest of the four
 
 
 def test_bought_consumables_come_back_only_when_due():

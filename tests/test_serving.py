@@ -17,6 +17,23 @@ from models.trending import relative_popularity, trending_entries
 DAY = 86400.0
 
 
+def test_trending_follows_the_shop_faster_than_the_counts_behind_item_lists():
+    cfg = ModelConfig(half_life_s=60 * DAY, trending_half_life_s=14 * DAY)
+    g = ItemGraph(cfg)
+    t0 = 1_700_000_000.0
+    g.apply(t0, [("old", 8.0, 0.0)], ())
+    g.apply(t0 + 56 * DAY, [("new", 1.0, 0.0)], ())
+    # 56 days on: "old" is 8 / 2**4 = 0.5 at the trending half-life, 8 / 2**(56/60) for lists.
+    scores = g.trending(["old", "new"])
+    assert 2 ** (scores["new"] - scores["old"]) == pytest.approx(1 / 0.5)
+    assert g.counts("old")["all"] == pytest.approx(8 * 2 ** (-56 / 60))
+    # A marginal checkpointed before trending had its own counter starts from the list count.
+    again = ItemGraph(cfg)
+    again.load_meta(g.meta())
+    again.load_marg("old", b"[3.0, 0.0, 1700000000.0]")
+    assert again.marg["old"] == [3.0, 0.0, t0, 3.0]
+
+
 def test_trending_scores_do_not_depend_on_the_landmark_or_on_when_they_are_read():
     cfg = ModelConfig()
     g = ItemGraph(cfg)
@@ -28,7 +45,7 @@ def test_trending_scores_do_not_depend_on_the_landmark_or_on_when_they_are_read(
     ratio = 2 ** (before["a"] - before["b"])
     assert ratio == pytest.approx(2.0 / (0.5 + 2 ** -0.5))
     # A rebase 40 half-lives later moves the landmark; old scores stay valid as they are.
-    g.apply(t0 + 40 * cfg.half_life_s, [("c", 1.0, 0.0)], ())
+    g.apply(t0 + 40 * cfg.trending_half_life_s, [("c", 1.0, 0.0)], ())
     after = g.trending(["a", "b", "c"])
     assert after["a"] == pytest.approx(before["a"]) and after["b"] == pytest.approx(before["b"])
     # c, one event now, beats a's four events 40 half-lives ago.
