@@ -197,3 +197,65 @@ def test_reminders_and_touchpoints_flow_to_redis_the_topic_and_the_api(served: S
     bad = s.get("/v1/replenishment/due", key="admin", within="1y")
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "query.within"
     assert s.get("/v1/replenishment/due", key="read").status_code == 403
+
+
+def test_the_worker_offers_again_what_shoppers_rebuy_when_the_catalog_does_not_say(
+        served: Served):
+    s = served
+    prefix = s.settings.prefix
+    now = time.time()
+
+    def purchase(user: str, item: str, ts: float) -> dict:
+        return {"type": "purchase", "user_id": user, "event_id": f"{user}-{item}-{ts:.0f}",
+                "ts": ts, "items": [{"item_id": item, "quantity": 1, "price": 3.0}]}
+
+    # Three shoppers buy the tea again after 20 days; nobody buys a second kettle. Neither
+    # has a catalog record, so the shop says nothing about either.
+    crowd = [purchase(f"rb-{n}", item, now - days * DAY) for n in range(3)
+             for item in ("rb-tea", "rb-kettle") for days in ((60, 40) if item == "rb-tea"
+                                                              else (60,))]
+    assert s.post("/v1/events", crowd).status_code == 202
+    deadline = time.monotonic() + 40
+    while not (orjson.loads(s.r.get(f"{prefix}item:rb-tea") or b"{}").get("repurchase")):
+        assert time.monotonic() < deadline, "the tea's repurchase cycle was never published"
+        time.sleep(0.2)
+    # A shopper bought both 30 days ago (the tea is due: 20-day cycle, 7-day lead) and is
+    # back today, putting something else in the cart.
+    mine = [purchase("rb-me", "rb-tea", now - 30 * DAY),
+            purchase("rb-me", "rb-kettle", now - 30 * DAY + 1),
+            {"type": "add_to_cart", "user_id": "rb-me", "item_id": "rb-mug", "ts": now,
+             "event_id": "rb-me-cart"}]
+    assert s.post("/v1/events", mine).status_code == 202
+    deadline = time.monotonic() + 40
+    while True:
+        doc = orjson.loads(s.r.get(f"{prefix}user:rb-me") or b"{}")
+        if "rb-mug" in (doc.get("context") or {}).get("cart", {}):
+            break
+        assert time.monotonic() < deadline, "the shopper's list was never written"
+        time.sleep(0.2)
+    listed = {e["item_id"]: e for e in doc["items"]}
+    assert "rb-kettle" not in listed
+    assert listed["rb-tea"]["kind"] == "revisit"
+    assert listed["rb-tea"]["reason"] == "you bought it before"
+    answer = s.get("/v1/users/rb-me/suggestions", k=10).json()
+    assert "rb-tea" in [e["item_id"] for e in answer["items"]]
+    assert "rb-kettle" not in [e["item_id"] for e in answer["items"]]
+    # The shop's word wins: flagged durable, the tea is not offered again.
+    durable = {"item_id": "rb-tea", "consumable": False}
+    assert s.post("/v1/catalog", durable, key="admin").status_code == 202
+    deadline = time.monotonic() + 40
+    while orjson.loads(s.r.hget(f"{prefix}catalog", "rb-tea") or b"{}").get(
+            "consumable") is not False:
+        assert time.monotonic() < deadline, "catalog record never reached Redis"
+        time.sleep(0.1)
+    later = {"type": "view", "user_id": "rb-me", "item_id": "rb-spoon", "ts": now + 1,
+             "event_id": "rb-me-view"}
+    assert s.post("/v1/events", [later]).status_code == 202
+    deadline = time.monotonic() + 40
+    while True:
+        doc = orjson.loads(s.r.get(f"{prefix}user:rb-me") or b"{}")
+        if "rb-spoon" in (doc.get("context") or {}).get("recent", []):
+            break
+        assert time.monotonic() < deadline, "the shopper's list was never rewritten"
+        time.sleep(0.2)
+    assert "rb-tea" not in [e["item_id"] for e in doc["items"]]
