@@ -205,9 +205,10 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
                 "(quality-protocol.md, \"Sampled targets\"); us/event is not comparable with "
                 "the other logs." if sampled > 1 else "")
         if r.get("baselines_from"):
-            note += (f" The baselines' rows are those of the run of {r['baselines_from']} "
-                     "(`--keep-baselines`: same events, targets and time windows, checked; "
-                     "their code is unchanged since).")
+            src = r["baselines_from"]
+            src = f"the run of {src}" if src[:1].isdigit() else src
+            note += (f" The baselines' rows come from {src} (`--keep-baselines`: same events, "
+                     "targets and time windows, checked; their code is unchanged since).")
         out += [f"### {name}", "", f"{r['description']}: {r['events']:,} events, "
                 f"{r['items']:,} items; targets: {', '.join(r['kinds'])}.{note}", ""]
         labels = ([h] if h == "all" else []) + r["kinds"]
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in names}
     plot(results)
     command = "python -m bench.quality" + (f" --limit {args.limit}" if args.limit else "")
+    if args.keep_baselines or any(r.get("baselines_from") for r in results.values()):
+        command += " --keep-baselines"
     (ROOT / "docs" / "quality.md").write_text(page(results, command))
     return 0
 
