@@ -7,6 +7,7 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.context import ShopperContext
+from models.graph import KINDS
 from models.repurchase import DAY, predict
 from models.scoring import top_rounded
 
@@ -44,15 +45,21 @@ def rank_for_user(
     else:
         exclude |= set(ctx.items)
     exclude |= not_due(ctx, item_lists, catalog, config)
-    if config.rebuy_weight > 0:
-        for j in rebuy_candidates(ctx, config):
-            if j not in exclude and j not in revisit \
-                    and rebuyable(j, item_lists, catalog.get(j) or {}):
-                times = 1 + len(ctx.repeats.get(j, ()))
-                age = max(0.0, ctx.last_ts - ctx.bought[j])
-                revisit[j] = (config.rebuy_weight * times
-                              * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
+    for j in rebuy_candidates(ctx, config):
+        if j not in exclude and j not in revisit \
+                and rebuyable(j, item_lists, catalog.get(j) or {}):
+            times = 1 + len(ctx.repeats.get(j, ()))
+            age = max(0.0, ctx.last_ts - ctx.bought[j])
+            revisit[j] = (config.rebuy_weight * times
+                          * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
     return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit)
+
+
+def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
+           config: ModelConfig = _DEFAULT) -> set[str]:
+    """Every item the blend can read from these lists: the head of each kind per anchor."""
+    return {e["item_id"] for doc in item_lists.values() if doc for kind in KINDS
+            for e in doc.get(kind, ())[: config.per_anchor(kind)]}
 
 
 def rebuy_candidates(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:

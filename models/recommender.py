@@ -13,7 +13,7 @@ from cartwise.contract import CatalogItem, Event, validate_catalog, validate_eve
 from models.config import ModelConfig
 from models.context import ContextBook
 from models.graph import KINDS, ItemGraph
-from models.ranking import anchors, rank_for_user, rebuy_candidates
+from models.ranking import anchors, listed, rank_for_user, rebuy_candidates
 
 
 class CrossSellRecommender:
@@ -88,9 +88,7 @@ class CrossSellRecommender:
         lists: dict[str, Any] = {a: self._lists.get(a) for a in seeds}
         # Whether a bought item may come back depends on its learned cycle (models/ranking.py).
         cfg = self.config
-        offered = {e["item_id"] for doc in lists.values() if doc for kind in KINDS
-                   for e in doc.get(kind, ())[: cfg.per_anchor(kind)]}
-        offered.update(rebuy_candidates(ctx, cfg))
+        offered = listed(lists, cfg) | set(rebuy_candidates(ctx, cfg))
         for j in offered:
             if j in ctx.bought and j not in lists:
                 lists[j] = {"repurchase": self.graph.repurchase(j)}

@@ -36,7 +36,7 @@ from models.context import ContextBook, ShopperContext
 from models.feedback import Attribution, Delta, Example, FeedbackConfig, Reranker
 from models.graph import KINDS, ItemGraph
 from models.interests import InterestClusters, preferences
-from models.ranking import anchors, rank_for_user, rebuy_candidates
+from models.ranking import anchors, listed, rank_for_user, rebuy_candidates
 from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
 from streams.stats import Stats
 from streams.store import Ops, Store
@@ -645,8 +645,7 @@ class ContextStage(Stage):
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
         wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c, self.config)))
         lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
-        candidates = {e["item_id"] for doc in lists.values() if doc for k in KINDS
-                      for e in doc.get(k, ())[: self.config.per_anchor(k)]}
+        candidates = listed(lists, self.config)
         candidates.update(wanted)  # anchors come back as revisits: their stock matters too
         for _, c in ctxs:  # so may the newest bought items
             candidates.update(rebuy_candidates(c, self.config))
