@@ -108,7 +108,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def kept_baselines(new: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """The saved run's baselines beside a new run of the default model, refused unless both
-    replayed the same targets: same events, sampling, time windows and targets per window.
+    replayed the same targets: same events, items, sampling, target counts and time windows.
 
     The baselines' code and the logs did not change, so replaying them again would give the
     same numbers at the cost of hours (Online Retail); the check makes sure of the second.

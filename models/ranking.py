@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from models.config import ModelConfig
@@ -67,6 +67,14 @@ def rebuy_candidates(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> lis
     if config.rebuy_weight <= 0:
         return []
     return list(reversed(ctx.bought))[: config.rebuy_max]
+
+
+def cycles_needed(bought: Iterable[str], offered: set[str],
+                  catalog: Mapping[str, Mapping[str, Any] | None]) -> set[str]:
+    """Bought items that may be offered and whose return hangs on a learned cycle (`rebuyable`,
+    `not_due`): their lists must be read. A shop's `consumable: false` settles it without."""
+    return {j for j in bought
+            if j in offered and (catalog.get(j) or {}).get("consumable") is not False}
 
 
 def rebuyable(j: str, item_lists: Mapping[str, Mapping[str, Any] | None],

@@ -13,7 +13,13 @@ from cartwise.contract import CatalogItem, Event, validate_catalog, validate_eve
 from models.config import ModelConfig
 from models.context import ContextBook
 from models.graph import KINDS, ItemGraph
-from models.ranking import anchors, listed, rank_for_user, rebuy_candidates
+from models.ranking import (
+    anchors,
+    cycles_needed,
+    listed,
+    rank_for_user,
+    rebuy_candidates,
+)
 
 
 class CrossSellRecommender:
@@ -89,9 +95,8 @@ class CrossSellRecommender:
         # Whether a bought item may come back depends on its learned cycle (models/ranking.py).
         cfg = self.config
         offered = listed(lists, cfg) | set(rebuy_candidates(ctx, cfg))
-        for j in offered:
-            if j in ctx.bought and j not in lists:
-                lists[j] = {"repurchase": self.graph.repurchase(j)}
+        for j in cycles_needed(ctx.bought, offered, self.catalog) - lists.keys():
+            lists[j] = {"repurchase": self.graph.repurchase(j)}
         return rank_for_user(ctx, lists, self.catalog, k, cfg)
 
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:

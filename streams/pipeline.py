@@ -36,7 +36,7 @@ from models.context import ContextBook, ShopperContext
 from models.feedback import Attribution, Delta, Example, FeedbackConfig, Reranker
 from models.graph import KINDS, ItemGraph
 from models.interests import InterestClusters, preferences
-from models.ranking import anchors, listed, rank_for_user, rebuy_candidates
+from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
 from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
 from streams.stats import Stats
 from streams.store import Ops, Store
@@ -651,11 +651,9 @@ class ContextStage(Stage):
             candidates.update(rebuy_candidates(c, self.config))
         catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
                                                     only_changed)
-        # Whether a bought item may come back, and when, is in its lists' learned cycle
-        # (models/ranking.py, `rebuyable`); a shop's `consumable: false` settles it without.
-        rebuy = sorted({j for _, c in ctxs for j in c.bought
-                        if j in candidates and j not in lists
-                        and (catalog.get(j) or {}).get("consumable") is not False})
+        # Whether a bought item may come back, and when, is in its lists' learned cycle.
+        rebuy = sorted(set().union(*(cycles_needed(c.bought, candidates, catalog)
+                                     for _, c in ctxs)) - lists.keys())
         if rebuy:
             lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists,
                                                            only_changed)
