@@ -48,11 +48,11 @@ class ModelConfig:
     anchor_decay: float = 0.5  # each older anchor counts this much less than the next newer
     viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
     alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
-    next_weight: float = 10.0  # what shoppers picked right after an anchor
+    next_weight: float = 20.0  # what shoppers picked right after an anchor
     # Only the head of each anchor's lists is blended; reading more costs time.
     per_anchor_cross_sell: int = 20
     per_anchor_alternatives: int = 30
-    per_anchor_next: int = 20
+    per_anchor_next: int = 50
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
     revisit_weight: float = 1.0
@@ -62,6 +62,9 @@ class ModelConfig:
     rebuy_weight: float = 0.3
     rebuy_half_life_s: float = 30 * 86400.0
     rebuy_max: int = 30
+    # A rebuyable item bought too recently to be due (models/ranking.py, `not_due`) keeps this
+    # share of its score; 0 leaves it out until due.
+    not_due_weight: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

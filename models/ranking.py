@@ -30,9 +30,10 @@ def rank_for_user(
 ) -> list[dict[str, Any]]:
     """Blend the item lists of the shopper's anchors; drop what must never be suggested.
 
-    Excluded: items in the cart, bought durable items, bought consumables not yet due
-    (`not_due`), items the catalog marks out of stock, and the context items themselves
-    unless `revisit_weight` lets viewed ones come back.
+    Excluded: items in the cart, bought items that are not `rebuyable`, items the catalog
+    marks out of stock, and the context items themselves unless `revisit_weight` lets viewed
+    ones come back. Rebuyable items not yet due (`not_due`) keep `not_due_weight` of their
+    score: 0 leaves them out until due.
     """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
@@ -44,7 +45,10 @@ def rank_for_user(
         exclude |= {i for i in ctx.items if i not in revisit}
     else:
         exclude |= set(ctx.items)
-    exclude |= not_due(ctx, item_lists, catalog, config)
+    w_late = config.not_due_weight
+    late = not_due(ctx, item_lists, catalog, config) if w_late < 1 else set()
+    if w_late <= 0:
+        exclude |= late
     for j in rebuy_candidates(ctx, config):
         if j not in exclude and j not in revisit \
                 and rebuyable(j, item_lists, catalog.get(j) or {}):
@@ -52,7 +56,8 @@ def rank_for_user(
             age = max(0.0, ctx.last_ts - ctx.bought[j])
             revisit[j] = (config.rebuy_weight * times
                           * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
-    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit)
+    damp = dict.fromkeys(late, w_late) if late and w_late > 0 else None
+    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, damp)
 
 
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
@@ -134,13 +139,15 @@ def blend(
     bought: set[str],
     config: ModelConfig = _DEFAULT,
     revisit: Mapping[str, tuple[float, str]] | None = None,
+    damp: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
 
     `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
     items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
     adds the shopper's own items (viewed lately, or bought and bought again by shoppers) with
-    their own score and reason, always of kind "revisit".
+    their own score and reason, always of kind "revisit". `damp` scales some items' final
+    scores (rebuyable items not yet due).
     """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
@@ -177,6 +184,8 @@ def blend(
             continue
         if j in bought and not rebuyable(j, item_lists, facts):
             continue
+        if damp and j in damp:
+            score *= damp[j]
         kept.append((score, j))
     out = []
     revisit = revisit or {}

@@ -102,7 +102,7 @@ def test_bought_items_come_back_as_revisits_when_shoppers_rebuy_them_and_they_ar
     cycles = {j: {"repurchase": {"cycle_days": 25.0, "intervals": 9}}
               for j in ("coffee", "tea", "mug")}
     catalog = {"mug": {"consumable": False}}
-    cfg = ModelConfig()
+    cfg = ModelConfig(not_due_weight=0)  # held back until due
     # While they are in the context (the last 3 days) they are not offered again.
     assert rank_for_user(ctx, cycles, catalog, 10, cfg) == []
 
@@ -115,6 +115,11 @@ def test_bought_items_come_back_as_revisits_when_shoppers_rebuy_them_and_they_ar
     # is durable) never come back.
     cart(1, NOW + 35 * DAY)
     assert [e["item_id"] for e in rank_for_user(ctx, cycles, catalog, 10, cfg)] == ["coffee"]
+    # With a `not_due_weight` the tea stays, at that share of its score: 0.3 x 0.5 ** (15 / 30).
+    soft = rank_for_user(ctx, cycles, catalog, 10, ModelConfig(not_due_weight=0.5))
+    assert [e["item_id"] for e in soft] == ["coffee", "tea"]
+    assert soft[1]["score"] == pytest.approx(0.5 * 0.3 * 0.5 ** (15 / 30))
+    assert soft[0]["score"] == pytest.approx(0.3 * 2 * 0.5 ** (15 / 30))  # due: not damped
     cart(2, NOW + 40 * DAY)
     got = rank_for_user(ctx, cycles, catalog, 10, cfg)
     assert [e["item_id"] for e in got] == ["coffee", "tea"]
