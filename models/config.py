@@ -49,7 +49,8 @@ class ModelConfig:
     viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
     alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
     next_weight: float = 20.0  # what shoppers picked right after an anchor
-    # Only the head of each anchor's lists is blended; reading more costs time.
+    # Only the head of each anchor's lists is blended; reading more costs time. All of the
+    # next list (`list_size`): on Online Retail its tail still adds (docs/model.md).
     per_anchor_cross_sell: int = 20
     per_anchor_alternatives: int = 30
     per_anchor_next: int = 50
