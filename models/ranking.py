@@ -56,8 +56,7 @@ def rank_for_user(
             age = max(0.0, ctx.last_ts - ctx.bought[j])
             revisit[j] = (config.rebuy_weight * times
                           * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
-    damp = dict.fromkeys(late, w_late) if late and w_late > 0 else None
-    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, damp)
+    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, late)
 
 
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
@@ -139,15 +138,15 @@ def blend(
     bought: set[str],
     config: ModelConfig = _DEFAULT,
     revisit: Mapping[str, tuple[float, str]] | None = None,
-    damp: Mapping[str, float] | None = None,
+    late: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
 
     `seeds` are (item, carted or bought), newest first. Alternatives are offered only for
     items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
     adds the shopper's own items (viewed lately, or bought and bought again by shoppers) with
-    their own score and reason, always of kind "revisit". `damp` scales some items' final
-    scores (rebuyable items not yet due).
+    their own score and reason, always of kind "revisit". Items in `late` (rebuyable, not
+    yet due) keep `not_due_weight` of their score.
     """
     scores: dict[str, float] = {}
     best: dict[str, tuple[float, str, str]] = {}
@@ -184,8 +183,8 @@ def blend(
             continue
         if j in bought and not rebuyable(j, item_lists, facts):
             continue
-        if damp and j in damp:
-            score *= damp[j]
+        if late and j in late:
+            score *= config.not_due_weight
         kept.append((score, j))
     out = []
     revisit = revisit or {}
