@@ -44,3 +44,8 @@ quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cartwise .pytest_cache .ruff_cache
+
+# The real Apache Kafka broker tests (Java 17+; Maven fetches the jars once into .cartwise/).
+.PHONY: test-kafka
+test-kafka: $(STAMP)
+	$(BIN)/pytest tests/test_kafka_broker.py

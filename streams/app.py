@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from pathlib import Path
@@ -14,16 +15,20 @@ from faust.types import TP
 
 from cartwise.settings import Settings
 from models.config import ModelConfig
-from streams.pipeline import CatalogStage, ContextStage, GraphStage
+from streams.catalog_stage import CatalogStage
+from streams.context_stage import ContextStage
+from streams.graph_stage import GraphStage
 from streams.stats import Stats
 from streams.store import Store
+from streams.topics import group_has_offsets
 
 log = logging.getLogger("cartwise.app")
 STATS_TTL_S = 86400
 
 
-def _records(batch: list[Any]) -> list[tuple[bytes, int, int, float]]:
-    return [(e.value, e.message.partition, e.message.offset, e.message.timestamp) for e in batch]
+def _records(batch: list[Any]) -> list[tuple[bytes | None, int, int, float, bytes | None]]:
+    return [(e.value, e.message.partition, e.message.offset, e.message.timestamp, e.key)
+            for e in batch]
 
 
 def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
@@ -111,8 +116,24 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
 
     @app.agent(topics[settings.catalog_topic], name="catalog")
     async def catalog_agent(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max, settings.batch_within_s):
-            await catalog.handle(_records(batch))
+        catalog.ack = stream.ack
+        async for batch in stream.noack_take(settings.batch_max, settings.batch_within_s):
+            await catalog.handle(_records(batch), batch)
+
+    def seeker(topic: str) -> Any:
+        async def seek(partition: int, offset: int) -> None:
+            await app.consumer.seek(TP(topic, partition), offset)
+        return seek
+
+    async def claim() -> None:
+        """The state generation: created on a new deployment, checked on every checkpoint."""
+        loop = asyncio.get_running_loop()
+        progress = await loop.run_in_executor(None, group_has_offsets, settings)
+        await store.claim_generation(progress)
+
+    for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+        stage.seek = seeker(topic)
+        stage.claim = claim
 
     @app.task
     async def drop_monitor() -> None:
@@ -123,12 +144,14 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
-        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic),
+                             (catalog, settings.catalog_topic)):
             stage.revoke({tp.partition for tp in revoked if tp.topic == topic})
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: set, **kwargs: Any) -> None:
-        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
+        for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic),
+                             (catalog, settings.catalog_topic)):
             stage.assign({tp.partition for tp in assigned if tp.topic == topic})
 
     async def guarded(name: str, coro: Any) -> None:

@@ -19,7 +19,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from streams.pipeline import MODEL_VERSION
+from streams.stage import MODEL_VERSION
 from streams.stats import Stats
 
 

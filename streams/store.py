@@ -8,16 +8,38 @@ crash) can therefore never overwrite newer state. See docs/architecture.md.
 
 from __future__ import annotations
 
+import math
+import secrets
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
 _CHECKPOINT_LUA = """
+-- KEYS[1]: the stage's offset for this partition; KEYS[2]: the state generation.
+-- ARGV[1]: the offset this worker loaded ('' for none); ARGV[2]: the new offset;
+-- ARGV[3]: the generation this worker started on; then the ops.
 local cur = redis.call('GET', KEYS[1]) or ''
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return {-1, cur} end
 if cur ~= ARGV[1] then return {0, cur} end
-redis.call('SET', KEYS[1], ARGV[2])
-local i, n = 3, #ARGV
+-- Redis does not roll back a script that fails halfway: check what could fail first.
+local i, n = 4, #ARGV
+while i <= n do
+  local op = ARGV[i]
+  if op == 'H' or op == 'Z' then i = i + 4
+  elseif op == 'D' or op == 'S' or op == 'R' then i = i + 3
+  elseif op == 'X' or op == 'I' then i = i + 2
+  elseif op == 'F' then
+    local before = tonumber(redis.call('HGET', ARGV[i+1], ARGV[i+2]) or '0')
+    local sum = (before or 0/0) + (tonumber(ARGV[i+3]) or 0/0)
+    if sum ~= sum or sum == math.huge or sum == -math.huge then
+      return redis.error_reply('cartwise checkpoint: ' .. ARGV[i+1] .. ' ' .. ARGV[i+2] ..
+                               ' would not stay a finite number')
+    end
+    i = i + 4
+  else return redis.error_reply('cartwise checkpoint: unknown op ' .. op) end
+end
+i = 4
 while i <= n do
   local op = ARGV[i]
   if op == 'H' then redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
@@ -28,8 +50,10 @@ while i <= n do
   elseif op == 'Z' then redis.call('ZADD', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
   elseif op == 'R' then redis.call('ZREM', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'F' then redis.call('HINCRBYFLOAT', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
-  else return redis.error_reply('cartwise checkpoint: unknown op ' .. op) end
+  end
 end
+-- The offset last: whatever failed above left it where it was.
+redis.call('SET', KEYS[1], ARGV[2])
 return {1, ARGV[2]}
 """
 
@@ -153,12 +177,29 @@ class Keys:
     def refreshed(self, partition: int) -> str:
         return f"{self.prefix}state:refreshed:{partition}"
 
+    @property
+    def generation(self) -> str:
+        """A token written once when the state is created: gone means Redis lost the state."""
+        return f"{self.prefix}state:generation"
+
     def stats(self, worker_id: str) -> str:
         return f"{self.prefix}stats:{worker_id}"
 
     @property
     def stats_pattern(self) -> str:
         return f"{self.prefix}stats:*"
+
+
+def _finite(value: float, key: str) -> str:
+    """A number for the checkpoint script; refused here, before anything is written."""
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"checkpoint value for {key} is not finite: {f!r}")
+    return repr(f)
+
+
+class StateLost(RuntimeError):
+    """Redis no longer holds the state generation this worker started on (data loss)."""
 
 
 class Ops:
@@ -182,13 +223,13 @@ class Ops:
         self.args += ("I", key)
 
     def zadd(self, key: str, score: float, member: bytes) -> None:
-        self.args += ("Z", key, repr(float(score)), member)
+        self.args += ("Z", key, _finite(score, key), member)
 
     def zrem(self, key: str, member: bytes) -> None:
         self.args += ("R", key, member)
 
     def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
-        self.args += ("F", key, field, repr(float(amount)))
+        self.args += ("F", key, field, _finite(amount, key))
 
 
 class Store:
@@ -197,6 +238,26 @@ class Store:
         self.keys = Keys(prefix)
         self._checkpoint = redis.register_script(_CHECKPOINT_LUA)
         self._audience = redis.register_script(_AUDIENCE_LUA)
+        self.generation = ""  # set by `claim_generation` before the first checkpoint
+
+    async def claim_generation(self, state_exists: bool) -> str:
+        """Read the state generation, creating it when this is a new deployment.
+
+        `state_exists` says whether the broker remembers progress of this app (committed
+        offsets): then a missing generation means Redis lost its data, and carrying on over
+        an empty Redis would silently skip everything before the committed offsets.
+        """
+        raw = await self.redis.get(self.keys.generation)
+        if raw is None:
+            if state_exists:
+                raise StateLost(
+                    f"Redis has no cartwise state under prefix {self.keys.prefix!r} but the "
+                    "consumer group has committed offsets: Redis lost its data. Stop all "
+                    "workers and run `cartwise rebuild` (docs/operations.md).")
+            await self.redis.set(self.keys.generation, secrets.token_hex(8), nx=True)
+            raw = await self.redis.get(self.keys.generation)
+        self.generation = raw.decode()
+        return self.generation
 
     async def offset(self, stage: str, partition: int) -> int:
         raw = await self.redis.get(self.keys.offset(stage, partition))
@@ -207,12 +268,19 @@ class Store:
     ) -> tuple[bool, int]:
         """Atomically move the offset from `expected` to `new` and apply `ops`.
 
-        Returns (True, new) or (False, offset found) when someone else moved it.
+        Returns (True, new) or (False, offset found) when someone else moved it; raises
+        StateLost when the state generation is gone (Redis lost its data).
         """
         exp = "" if expected < 0 else str(expected)
         ok, found = await self._checkpoint(
-            keys=[self.keys.offset(stage, partition)], args=[exp, str(new), *ops.args]
+            keys=[self.keys.offset(stage, partition), self.keys.generation],
+            args=[exp, str(new), self.generation, *ops.args],
         )
+        if ok == -1:
+            raise StateLost(
+                f"{stage} partition {partition}: the state generation under prefix "
+                f"{self.keys.prefix!r} is gone: Redis lost its data. Stop all workers and run "
+                "`cartwise rebuild` (docs/operations.md).")
         return bool(ok), (-1 if found in (b"", "") else int(found))
 
     async def audience_index(self, keep: int,

@@ -44,3 +44,22 @@ def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:
                 pass
     finally:
         admin.close()
+
+
+def group_has_offsets(settings: Settings) -> bool:
+    """Whether the broker remembers progress of this app's consumer group on its own topics.
+
+    A worker that finds no state generation in Redis asks this: committed offsets mean the
+    state existed and Redis lost it; none mean a new deployment.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap,
+                             client_id=f"{settings.app_id}-admin")
+    try:
+        if hasattr(admin, "list_group_offsets"):  # kafka-python 3
+            offsets = admin.list_group_offsets({settings.app_id: None}).get(settings.app_id, {})
+        else:
+            offsets = admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        admin.close()
+    ours = {settings.events_topic, settings.pairs_topic}
+    return any(tp.topic in ours and meta.offset > 0 for tp, meta in offsets.items())

@@ -129,7 +129,13 @@ def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settin
     got = {}
     for m in consumer:
         headers = dict(m.headers)
-        got[m.value] = headers["cartwise-reason"].decode()
+        value = m.value
+        if headers.get("cartwise-truncated") == b"1":
+            # Cut to what the dead-letter topic takes, with the original size and source.
+            whole = next(b for b in bad if b.startswith(value))
+            assert len(value) < len(whole) == int(headers["cartwise-original-bytes"])
+            value = whole
+        got[value] = headers["cartwise-reason"].decode()
         assert headers["cartwise-source"].startswith(settings.events_topic.encode())
     consumer.close()
     assert got == bad
