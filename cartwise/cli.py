@@ -213,6 +213,25 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Exit 0 once the state is cleared for an exact replay; 1 when refused; 2 unreachable."""
+    from kafka.errors import KafkaError
+
+    from cartwise.rebuild import RebuildRefused, rebuild
+
+    settings = Settings.from_env()
+    try:
+        report = rebuild(settings, force=args.force)
+    except RebuildRefused as exc:
+        print(f"cartwise rebuild: refused: {exc}", file=sys.stderr)
+        return 1
+    except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
+        print(f"cartwise rebuild: cannot read the broker or Redis: {exc}", file=sys.stderr)
+        return 2
+    print(f"cartwise rebuild: {report.summary()}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from api.auth import new_key
     from cartwise.embedded import EmbeddedStack, free_port
@@ -459,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="change one ModelConfig setting of the cartwise model (repeatable)")
     p.add_argument("--out", help="write the full result as JSON here")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("rebuild", help="after Redis lost its data: clear the derived state so "
+                       "stopped workers replay the events topic from the start "
+                       "(docs/operations.md)")
+    p.add_argument("--force", action="store_true",
+                   help="go on although a worker published stats in the last seconds")
+    p.set_defaults(func=cmd_rebuild)
     p = sub.add_parser("stats", help="print worker counters and freshness")
     p.set_defaults(func=cmd_stats)
     args = parser.parse_args(argv)

@@ -122,7 +122,9 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
 
     def seeker(topic: str) -> Any:
         async def seek(partition: int, offset: int) -> None:
-            await app.consumer.seek(TP(topic, partition), offset)
+            # In the consumer's own thread (a plain seek races its fetcher), and Faust's read
+            # offset moves back too, or it would drop the records fetched again.
+            await app.consumer.seek_wait({TP(topic, partition): offset})
         return seek
 
     async def claim() -> None:

@@ -167,15 +167,16 @@ class ContextStage(Stage):
                 counts[f"dlq.{err.reason}"] += 1
                 out_value, headers = dlq_record(value, err.reason, err.field, err.detail,
                                                 f"{s.events_topic}/{partition}/{offset}")
-                st.acks.append(await self.send(s.dlq_topic, out_value, None, headers))
+                st.acks.append(await self.send_copy(partition, offset, s.dlq_topic, out_value,
+                                                    None, headers))
                 continue
             want = expected_partition(event.user_id, s.partitions)
             if want != partition:
                 # Not keyed by its shopper: applied here it would split their context over
                 # two partitions. Sent again, keyed, to the partition that owns the shopper.
                 counts["context.rekeyed"] += 1
-                st.acks.append(await self.send(s.events_topic, value, want, None,
-                                               event.user_id.encode()))
+                st.acks.append(await self.send_copy(partition, offset, s.events_topic, value,
+                                                    want, None, event.user_id.encode()))
                 continue
             if key != event.user_id.encode():
                 counts["context.key_mismatch"] += 1  # right partition all the same
@@ -238,7 +239,8 @@ class ContextStage(Stage):
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
-            msg = orjson.dumps({"src": partition, "last": last, "t": first_ts, "n": newest,
+            msg = orjson.dumps({"src": partition, "g": self.store.generation, "last": last,
+                                "t": first_ts, "n": newest,
                                 "m": all_marginals, "p": out[q], "r": repeats[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()

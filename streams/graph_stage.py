@@ -76,9 +76,15 @@ class GraphStage(Stage):
     async def process(self, partition: int, st: GraphPartition,
                       records: list[Record]) -> None:
         g = st.graph
+        gen = self.store.generation
         oldest = None
         for value, *_ in records:
             msg = orjson.loads(value)
+            if msg.get("g", gen) != gen:
+                # Evidence of an earlier state generation (before `cartwise rebuild`): the
+                # replay of the events topic sends it again, computed from rebuilt contexts.
+                st.counts["cooccurrence.old_generation"] += 1
+                continue
             src, last = msg["src"], msg["last"]
             seen = st.hwm.get(src, -1)
             if last <= seen:

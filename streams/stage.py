@@ -130,6 +130,9 @@ class Stage:
         self.gaps: dict[int, list[Any]] = {}
         # partition -> offsets dead-lettered after failing alone: skipped when redone
         self.poisoned: dict[int, set[int]] = defaultdict(set)
+        # partition -> input offset -> its copy sent elsewhere (dead letter, re-key) since the
+        # last checkpoint: a batch redone after a failure does not send it again
+        self.copies: dict[int, dict[int, Any]] = defaultdict(dict)
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget state of partitions this worker no longer owns; Redis has the checkpoint."""
@@ -139,6 +142,7 @@ class Stage:
             self.held.pop(p, None)
             self.gaps.pop(p, None)
             self.poisoned.pop(p, None)
+            self.copies.pop(p, None)
             self.assigned.discard(p)
 
     def assign(self, partitions: set[int]) -> None:
@@ -270,6 +274,18 @@ class Stage:
                 self.poisoned[p].add(r[2])
                 raise _Poisoned from exc
 
+    async def send_copy(self, p: int, offset: int, topic: str, value: bytes,
+                        partition: int | None, headers: dict[str, bytes] | None,
+                        key: bytes | None = None) -> Any:
+        """Send a copy of input record `offset` once per checkpoint interval: returns the
+        future to settle before the checkpoint (a failed one is sent again)."""
+        sent = self.copies[p].get(offset)
+        if sent is not None and not (sent.done() and (sent.cancelled() or sent.exception())):
+            return sent
+        fut = asyncio.ensure_future(await self.send(topic, value, partition, headers, key))
+        self.copies[p][offset] = fut
+        return fut
+
     async def dead_letter(self, p: int, r: Record, reason: str, detail: str,
                           field: str | None = None) -> None:
         """Copy a record to the dead-letter topic and wait until the broker has it."""
@@ -390,6 +406,9 @@ class Stage:
                     self.since[p] = [r for r in self.since[p] if r[2] > st.offset]
                     if p in self.poisoned:
                         self.poisoned[p] = {o for o in self.poisoned[p] if o > st.offset}
+                    if self.copies.get(p):
+                        self.copies[p] = {o: f for o, f in self.copies[p].items()
+                                          if o > st.offset}
                     break
                 # Another worker checkpointed this partition (a rebalance overlap): reload
                 # and redo what is left on top of their state.

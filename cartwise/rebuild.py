@@ -1,0 +1,134 @@
+"""`cartwise rebuild`: the exact rebuild of the workers' state from the retained events topic.
+
+After Redis lost its data the workers stop (a missing state generation, docs/operations.md).
+The rebuild clears what is left of the derived state under the prefix, starts a new state
+generation, and lets the workers replay the events topic from offset 0: each stage finds no
+checkpoint and fetches from the start; co-occurrence evidence of the old generation still in the
+pairs topic is skipped, so the item graph is computed again from rebuilt contexts only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis
+from kafka import KafkaConsumer, TopicPartition
+
+from cartwise.contract import ContractError, parse_catalog
+from cartwise.settings import Settings
+from streams.store import Keys
+
+# Written by the API, not derived from events: kept. Short-lived request records and worker
+# stats are kept too (they expire on their own).
+KEEP = ("rules", "experiments", "served:", "stats:")
+ALIVE_S = 5.0  # a worker publishes its stats every second: one this recent is running
+
+
+class RebuildRefused(RuntimeError):
+    """The rebuild would not be exact, or would race a running worker; nothing was changed."""
+
+
+@dataclass
+class RebuildReport:
+    deleted: int
+    generation: str
+    partitions: int  # of the events topic, each replayed from offset 0
+    items: int  # catalog facts read back from the catalog topic
+
+    def summary(self) -> str:
+        return (f"deleted {self.deleted} keys of derived state; new state generation "
+                f"{self.generation}; {self.items} catalog items read back from the catalog "
+                "topic; start the workers: they replay the events topic from "
+                f"offset 0 of its {self.partitions} partitions")
+
+
+def running_workers(r: redis.Redis, keys: Keys, now: float) -> list[str]:
+    out = []
+    for key in r.scan_iter(keys.stats_pattern, count=1000):
+        raw = r.get(key)
+        if raw is None:
+            continue
+        snap = orjson.loads(raw)
+        if now - float(snap.get("updated") or 0) < ALIVE_S:
+            out.append(str(snap.get("worker_id", key.decode())))
+    return out
+
+
+def retained_events(settings: Settings) -> int:
+    """The events topic's partition count, refusing when a log no longer starts at offset 0.
+
+    Only the log start is asked (ListOffsets "earliest"): the embedded broker's answer for
+    the log end is not reliable (docs/architecture.md).
+    """
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap,
+                             client_id=f"{settings.app_id}-rebuild")
+    try:
+        parts = consumer.partitions_for_topic(settings.events_topic)
+        if not parts:
+            raise RebuildRefused(f"the events topic {settings.events_topic!r} does not exist")
+        tps = [TopicPartition(settings.events_topic, p) for p in sorted(parts)]
+        first = consumer.beginning_offsets(tps)
+    finally:
+        consumer.close()
+    cut = {tp.partition: o for tp, o in first.items() if o > 0}
+    if cut:
+        where = ", ".join(f"partition {p} starts at {o}" for p, o in sorted(cut.items()))
+        raise RebuildRefused(
+            f"the events topic no longer holds every event ({where}): an exact rebuild needs "
+            "the whole log. Keep it with retention.ms=-1 (docs/operations.md), or start a new "
+            "app id and prefix to rebuild from what is left.")
+    return len(tps)
+
+
+def rebuild(settings: Settings, force: bool = False) -> RebuildReport:
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = Keys(settings.prefix)
+    alive = running_workers(r, keys, time.time())
+    if alive and not force:
+        raise RebuildRefused(f"{len(alive)} worker(s) still publish stats "
+                             f"({', '.join(sorted(alive))}): stop every worker first")
+    partitions = retained_events(settings)
+    keep = tuple(settings.prefix + k for k in KEEP)
+    deleted = 0
+    batch: list[bytes] = []
+    for key in r.scan_iter(f"{settings.prefix}*", count=1000):
+        if key.decode(errors="replace").startswith(keep):
+            continue
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += r.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += r.unlink(*batch)
+    items = restore_catalog(settings, r, keys)
+    generation = secrets.token_hex(8)
+    r.set(keys.generation, generation)
+    return RebuildReport(deleted, generation, partitions, items)
+
+
+def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
+    """Read the catalog topic from its start into the catalog hash, as the catalog stage does.
+
+    The workers' catalog consumer resumes at its committed offset, past what Redis lost.
+    Records are keyed by item, so the last one read for an item is its newest.
+    """
+    consumer = KafkaConsumer(settings.catalog_topic, bootstrap_servers=settings.bootstrap,
+                             group_id=None, auto_offset_reset="earliest",
+                             consumer_timeout_ms=3000, client_id=f"{settings.app_id}-rebuild")
+    facts: dict[str, bytes] = {}
+    try:
+        for m in consumer:
+            try:
+                item = parse_catalog(m.value)
+            except ContractError:
+                continue  # the catalog stage dead-lettered it when it first came
+            facts[item.item_id] = orjson.dumps(item.as_dict())
+    finally:
+        consumer.close()
+    for start in range(0, len(facts), 1000):
+        chunk = dict(list(facts.items())[start:start + 1000])
+        r.hset(keys.catalog, mapping=chunk)
+    return len(facts)
