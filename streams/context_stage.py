@@ -7,10 +7,8 @@ sends co-occurrence evidence to the internal pairs topic, routed by item.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -28,20 +26,20 @@ from cartwise.contract import (
     parse_event,
 )
 from models.context import ContextBook, ShopperContext
-from models.feedback import Attribution, Delta, Example, FeedbackConfig, Reranker
-from models.interests import InterestClusters, preferences
+from models.feedback import Delta, Example, Reranker
+from models.interests import InterestClusters
 from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
-from models.repurchase import DAY, LIFECYCLE_DAYS, predict, touchpoints
-from streams.profiles import order_mark, profile_doc
+from streams.audience import AudienceIndex
+from streams.feedback import Feedback
+from streams.profiles import Profiles
 from streams.routing import PartitionOf
 from streams.stage import MODEL_VERSION, YIELD_EVERY, ReadCache, Record, Stage, list_digest
 from streams.store import Ops
-from streams.touchpoints import TOUCHPOINTS_PER_TICK, touchpoint_member, touchpoint_message
+from streams.touchpoints import Touchpoints
 
 log = logging.getLogger("cartwise.context")
 
 USER_LIST_SIZE = 20
-TRIM_EVERY = 8  # audience index: each item's sets are trimmed one batch in this many
 
 
 @dataclass
@@ -78,9 +76,12 @@ class ContextStage(Stage):
         self.partition_of = PartitionOf(self.settings.partitions)
         self.list_cache = ReadCache(self.settings.lists_interval_s)
         self.catalog_cache = ReadCache(self.settings.lists_interval_s)
-        self._trim_turn = 0
-        self.attribution = Attribution(FeedbackConfig(self.settings.attribution_window_s,
-                                                      self.settings.feedback_label_s))
+        # Side jobs of the stage, each in its own module.
+        self.feedback = Feedback(self.store, self.settings)
+        self.touchpoints = Touchpoints(self.store, self.stats, self.send, self.settings,
+                                       self.config, self.catalog_cache, self.list_cache)
+        self.audience = AudienceIndex(self.store, self.stats, self.settings)
+        self.profiles = Profiles(self.keys)
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -94,54 +95,8 @@ class ContextStage(Stage):
         clusters = InterestClusters.from_bytes(raw) if raw else InterestClusters()
         reranker = (Reranker.from_bytes(raw_rr) if raw_rr
                     else Reranker(self.settings.reranker_min_examples))
-        st = ContextPartition(offset, book, clusters=clusters, reranker=reranker)
-        for user, ctx in book.users.items():
-            if ctx.feedback and (at := self.attribution.next_settle(ctx.feedback)) is not None:
-                st.settle_heap.append((at, user))
-        heapq.heapify(st.settle_heap)
-        return st
-
-    async def served_docs(self, events: list[Event]) -> dict[str, Any]:
-        """What the API served for the impressions of a batch: one MGET."""
-        rids = list({e.request_id for e in events if e.type == "impression" and e.request_id})
-        if not rids:
-            return {}
-        raws = await self.store.redis.mget([self.keys.served(r) for r in rids])
-        return {r: orjson.loads(raw) for r, raw in zip(rids, raws, strict=True) if raw}
-
-    def feedback(self, st: ContextPartition, event: Event, served: dict[str, Any],
-                 deltas: list[Delta]) -> None:
-        """Attribute one impression or click (after the context learned it: it is new)."""
-        ctx = st.book.users[event.user_id]
-        fb = ctx.feedback
-        if event.type == "impression":
-            doc = served.get(event.request_id or "")
-            if doc is not None and doc.get("u") not in (None, event.user_id):
-                doc = None  # another shopper's answer: its features are not about this one
-            st.counts["feedback.impressions"] += 1
-            if doc is None:
-                st.counts["feedback.unserved"] += 1
-            deltas += self.attribution.impression(fb, event, doc, bool(ctx.orders))
-            at = self.attribution.next_settle(fb)
-            if at is not None:
-                heapq.heappush(st.settle_heap, (at, event.user_id))
-        else:
-            st.counts["feedback.clicks"] += 1
-            deltas += self.attribution.click(fb, event)
-
-    def settle(self, st: ContextPartition, now: float, examples: list[Example]) -> None:
-        """Label the impressions whose window has passed by event time `now`."""
-        heap = st.settle_heap
-        while heap and heap[0][0] <= now:
-            _, user = heapq.heappop(heap)
-            ctx = st.book.users.get(user)
-            if ctx is None or not ctx.feedback:
-                continue
-            examples += self.attribution.settle(ctx.feedback, now)
-            st.book.dirty.add(user)
-            at = self.attribution.next_settle(ctx.feedback)
-            if at is not None:
-                heapq.heappush(heap, (at, user))
+        return ContextPartition(offset, book, clusters=clusters, reranker=reranker,
+                                settle_heap=self.feedback.pending(book))
 
     async def process(self, partition: int, st: ContextPartition,
                       records: list[Record]) -> None:
@@ -181,21 +136,22 @@ class ContextStage(Stage):
             if key != event.user_id.encode():
                 counts["context.key_mismatch"] += 1  # right partition all the same
             parsed.append((offset, event))
-        served = await self.served_docs([e for _, e in parsed])
+        served = await self.feedback.served_docs([e for _, e in parsed])
         deltas: list[Delta] = []
         examples: list[Example] = []
         for offset, event in parsed:
             if event.type in ("add_to_cart", "purchase"):
                 ctx0 = book.users.get(event.user_id)
                 if ctx0 is not None and ctx0.feedback and event.event_id not in ctx0.seen:
-                    deltas += self.attribution.shop_event(ctx0.feedback, event, ctx0.bought)
+                    deltas += self.feedback.attribution.shop_event(ctx0.feedback, event,
+                                                                   ctx0.bought)
             evidence = book.learn(event)
             if evidence is None:
                 counts["duplicate"] += 1
                 continue
             counts[f"applied.{event.type}"] += 1
             if event.type in FEEDBACK_TYPES:
-                self.feedback(st, event, served, deltas)
+                self.feedback.attribute(st, event, served, deltas)
                 if newest is None or event.ts > newest:
                     newest = event.ts
                 continue
@@ -228,7 +184,7 @@ class ContextStage(Stage):
                 for q, mine in by_q.items():
                     out[q].append((offset, ts, mine))
         if newest is not None:
-            self.settle(st, newest, examples)
+            self.feedback.settle(st, newest, examples)
         for exp, variant, counter, amount in deltas:
             st.exp_deltas[(exp, f"{variant}|{counter}")] += amount
         if examples:
@@ -247,89 +203,15 @@ class ContextStage(Stage):
         await self.user_lists(partition, st, list(dict.fromkeys(touched)))
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
         if index:
-            await self.write_audience_index(index)
+            await self.audience.write(index)
         if cycles:
-            await self.schedule(st, cycles)
+            await self.touchpoints.schedule(st, cycles)
         now = time.time()
         for r in records:
             self.stats.observe("user", now - r[3])
 
-    async def schedule(self, st: ContextPartition,
-                       cycles: list[tuple[str, str, float, float | None]]) -> None:
-        """Plan the touchpoints and the due reminder of each consumable just bought."""
-        items = sorted({i for _, i, _, _ in cycles})
-        catalog = await self.catalog_cache.get_many(items, self.store.catalog_facts)
-        docs = await self.list_cache.get_many(items, self.store.item_lists)
-        lead = self.config.replenish_lead_s
-        for user, item, ts, prev in cycles:
-            if not (catalog.get(item) or {}).get("consumable"):
-                continue
-            if prev is not None:  # a repeat: what the last purchase planned is void
-                for kind in (*(f"day_{d}" for d in LIFECYCLE_DAYS), "replenish"):
-                    st.schedule[touchpoint_member(user, item, kind, prev)] = None
-            ctx = st.book.users.get(user)
-            learned = (docs.get(item) or {}).get("repurchase")
-            estimate = predict(ctx.repeats.get(item, ()) if ctx else (),
-                               learned["cycle_days"] * DAY if learned else None)
-            planned = touchpoints(ts, prev is not None, estimate, lead)
-            for tp in planned:
-                st.schedule[touchpoint_member(user, item, tp.kind, ts)] = tp.at
-            due = [tp.at for tp in planned if tp.kind == "replenish"]
-            st.due[orjson.dumps([user, item])] = due[0] if due else None
-            st.counts["context.touchpoints_planned"] += len(planned)
-
     async def send_touchpoints(self) -> None:
-        """Send the touchpoints whose time has come to the touchpoints topic, then forget them.
-
-        At least once: a crash between the send and the removal sends again; consumers dedupe
-        by `touchpoint_id`. The partition lock keeps a checkpoint from re-planning a member
-        between reading and removing it.
-        """
-        s = self.settings
-        redis = self.store.redis
-        for p in sorted(self.assigned):
-            async with self.locks[p]:
-                now = time.time()
-                key = self.keys.touchpoints(p)
-                rows = await redis.zrangebyscore(key, "-inf", now, start=0,
-                                                 num=TOUCHPOINTS_PER_TICK, withscores=True)
-                if not rows:
-                    continue
-                # Re-planned or voided since the last checkpoint: the checkpoint decides.
-                pending = st.schedule if (st := self.parts.get(p)) is not None else {}
-                rows = [(m, at) for m, at in rows if m not in pending]
-                acks, stale = [], 0
-                for member, at in rows:
-                    if at < now - s.touchpoint_max_late_s:
-                        stale += 1
-                        continue
-                    msg = touchpoint_message(member, at, self.config.replenish_lead_s)
-                    acks.append(await self.send(s.touchpoints_topic, orjson.dumps(msg), None,
-                                                None, msg["user_id"].encode()))
-                await asyncio.gather(*acks)
-                if rows:
-                    await redis.zrem(key, *[m for m, _ in rows])
-                self.stats.inc("context.touchpoints_sent", len(acks))
-                self.stats.inc("context.touchpoints_stale", stale)
-        # Reminders whose run-out has passed unanswered are no longer due.
-        await redis.zremrangebyscore(self.keys.due, "-inf",
-                                     time.time() - self.config.replenish_lead_s)
-
-    async def write_audience_index(self, index: dict[tuple[str, str], dict[str, float]]) -> None:
-        """Who touched each item lately, newest kept: what audiences are ranked from.
-
-        Derived output like the lists: a replay writes the same scores again (GT keeps the
-        newest time), so it needs no checkpoint.
-        """
-        rows = []
-        for (channel, item), users in index.items():
-            key = self.keys.audience(channel, item)
-            # Trimming every time would cost a command per key; a set may run past the bound
-            # by what one item gets in a few batches before its next trim.
-            rows.append((key, zlib.crc32(key.encode()) % TRIM_EVERY == self._trim_turn, users))
-        self._trim_turn = (self._trim_turn + 1) % TRIM_EVERY
-        with self.stats.redis_write("audience_index"):
-            await self.store.audience_index(self.settings.audience_index_size, rows)
+        await self.touchpoints.send_due(self)
 
     def checkpoint_ops(self, partition: int, st: ContextPartition) -> Ops:
         ops = Ops()
@@ -406,7 +288,7 @@ class ContextStage(Stage):
                 st.written.pop(user, None)
             docs[self.keys.user(user)] = orjson.dumps(payload)
             if not only_changed:  # a refresh changes no context: nothing new to learn
-                self._profile(st, user, ctx, catalog, docs, profiled)
+                self.profiles.queue(st, user, ctx, catalog, docs, profiled)
         if docs and not only_changed:
             # Ranked against cached item lists, possibly older than the last refresh: the
             # partition needs refreshing again, and must not look refreshed meanwhile.
@@ -419,26 +301,6 @@ class ContextStage(Stage):
         st.written.update(digests)
         st.profiled.update(profiled)
         return len(docs)
-
-    def _profile(self, st: ContextPartition, user: str, ctx: ShopperContext, catalog: dict,
-                 docs: dict[str, bytes], profiled: dict[str, tuple]) -> None:
-        """Learn the shopper's interest and queue their profile, when either changed.
-
-        The clustering learns a shopper again only when their category shares moved: most
-        events are another view in the same categories, and k-means is the costly part.
-        """
-        prefs = preferences(((i, t.w) for i, t in ctx.items.items()), catalog)
-        shape = hash(tuple(sorted((c, round(v, 2)) for c, v in prefs.items())))
-        before = st.profiled.get(user)
-        if before is not None and before[1] == shape:
-            interest = before[2]
-        else:
-            interest = st.clusters.learn(prefs)
-            st.clusters_dirty = st.clusters_dirty or interest is not None
-        mark = (order_mark(ctx), shape, interest)
-        if (ctx.orders or interest) and before != mark:
-            docs[self.keys.profile(user)] = orjson.dumps(profile_doc(user, ctx, interest))
-            profiled[user] = mark
 
     def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -17,11 +18,22 @@ log = logging.getLogger("cartwise.topics")
 def topic_plan(settings: Settings) -> dict[str, int]:
     p = settings.partitions
     return {settings.events_topic: p, settings.pairs_topic: p, settings.catalog_topic: p,
-            settings.dlq_topic: 1, settings.touchpoints_topic: p}
+            settings.dlq_topic: 1, settings.touchpoints_topic: p, settings.config_topic: 1}
 
 
-def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:
-    """Create missing topics; waits for the broker up to `timeout` seconds."""
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic-level configs set at creation; topics not named take the broker's defaults.
+
+    The config topic keeps the newest rules and experiments documents for `cartwise rebuild`
+    (one record per key): compacted, never deleted by age.
+    """
+    return {settings.config_topic: {"cleanup.policy": "compact"}}
+
+
+def ensure_topics(settings: Settings, timeout: float = 60.0,
+                  only: Collection[str] | None = None) -> None:
+    """Create missing topics (those in `only`, when given); waits for the broker up to
+    `timeout` seconds. A topic that exists already is left as it is."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -35,8 +47,10 @@ def ensure_topics(settings: Settings, timeout: float = 60.0) -> None:
             time.sleep(1)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in topic_plan(settings).items()
-                   if name not in existing]
+        configs = topic_configs(settings)
+        missing = [NewTopic(name, n, 1, topic_configs=configs.get(name))
+                   for name, n in topic_plan(settings).items()
+                   if name not in existing and (only is None or name in only)]
         if missing:
             try:
                 admin.create_topics(missing)
