@@ -6,7 +6,6 @@ metrics are reported on the rest. Every model learns from every event either way
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from cartwise import datasets
 from cartwise.contract import Event
 from models.baselines import BASELINES, Model
-from models.config import ModelConfig
+from models.config import model_config
 from models.evaluation import Replay, blocks, compare
 from models.recommender import CartwiseModel
 
@@ -33,20 +32,6 @@ def make_models(names: Sequence[str], overrides: Sequence[str] = ()) -> list[Mod
     return [CartwiseModel(config) if n == "cartwise" else FACTORIES[n]() for n in names]
 
 
-def model_config(overrides: Sequence[str]) -> ModelConfig:
-    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-    values: dict[str, Any] = {}
-    for o in overrides:
-        name, sep, raw = o.partition("=")
-        name = name.strip()
-        if not sep or name not in fields or fields[name] not in ("int", "float"):
-            numeric = sorted(n for n, t in fields.items() if t in ("int", "float"))
-            raise ValueError(f"--set takes NAME=NUMBER with NAME one of {numeric}; got {o!r}")
-        try:
-            values[name] = int(raw) if fields[name] == "int" else float(raw)
-        except ValueError:
-            raise ValueError(f"--set {name}: {raw!r} is not a number") from None
-    return ModelConfig(**values)
 
 
 def evaluate(events: Sequence[Event], kinds: Sequence[str], models: Sequence[Model],

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 def _default_weights() -> dict[str, float]:
@@ -35,6 +38,8 @@ class ModelConfig:
     max_users: int = 500_000
     max_neighbours: int = 500
     max_items: int = 200_000
+    # Bounds are applied once per this much event time, on closed evidence only (models/graph.py)
+    prune_epoch_s: float = 600.0
     # List building.
     list_size: int = 50
     min_support: float = 0.25  # shopper contexts (decayed) in which the pair occurred
@@ -76,3 +81,22 @@ class ModelConfig:
 
     def weight(self, event_type: str) -> float:
         return self.weights.get(event_type, 0.0)
+
+
+def model_config(overrides: Sequence[str], **base: Any) -> ModelConfig:
+    """A ModelConfig from NAME=NUMBER strings (`cartwise evaluate --set`, `CARTWISE_MODEL`)."""
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    values: dict[str, Any] = dict(base)
+    for o in overrides:
+        if not o.strip():
+            continue
+        name, sep, raw = o.partition("=")
+        name = name.strip()
+        if not sep or name not in fields or fields[name] not in ("int", "float"):
+            numeric = sorted(n for n, t in fields.items() if t in ("int", "float"))
+            raise ValueError(f"--set takes NAME=NUMBER with NAME one of {numeric}; got {o!r}")
+        try:
+            values[name] = int(raw) if fields[name] == "int" else float(raw)
+        except ValueError:
+            raise ValueError(f"--set {name}: {raw!r} is not a number") from None
+    return ModelConfig(**values)

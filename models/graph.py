@@ -8,6 +8,16 @@ Time decay is *forward decay*: an increment at event time ts is stored multiplie
 2 ** ((ts - landmark) / half_life). Sums then never need touching as time passes; dividing by
 the same factor at "now" gives the decayed count. The landmark moves in fixed steps of event
 time, so two runs over the same events rebase at the same points.
+
+Bounds (`max_neighbours` per row, `max_items` in all) are enforced so that the result does
+not depend on the order evidence arrives in, which the stream does not fix: evidence from
+several source partitions interleaves differently in every run. Each piece of evidence carries
+its source partition and that source's clock (the newest event time the source has seen, so
+it only grows along the source's own log). Evidence falls in fixed epochs of that clock
+(`prune_epoch_s`). Epoch k is closed once every source's clock has passed its end: no more
+evidence of it can come. Only then, and only on the evidence of closed epochs, are rows
+pruned and items forgotten; evidence of open epochs counts in every list at once, and is kept
+aside too (`open_rows`, `open_marg`) so that a prune can tell it apart.
 Pure logic, no I/O.
 """
 
@@ -29,8 +39,23 @@ _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
 
 
 class ItemGraph:
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    """`sources` > 0: the number of source partitions whose clocks close epochs (above);
+    0 prunes at once, in arrival order (for one ordered stream only, e.g. unit tests)."""
+
+    def __init__(self, config: ModelConfig | None = None, sources: int = 0) -> None:
         self.config = config or ModelConfig()
+        self.sources = sources
+        self.clocks: dict[int, float] = {}  # source partition -> its clock
+        self.closed: int | None = None  # the last closed epoch
+        # epoch -> item -> other -> the row entry's evidence of that (open) epoch
+        self.open_rows: dict[int, dict[str, dict[str, list[float]]]] = {}
+        # epoch -> item -> [all, buy, last ts, all at trending half-life] of that epoch
+        self.open_marg: dict[int, dict[str, list[float]]] = {}
+        self.dirty_open: set[tuple[int, str, str]] = set()  # (epoch, "r" or "m", item)
+        # item -> newest closed epoch with evidence of it: what `max_items` forgets by
+        self.seen_epoch: dict[str, int] = {}
+        self.dirty_seen: set[str] = set()  # items whose seen_epoch changed or went
+        self.dropped_open: set[tuple[int, str, str]] = set()  # open evidence closed since
         self.rows: dict[str, dict[str, list[float]]] = {}
         # item -> [all, buy, last event ts, all at the trending half-life (models/trending.py)]
         self.marg: dict[str, list[float]] = {}
@@ -42,6 +67,7 @@ class ItemGraph:
         self.touched: set[str] = set()  # like dirty, for a second consumer (list publishing)
         self.marg_touched: set[str] = set()  # like dirty_marg, for trending publishing
         self.dropped: set[str] = set()  # rows pruned since the caller last cleared it
+        self.dropped_marg: set[str] = set()  # totals forgotten since the caller last cleared it
         # item -> newest repeat-purchase intervals of all shoppers (s): repurchase cycles
         self.cycles: dict[str, list[float]] = {}
         self.dirty_cycles: set[str] = set()
@@ -69,60 +95,207 @@ class ItemGraph:
             for v in row.values():
                 for n in range(len(v)):
                     v[n] *= c
+        for margs in self.open_marg.values():
+            for m in margs.values():
+                m[0] *= c
+                m[1] *= c
+                m[3] *= ct
+        for rows in self.open_rows.values():
+            for row in rows.values():
+                for v in row.values():
+                    for n in range(len(v)):
+                        v[n] *= c
         self.total = [self.total[0] * c, self.total[1] * c]
         self.landmark = landmark
 
-    def apply(self, ts: float, marginals: Iterable[tuple], pairs: Iterable[tuple]) -> None:
+    def apply(self, ts: float, marginals: Iterable[tuple], pairs: Iterable[tuple],
+              src: int = 0, clock: float | None = None, close: bool = True) -> None:
         """Add one event's evidence (models/context.py). Pairs are for rows this graph owns;
-        marginals for all items."""
+        marginals for all items. `clock`: the source's clock at this event (default `ts`).
+        `close=False` leaves closing epochs to a later call (a message of many events)."""
+        if self.sources:
+            self._evidence_epoch(src, clock, ts, marginals, pairs)
+            if close:
+                self._close_due()
+            return
+        self._add(ts, marginals, pairs)
+        if len(self.marg) > self.config.max_items:
+            self._prune_items()
+
+    def _add(self, ts: float, marginals: Iterable[tuple], pairs: Iterable[tuple],
+             epoch: int | None = None) -> None:
         g = self._factor(ts)
         total = self.total
         marg = self.marg
         gt = 2.0 ** ((ts - self.landmark) / self.config.trending_half_life_s) if marginals \
             else 0.0
+        open_marg = None if epoch is None else self.open_marg.setdefault(epoch, {})
         for item, da, db in marginals:
-            m = marg.get(item)
-            if m is None:
-                marg[item] = [da * g, db * g, ts, da * gt]
-            else:
-                m[0] += da * g
-                m[1] += db * g
-                if ts > m[2]:
-                    m[2] = ts
-                m[3] += da * gt
+            add = [da * g, db * g, ts, da * gt]
+            _add_marg(marg, item, add)
+            if open_marg is not None:
+                _add_marg(open_marg, item, add)
+                self.dirty_open.add((epoch, "m", item))
             total[0] += da * g
             total[1] += db * g
             self.dirty_marg.add(item)
             self.marg_touched.add(item)
         rows = self.rows
+        open_rows = None if epoch is None else self.open_rows.setdefault(epoch, {})
+        immediate = epoch is None
         for p in pairs:
             item, other, da, db, na, nb = p[:6]
             dn = p[6] if len(p) > 6 else 0.0  # evidence written before "next" existed
+            add = [da * g, db * g, na * g, nb * g, dn * g]
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
-            v = row.get(other)
-            if v is None:
-                row[other] = [da * g, db * g, na * g, nb * g, dn * g]
-                if len(row) > self.config.max_neighbours:
-                    self._prune_row(row)
-            else:
-                v[0] += da * g
-                v[1] += db * g
-                v[2] += na * g
-                v[3] += nb * g
-                v[4] += dn * g
+            if _add_entry(row, other, add) and immediate \
+                    and len(row) > self.config.max_neighbours:
+                self._prune_row(row)
+            if open_rows is not None:
+                orow = open_rows.get(item)
+                if orow is None:
+                    orow = open_rows[item] = {}
+                _add_entry(orow, other, add)
+                self.dirty_open.add((epoch, "r", item))
             self.dirty.add(item)
             self.touched.add(item)
         if ts > self.now:
             self.now = ts
-        if len(marg) > self.config.max_items:
-            self._prune_items()
 
-    def advance(self, ts: float) -> None:
+    # -- epochs: bounds that do not depend on arrival order -----------------------------------
+
+    def epoch_of(self, clock: float) -> int:
+        return math.floor(clock / self.config.prune_epoch_s)
+
+    def _evidence_epoch(self, src: int, clock: float | None, ts: float,
+                        marginals: Iterable[tuple], pairs: Iterable[tuple]) -> None:
+        if clock is None and (marginals or pairs):
+            clock = ts  # evidence always comes with its source's clock; older callers
+        if clock is not None and clock > self.clocks.get(src, -math.inf):
+            self.clocks[src] = clock
+        if not marginals and not pairs:  # only moves "now" (and the source's clock)
+            self._add(ts, (), ())
+            return
+        # The entry's own clock: entries of one message are applied out of event order
+        # (all totals, then all pairs), and the source's newest clock may be a later event's.
+        epoch = self.epoch_of(clock)
+        if self.closed is not None and epoch <= self.closed:
+            # Cannot happen with clocks that only grow; counted rather than lost.
+            epoch = self.closed + 1
+        self._add(ts, marginals, pairs, epoch)
+
+    def close_due(self) -> None:
+        """Close every epoch that all sources' clocks have passed."""
+        self._close_due()
+
+    def _close_due(self) -> None:
+        if len(self.clocks) < self.sources:
+            return  # a source not heard from yet may still send any epoch
+        done = self.epoch_of(min(self.clocks.values())) - 1  # every epoch before the slowest's
+        # Epochs before the oldest open one have nothing to close: skip them.
+        skip = min(self.open_rows.keys() | self.open_marg.keys(), default=done + 1) - 1
+        if self.closed is None or self.closed < min(skip, done):
+            self.closed = min(skip, done)
+        while self.closed < done:
+            self.close(self.closed + 1)
+
+    def close(self, epoch: int) -> None:
+        """Epoch `epoch` gets no more evidence: apply the bounds to what is closed."""
+        self.closed = epoch
+        rows = self.open_rows.pop(epoch, {})
+        margs = self.open_marg.pop(epoch, {})
+        for kind, items in (("r", rows), ("m", margs)):
+            for item in items:
+                self.dropped_open.add((epoch, kind, item))
+                self.dirty_open.discard((epoch, kind, item))
+        for item in margs:
+            self.seen_epoch[item] = epoch
+            self.dirty_seen.add(item)
+        later = sorted(e for e in self.open_rows if e > epoch)
+        cap = self.config.max_neighbours
+        for item in sorted(rows):
+            row = self.rows.get(item)
+            if row is not None and len(row) > cap:
+                self._prune_closed_row(item, row, [self.open_rows[e].get(item) for e in later])
+        if len(self.seen_epoch) > self.config.max_items:
+            self._forget_closed_items()
+
+    def _closed_part(self, v: list[float], opens: list[dict | None], key: str) -> list[float]:
+        out = list(v)
+        for o in opens:
+            if o is not None and (w := o.get(key)) is not None:
+                for n in range(len(w)):
+                    out[n] -= w[n]
+        return out
+
+    def _prune_closed_row(self, item: str, row: dict[str, list[float]],
+                          opens: list[dict | None]) -> None:
+        """Keep the strongest three quarters of the bound, judged on closed evidence only
+        (rounded, ties by id); evidence of open epochs stays."""
+        digits = self.config.score_digits
+        closed = {k: self._closed_part(v, opens, k) for k, v in row.items()}
+        has_open = {k for o in opens if o is not None for k in o}
+        # An entry whose evidence is all open has a closed part of rounding noise only.
+        weighed = [(round_sig(c[0], digits), k) for k, c in closed.items()
+                   if k not in has_open or c[0] > 1e-9 * abs(row[k][0])]
+        if len(weighed) <= self.config.max_neighbours:
+            return
+        weighed.sort(key=lambda t: (-t[0], t[1]))
+        for _, k in weighed[self.config.max_neighbours * 3 // 4:]:
+            if k in has_open:
+                rest: list[float] = [0.0] * len(row[k])
+                for o in opens:
+                    if o is not None and (w := o.get(k)) is not None:
+                        for n in range(len(w)):
+                            rest[n] += w[n]
+                row[k] = rest
+            else:
+                del row[k]
+        self.dirty.add(item)
+        self.touched.add(item)
+
+    def _forget_closed_items(self) -> None:
+        """Forget the closed evidence of the quarter of items seen least recently (by closed
+        epoch, ties by id), with their rows; evidence of open epochs stays."""
+        n = len(self.seen_epoch) - self.config.max_items * 3 // 4
+        victims = sorted(self.seen_epoch, key=lambda k: (self.seen_epoch[k], k))[:n]
+        for item in victims:
+            del self.seen_epoch[item]
+            self.dirty_seen.add(item)
+            opens = [m.get(item) for m in self.open_marg.values()]
+            rest = [o for o in opens if o is not None]
+            if rest:
+                m = [sum(o[0] for o in rest), sum(o[1] for o in rest), max(o[2] for o in rest),
+                     sum(o[3] for o in rest)]
+                self.marg[item] = m
+                self.dirty_marg.add(item)
+            else:
+                self.marg.pop(item, None)
+                self.dirty_marg.discard(item)
+                self.marg_touched.discard(item)
+                self.dropped_marg.add(item)
+            orows = [r.get(item) for r in self.open_rows.values()]
+            left: dict[str, list[float]] = {}
+            for orow in orows:
+                for k, v in (orow or {}).items():
+                    _add_entry(left, k, v)
+            if left:
+                self.rows[item] = left
+                self.dirty.add(item)
+            elif self.rows.pop(item, None) is not None:
+                self.dirty.discard(item)
+                self.touched.discard(item)
+                self.dropped.add(item)
+            if self.cycles.pop(item, None) is not None:
+                self.dirty_cycles.discard(item)
+                self.dropped.add(item)
+
+    def advance(self, ts: float, src: int = 0, clock: float | None = None) -> None:
         """Move "now" to event time `ts` without evidence (an event that changed no count
-        still ages every count)."""
-        self.apply(ts, (), ())
+        still ages every count), and the source's clock with it."""
+        self.apply(ts, (), (), src, clock)
 
     def _prune_row(self, row: dict[str, list[float]]) -> None:
         """Keep the strongest three quarters of the neighbour bound (ties by id)."""
@@ -137,6 +310,7 @@ class ItemGraph:
         victims = sorted(self.marg, key=lambda k: (self.marg[k][2], k))[:n]
         for item in victims:
             del self.marg[item]
+            self.dropped_marg.add(item)
             self.dirty_marg.discard(item)
             self.marg_touched.discard(item)
             if self.rows.pop(item, None) is not None:
@@ -246,10 +420,26 @@ class ItemGraph:
         self.cycles[item] = orjson.loads(raw)
 
     def meta(self) -> dict[str, Any]:
-        return {"total": self.total, "landmark": self.landmark, "now": self.now}
+        return {"total": self.total, "landmark": self.landmark, "now": self.now,
+                "clocks": {str(k): v for k, v in self.clocks.items()}, "closed": self.closed}
 
     def load_meta(self, d: dict[str, Any]) -> None:
         self.total, self.landmark, self.now = list(d["total"]), d["landmark"], d["now"]
+        self.clocks = {int(k): v for k, v in (d.get("clocks") or {}).items()}
+        self.closed = d.get("closed")
+
+    def open_json(self, epoch: int, kind: str, item: str) -> bytes | None:
+        """One item's evidence of an open epoch (rows: kind "r", totals: "m"), or None."""
+        src = self.open_rows if kind == "r" else self.open_marg
+        v = src.get(epoch, {}).get(item)
+        return None if v is None else orjson.dumps(v)
+
+    def load_open(self, epoch: int, kind: str, item: str, raw: bytes | str) -> None:
+        src = self.open_rows if kind == "r" else self.open_marg
+        src.setdefault(epoch, {})[item] = orjson.loads(raw)
+
+    def load_seen(self, item: str, raw: bytes | str) -> None:
+        self.seen_epoch[item] = int(raw)
 
     def counts(self, item: str) -> dict[str, Any]:
         """Decayed counts at `now`, for inspection and tests."""
@@ -262,6 +452,29 @@ class ItemGraph:
             "buy": m[1] * s,
             "pairs": {k: [x * s for x in v] for k, v in self.rows.get(item, {}).items()},
         }
+
+
+def _add_marg(marg: dict[str, list[float]], item: str, add: list[float]) -> None:
+    m = marg.get(item)
+    if m is None:
+        marg[item] = list(add)
+    else:
+        m[0] += add[0]
+        m[1] += add[1]
+        if add[2] > m[2]:
+            m[2] = add[2]
+        m[3] += add[3]
+
+
+def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> bool:
+    """Add to a row entry; True when the entry is new."""
+    v = row.get(other)
+    if v is None:
+        row[other] = list(add)
+        return True
+    for n in range(len(add)):
+        v[n] += add[n]
+    return False
 
 
 _REASONS = {

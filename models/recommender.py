@@ -2,16 +2,24 @@
 
 Use it as a library, in notebooks and in the offline replay (`cartwise evaluate`). The stream
 splits the same work in two stages (shopper contexts by user, item graph by item); this class
-runs both stages in one process on one partition.
+runs both stages in one process, with the stream's per-partition bounds (`partitions`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from cartwise.contract import CatalogItem, Event, validate_catalog, validate_event
+from cartwise.contract import (
+    FEEDBACK_TYPES,
+    CatalogItem,
+    Event,
+    expected_partition,
+    validate_catalog,
+    validate_event,
+)
 from models.config import ModelConfig
-from models.context import ContextBook
+from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
 from models.ranking import (
     anchors,
@@ -22,15 +30,37 @@ from models.ranking import (
 )
 
 
+class Contexts:
+    """Shopper contexts split as the stream splits them: one bounded book per partition of
+    the events topic, so `max_users` evicts the same shoppers here as there."""
+
+    def __init__(self, config: ModelConfig, partitions: int) -> None:
+        self.partitions = partitions
+        self.books = [ContextBook(config) for _ in range(partitions)]
+        self.clocks = [-math.inf] * partitions  # newest event time per partition (its clock)
+
+    def partition(self, user_id: str) -> int:
+        return expected_partition(user_id, self.partitions) if self.partitions > 1 else 0
+
+    def get(self, user_id: str) -> ShopperContext | None:
+        return self.books[self.partition(user_id)].get(user_id)
+
+    @property
+    def users(self) -> dict[str, ShopperContext]:
+        return {u: c for b in self.books for u, c in b.users.items()}
+
+
 class CrossSellRecommender:
     """`list_interval_s` > 0 recomputes a changed list at most once per that many seconds of
-    event time, as the stream does in wall time (`LISTS_MIN_INTERVAL_S`); 0 always recomputes."""
+    event time, as the stream does in wall time (`LISTS_MIN_INTERVAL_S`); 0 always recomputes.
+    `partitions`: those of the stream it should agree with (its bounds are per partition)."""
 
-    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 0.0) -> None:
+    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 0.0,
+                 partitions: int = 4) -> None:
         self.config = config or ModelConfig()
         self.list_interval_s = list_interval_s
-        self.contexts = ContextBook(self.config)
-        self.graph = ItemGraph(self.config)
+        self.contexts = Contexts(self.config, partitions)
+        self.graph = ItemGraph(self.config, sources=partitions)
         self.catalog: dict[str, dict[str, Any]] = {}
         self._lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._computed_at: dict[str, float] = {}
@@ -39,11 +69,17 @@ class CrossSellRecommender:
         """Learn one event (validated if given as a dict). False when it was a duplicate."""
         if isinstance(event, dict):
             event = validate_event(event)
-        evidence = self.contexts.learn(event)
+        p = self.contexts.partition(event.user_id)
+        book = self.contexts.books[p]
+        evidence = book.learn(event)
         if evidence is None:
             return False
-        self.graph.apply(*evidence)
-        for item, interval in self.contexts.last_repeats:  # repurchase cycles, as the stream
+        ts, marginals, pairs = evidence
+        if event.type not in FEEDBACK_TYPES:
+            self.contexts.clocks[p] = max(self.contexts.clocks[p], ts)
+        clock = self.contexts.clocks[p]
+        self.graph.apply(ts, marginals, pairs, p, None if clock == -math.inf else clock)
+        for item, interval in book.last_repeats:  # repurchase cycles, as the stream
             self.graph.repeat(item, interval)
         return True
 
@@ -60,6 +96,10 @@ class CrossSellRecommender:
             self._lists.pop(item, None)
             self._computed_at.pop(item, None)
         g.dropped.clear()
+        g.dropped_marg.clear()  # checkpoint bookkeeping: the library keeps no checkpoint
+        g.dirty_open.clear()
+        g.dropped_open.clear()
+        g.dirty_seen.clear()
         g.touched.clear()
         g.marg_touched.clear()
         g.dirty_marg.clear()

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from faust.types import TP
 
 from cartwise.settings import Settings
-from models.config import ModelConfig
+from models.config import ModelConfig, model_config
 from streams.catalog_stage import CatalogStage
 from streams.context_stage import ContextStage
 from streams.graph_stage import GraphStage
@@ -57,7 +57,8 @@ def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
 
 def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
     settings = settings or Settings.from_env()
-    config = config or ModelConfig(replenish_lead_s=settings.replenish_lead_days * 86400.0)
+    config = config or model_config(settings.model.split(","),
+                                    replenish_lead_s=settings.replenish_lead_days * 86400.0)
     # Faust wants a directory even with in-memory tables; keep it out of the working tree.
     datadir = Path(tempfile.gettempdir()) / "cartwise-faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)

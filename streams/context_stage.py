@@ -63,6 +63,8 @@ class ContextPartition:
     # (event time to settle at, user): shoppers with unlabelled impressions, soonest first
     settle_heap: list[tuple[float, str]] = field(default_factory=list)
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
+    # The partition's clock: the newest event time of a shop event applied (models/graph.py)
+    clock: float | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -96,7 +98,9 @@ class ContextStage(Stage):
         reranker = (Reranker.from_bytes(raw_rr) if raw_rr
                     else Reranker(self.settings.reranker_min_examples))
         return ContextPartition(offset, book, clusters=clusters, reranker=reranker,
-                                settle_heap=self.feedback.pending(book))
+                                settle_heap=self.feedback.pending(book),
+                                clock=max((c.last_ts for c in book.users.values()),
+                                          default=None))
 
     async def process(self, partition: int, st: ContextPartition,
                       records: list[Record]) -> None:
@@ -163,6 +167,9 @@ class ContextStage(Stage):
             ts, marginals, pairs = evidence
             if newest is None or ts > newest:
                 newest = ts
+            if st.clock is None or ts > st.clock:
+                st.clock = ts
+            clock = st.clock
             for item, interval in book.last_repeats:  # to the partition owning the item
                 repeats[partition_of[item]].append((offset, item, interval))
             for item, ts_, prev in book.last_purchases:
@@ -172,7 +179,7 @@ class ContextStage(Stage):
             # Stage 2 gets [offset, ts, entries]: the offset is its dedup key. Marginals go to
             # every pairs partition (one shared list), a pair to the partition of its first item.
             if marginals:
-                all_marginals.append((offset, ts, marginals))
+                all_marginals.append((offset, ts, marginals, clock))
             if pairs:
                 by_q: dict[int, list] = {}
                 for pair in pairs:
@@ -182,7 +189,7 @@ class ContextStage(Stage):
                     else:
                         by_q[q] = [pair]
                 for q, mine in by_q.items():
-                    out[q].append((offset, ts, mine))
+                    out[q].append((offset, ts, mine, clock))
         if newest is not None:
             self.feedback.settle(st, newest, examples)
         for exp, variant, counter, amount in deltas:
@@ -196,7 +203,7 @@ class ContextStage(Stage):
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
             msg = orjson.dumps({"src": partition, "g": self.store.generation, "last": last,
-                                "t": first_ts, "n": newest,
+                                "t": first_ts, "n": newest, "c": st.clock,
                                 "m": all_marginals, "p": out[q], "r": repeats[q]})
             st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
@@ -221,7 +228,13 @@ class ContextStage(Stage):
             if ctx is not None:
                 ops.hset(self.keys.contexts(partition), user, ctx.to_json())
         for user in book.evicted:
+            if user in book.users:  # back since
+                continue
             ops.hdel(self.keys.contexts(partition), user)
+            # What was written for a forgotten shopper goes with them: the library has no
+            # list for them either, and Redis stays bounded by `max_users`.
+            ops.delete(self.keys.user(user))
+            ops.delete(self.keys.profile(user))
         for member, at in st.schedule.items():
             if at is None:
                 ops.zrem(self.keys.touchpoints(partition), member)
@@ -242,6 +255,10 @@ class ContextStage(Stage):
         return ops
 
     def checkpointed(self, partition: int, st: ContextPartition) -> None:
+        for user in st.book.evicted:
+            if user not in st.book.users:  # their documents are deleted: write anew if back
+                st.written.pop(user, None)
+                st.profiled.pop(user, None)
         st.book.dirty.clear()
         st.book.evicted.clear()
         st.schedule.clear()

@@ -35,6 +35,9 @@ class GraphPartition:
     computed_at: dict[str, float] = field(default_factory=dict)  # item -> monotonic time
     last_batch: float = 0.0
     unsettled: bool = True
+    # Rows and totals forgotten by the bounds: their lists and trending scores are removed.
+    gone: set[str] = field(default_factory=set)
+    gone_marg: set[str] = field(default_factory=set)
     acks: list[Awaitable[Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -56,13 +59,18 @@ class GraphStage(Stage):
         self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25)
 
     async def load(self, partition: int) -> GraphPartition:
-        graph = ItemGraph(self.config)
+        graph = ItemGraph(self.config, sources=self.settings.partitions)
         for item, raw in (await self.store.hgetall(self.keys.rows(partition))).items():
             graph.load_row(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.marginals(partition))).items():
             graph.load_marg(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.cycles(partition))).items():
             graph.load_cycle(item, raw)
+        for field_, raw in (await self.store.hgetall(self.keys.open_evidence(partition))).items():
+            epoch, kind, item = field_.split("|", 2)
+            graph.load_open(int(epoch), kind, item, raw)
+        for item, raw in (await self.store.hgetall(self.keys.seen_epochs(partition))).items():
+            graph.load_seen(item, raw)
         meta = await self.store.get_json(self.keys.meta(partition))
         hwm: dict[int, int] = {}
         if meta:
@@ -90,17 +98,22 @@ class GraphStage(Stage):
             if last <= seen:
                 st.counts["cooccurrence.duplicate_batches"] += 1
                 continue
-            for offset, ts, marginals in msg["m"]:
+            # Entries carry their source's clock (older messages none); epochs are closed
+            # after the whole message, so that its entries all count first (models/graph.py).
+            for offset, ts, marginals, *clock in msg["m"]:
                 if offset > seen:
-                    g.apply(ts, marginals, ())
-            for offset, ts, pairs in msg["p"]:
+                    g.apply(ts, marginals, (), src, clock[0] if clock else None, close=False)
+            for offset, ts, pairs, *clock in msg["p"]:
                 if offset > seen:
-                    g.apply(ts, (), pairs)
+                    g.apply(ts, (), pairs, src, clock[0] if clock else None, close=False)
             for offset, item, interval in msg.get("r", ()):  # older messages have none
                 if offset > seen:
                     g.repeat(item, interval)
             if msg.get("n") is not None:
-                g.advance(msg["n"])  # events without evidence still move "now", as in models/
+                # Events without evidence still move "now", as in models/.
+                g.advance(msg["n"], src, msg.get("c"))
+            else:
+                g.close_due()
             st.hwm[src] = last
             if msg["p"] and (oldest is None or msg["t"] < oldest):
                 oldest = msg["t"]
@@ -108,7 +121,11 @@ class GraphStage(Stage):
             st.pending.setdefault(item, oldest if oldest is not None else time.time())
         g.touched.clear()
         for item in g.dropped:
-            st.pending.pop(item, None)
+            if item not in g.rows:
+                st.pending.pop(item, None)
+                st.gone.add(item)
+        st.gone = {i for i in st.gone if i not in g.rows}
+        st.gone_marg = {i for i in st.gone_marg | g.dropped_marg if i not in g.marg}
         st.last_batch = time.monotonic()
         st.unsettled = True
 
@@ -122,10 +139,25 @@ class GraphStage(Stage):
             ops.hset(keys.marginals(partition), item, g.marg_json(item))
         for item in g.dirty_cycles:
             ops.hset(keys.cycles(partition), item, g.cycle_json(item))
+        for item in g.dropped_marg:
+            if item not in g.marg:
+                ops.hdel(keys.marginals(partition), item)
         for item in g.dropped:
-            ops.hdel(keys.rows(partition), item)
+            if item not in g.rows:  # not back since
+                ops.hdel(keys.rows(partition), item)
             if item not in g.cycles:
                 ops.hdel(keys.cycles(partition), item)
+        for epoch, kind, item in g.dirty_open:
+            raw = g.open_json(epoch, kind, item)
+            if raw is not None:
+                ops.hset(keys.open_evidence(partition), f"{epoch}|{kind}|{item}", raw)
+        for epoch, kind, item in g.dropped_open:
+            ops.hdel(keys.open_evidence(partition), f"{epoch}|{kind}|{item}")
+        for item in g.dirty_seen:
+            if item in g.seen_epoch:
+                ops.hset(keys.seen_epochs(partition), item, str(g.seen_epoch[item]))
+            else:
+                ops.hdel(keys.seen_epochs(partition), item)
         meta = g.meta()
         meta["hwm"] = {str(k): v for k, v in st.hwm.items()}
         ops.set(keys.meta(partition), orjson.dumps(meta))
@@ -138,6 +170,10 @@ class GraphStage(Stage):
         g.dirty_marg.clear()
         g.dirty_cycles.clear()
         g.dropped.clear()
+        g.dropped_marg.clear()
+        g.dirty_open.clear()
+        g.dropped_open.clear()
+        g.dirty_seen.clear()
 
     async def _item_lists(self, st: GraphPartition, items: list[str],
                           pipe: Any) -> dict[str, int]:
@@ -175,9 +211,14 @@ class GraphStage(Stage):
         mine = sorted(i for i in g.marg_touched if item_partition(i, n) == p)
         g.marg_touched.clear()
         scores = g.trending(mine)
-        if not scores:
+        gone = sorted(i for i in st.gone_marg if item_partition(i, n) == p)
+        if not scores and not gone:
             return mine
-        facts = await self.catalog_cache.get_many(mine, self.store.catalog_facts)
+        facts = await self.catalog_cache.get_many(mine + gone, self.store.catalog_facts)
+        for item in gone:
+            pipe.zrem(self.keys.trending(), item)
+            if cat := (facts.get(item) or {}).get("category"):
+                pipe.zrem(self.keys.trending(cat), item)
         by_cat: dict[str, dict[str, float]] = defaultdict(dict)
         for item, score in scores.items():
             cat = (facts.get(item) or {}).get("category")
@@ -211,7 +252,8 @@ class GraphStage(Stage):
                 # Settle only what is checkpointed, so the settled mark means "final".
                 settle = (st.unsettled and time.monotonic() - st.last_batch >= idle
                           and st.offset == st.applied)
-                if not settle and not st.pending and not st.graph.marg_touched:
+                if (not settle and not st.pending and not st.graph.marg_touched
+                        and not st.gone and not st.gone_marg):
                     continue
                 now_m = time.monotonic()
                 if settle:
@@ -219,12 +261,17 @@ class GraphStage(Stage):
                 else:
                     items = sorted(i for i in st.pending
                                    if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
-                    if not items and not st.graph.marg_touched:
+                    if not items and not st.graph.marg_touched and not st.gone \
+                            and not st.gone_marg:
                         continue
                 pipe = self.store.redis.pipeline(transaction=True)
                 scored = await self._trending(p, st, pipe)
                 digests = await self._item_lists(st, items, pipe)
-                changed = len(digests)
+                gone = sorted(st.gone)
+                if gone:  # the library has no list for a forgotten row either
+                    pipe.delete(*(self.keys.item(i) for i in gone))
+                gone_marg = set(st.gone_marg)
+                changed = len(digests) + len(gone)
                 if changed:
                     pipe.incr(self.keys.lists_version)
                 if settle:
@@ -237,6 +284,10 @@ class GraphStage(Stage):
                     st.graph.marg_touched.update(scored)  # to score again next tick
                     raise
                 st.written.update(digests)
+                for item in gone:
+                    st.written.pop(item, None)
+                st.gone.difference_update(gone)
+                st.gone_marg.difference_update(gone_marg)
                 now = time.time()
                 for item in items:
                     t = st.pending.pop(item, None)

@@ -143,6 +143,14 @@ class Keys:
         """The partition's interest-cluster model (river, pickled; models/interests.py)."""
         return f"{self.prefix}state:clusters:{partition}"
 
+    def open_evidence(self, partition: int) -> str:
+        """Hash "epoch|r|item" or "epoch|m|item" -> evidence of an epoch not closed yet."""
+        return f"{self.prefix}state:open:{partition}"
+
+    def seen_epochs(self, partition: int) -> str:
+        """Hash item -> newest closed epoch with evidence of it (what max_items goes by)."""
+        return f"{self.prefix}state:seen:{partition}"
+
     def cycles(self, partition: int) -> str:
         return f"{self.prefix}state:cycles:{partition}"
 
@@ -218,6 +226,9 @@ class Ops:
 
     def set(self, key: str, value: bytes | str) -> None:
         self.args += ("S", key, value)
+
+    def delete(self, key: str) -> None:
+        self.args += ("X", key)
 
     def incr(self, key: str) -> None:
         self.args += ("I", key)

@@ -327,3 +327,65 @@ def test_viewed_items_come_back_as_revisits_carted_ones_do_not():
     got = rank_for_user(ctx, {"phone": _lists(("tv", 0.5))}, {}, k=10, config=cfg)
     assert got[0]["item_id"] == "tv" and got[0]["kind"] == "revisit"
     assert got[0]["score"] == pytest.approx(2.0 * 0.8**2 + 0.5)
+
+
+# -- bounds that do not depend on arrival order ---------------------------------------------
+
+
+def _source_sequences(cfg: ModelConfig, partitions: int) -> list[list[tuple]]:
+    """Per events partition, in its own order: (ts, totals, pairs, clock) of each event, as
+    the context stage sends them to the item stage."""
+    from cartwise.contract import expected_partition, validate_event
+    from cartwise.simulator import Shop
+    from models.context import ContextBook
+
+    books = [ContextBook(cfg) for _ in range(partitions)]
+    clocks: list[float | None] = [None] * partitions
+    seqs: list[list[tuple]] = [[] for _ in range(partitions)]
+    for raw in Shop(seed=17).events(500, start_ts=1_755_000_000.0):
+        e = validate_event(raw)
+        p = expected_partition(e.user_id, partitions)
+        evidence = books[p].learn(e)
+        if evidence is None:
+            continue
+        ts, marginals, pairs = evidence
+        clocks[p] = ts if clocks[p] is None else max(clocks[p], ts)
+        seqs[p].append((ts, marginals, pairs, clocks[p]))
+    return seqs
+
+
+def _interleaved(cfg: ModelConfig, seqs: list[list[tuple]], seed: int, most: int) -> ItemGraph:
+    """Messages of 1..`most` events from a random source at a time, each source in order."""
+    rng = random.Random(seed)
+    g = ItemGraph(cfg, sources=len(seqs))
+    pos = [0] * len(seqs)
+    while left := [p for p in range(len(seqs)) if pos[p] < len(seqs[p])]:
+        p = rng.choice(left)
+        batch = seqs[p][pos[p]:pos[p] + rng.randint(1, most)]
+        pos[p] += len(batch)
+        for ts, marginals, _, clock in batch:  # the item stage's order: totals, then pairs
+            g.apply(ts, marginals, (), p, clock, close=False)
+        for ts, _, pairs, clock in batch:
+            g.apply(ts, (), pairs, p, clock, close=False)
+        g.advance(max(b[0] for b in batch), p, batch[-1][3])
+    return g
+
+
+@pytest.mark.parametrize("bounds", [dict(max_neighbours=12), dict(max_items=60),
+                                    dict(max_neighbours=12, max_items=60)])
+def test_bounded_graph_is_the_same_whatever_order_evidence_arrives_in(bounds):
+    cfg = ModelConfig(**bounds)
+    seqs = _source_sequences(cfg, 4)
+    runs = [_interleaved(cfg, seqs, seed, most) for seed, most in ((1, 1), (2, 50), (3, 7))]
+    first = runs[0]
+    assert first.closed is not None  # epochs were closed, so the bounds applied
+    if "max_neighbours" in bounds:
+        assert max(len(r) for r in first.rows.values()) <= 4 * cfg.max_neighbours
+        assert any(len(r) > cfg.max_neighbours for r in
+                   _interleaved(ModelConfig(), seqs, 1, 1).rows.values())  # a bound reached
+    if "max_items" in bounds:
+        assert len(first.seen_epoch) <= cfg.max_items
+    want = {i: first.lists(i) for i in sorted(first.rows)}
+    for g in runs[1:]:
+        assert {i: g.lists(i) for i in sorted(g.rows)} == want
+        assert g.seen_epoch == first.seen_epoch

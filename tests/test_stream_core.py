@@ -308,3 +308,42 @@ def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
         assert got["alternatives"] == want["alternatives"], item
     for user in {e["user_id"] for e in events}:
         assert snap["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+
+
+BOUNDS = "max_neighbours=12,max_items=60,max_users=40"
+
+
+def test_bounded_state_is_the_same_however_it_is_run(make_settings, workers):
+    """Rows past `max_neighbours`, more items than `max_items`, more shoppers than
+    `max_users` per partition: one worker, two workers and the library end equal, although
+    evidence reaches the item stage in a different order in each run."""
+    shop = Shop(seed=17)
+    events = list(shop.events(500, start_ts=START))
+    topics = make_settings("bounds", model=BOUNDS)
+    ensure_topics(topics)
+    ends = produce(topics, events, shop.catalog)
+    snaps = []
+    for n_workers in (1, 2):
+        settings = make_settings(f"bounds-{n_workers}", topics_from=topics, model=BOUNDS)
+        ensure_topics(settings)
+        procs = [workers(settings, f"w{n_workers}-{i}") for i in range(n_workers)]
+        wait_complete(settings, ends, procs=procs, timeout=240)
+        snaps.append(snapshot(settings))
+    one, two = snaps
+    cfg = ModelConfig(max_neighbours=12, max_items=60, max_users=40)
+    ref = oracle(events, shop.catalog, config=cfg)
+    # The bounds were reached, or this proves nothing.
+    assert max(len(row) for row in ref.graph.rows.values()) >= 12
+    assert len({i for e in events for i in [e.get("item_id")] if i}) > 60
+    assert sum(len(b.users) for b in ref.contexts.books) < len({e["user_id"] for e in events})
+    assert one["items"] == two["items"]
+    assert one["users"] == two["users"]
+    assert one["contexts"] == two["contexts"]
+    for item in ref.graph.rows:
+        want = ref.graph.lists(item)
+        got = one["items"].get(f"item:{item}")
+        assert got is not None, item
+        for kind in ("cross_sell", "alternatives", "next"):
+            assert got[kind] == want[kind], (item, kind)
+    for user in ref.contexts.users:
+        assert one["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
