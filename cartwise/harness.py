@@ -171,3 +171,74 @@ def snapshot(settings: Settings) -> dict[str, Any]:
         "meta": [orjson.loads(r.get(keys.meta(q)) or b"null")
                  for q in range(settings.partitions)],
     }
+
+
+# -- chaos runs (tests/test_chaos.py, bench/chaos.py) -----------------------------------------
+
+
+def full_snapshot(settings: Settings) -> dict[str, Any]:
+    """`snapshot` plus what it leaves out: every pairs partition's copy of the item totals
+    (`snapshot` reads partition 0's only) and the trending sorted sets, shop-wide ("trending")
+    and per category ("trending_by_category", keyed "trending:{category}|{item}")."""
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = Keys(settings.prefix)
+    out = snapshot(settings)
+    out["marginals_all"] = {
+        f"{q}:{k.decode()}": orjson.loads(v)
+        for q in range(settings.partitions) for k, v in r.hgetall(keys.marginals(q)).items()}
+    out["trending"] = {m.decode(): v for m, v in r.zrange(keys.trending(), 0, -1, withscores=True)}
+    by_category: dict[str, float] = {}
+    for key in r.scan_iter(keys.trending("*"), count=1000):
+        name = key.decode().removeprefix(settings.prefix)
+        for member, score in r.zrange(key, 0, -1, withscores=True):
+            by_category[f"{name}|{member.decode()}"] = score
+    out["trending_by_category"] = by_category
+    return out
+
+
+# Compared bit for bit: lists are rounded before sorting and contexts hold no float sums.
+EXACT_KINDS = ("items", "users", "contexts")
+# Float sums whose order differs between runs: compared to a relative `rel_tol`.
+CLOSE_KINDS = ("rows", "marginals_all", "meta", "trending", "trending_by_category")
+
+
+def _close(a: object, b: object, rel_tol: float) -> bool:
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel_tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel_tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if not isinstance(a, float | int) or not isinstance(b, float | int):
+        return a == b
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-12)
+
+
+def state_diff(got: dict[str, Any], want: dict[str, Any],
+               rel_tol: float = 1e-9) -> dict[str, dict[str, list[str]]]:
+    """Per kind of state (a `full_snapshot` key), the keys that differ between two runs:
+    {"items": {"missing": [...], "extra": [...], "differ": [...]}, ...}; empty lists where
+    the runs agree. `meta` (a list, one entry per pairs partition) is keyed by partition."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for kind in (*EXACT_KINDS, *CLOSE_KINDS):
+        g, w = got.get(kind), want.get(kind)
+        if isinstance(g, list):
+            g = {str(i): v for i, v in enumerate(g)}
+        if isinstance(w, list):
+            w = {str(i): v for i, v in enumerate(w)}
+        g, w = g or {}, w or {}
+        same = ((lambda a, b: a == b) if kind in EXACT_KINDS
+                else (lambda a, b: _close(a, b, rel_tol)))
+        out[kind] = {
+            "missing": sorted(set(w) - set(g)),
+            "extra": sorted(set(g) - set(w)),
+            "differ": sorted(k for k in set(g) & set(w) if not same(g[k], w[k])),
+        }
+    return out
+
+
+def diff_counts(diff: dict[str, dict[str, list[str]]]) -> dict[str, int]:
+    """How many keys of each kind differ in any way (missing, extra or different)."""
+    return {kind: sum(len(v) for v in d.values()) for kind, d in diff.items()}
