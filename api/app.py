@@ -77,6 +77,7 @@ from models.rules import NO_RULES, LadderStep, Rules, RulesError, ladder, order_
 from models.rules import apply as apply_rules
 from models.segments import rfm
 from streams.store import Store
+from streams.topics import ensure_topics
 
 log = logging.getLogger("cartwise.api")
 STATIC = FsPath(__file__).parent / "static"
@@ -154,6 +155,9 @@ def error_body(request: Request, status: int, reason: str, detail: str,
 
 STORE_DOWN = (503, "store_unavailable", "suggestion store unreachable; retry shortly")
 STORE_ERRORS = (aioredis.RedisError, OSError, asyncio.TimeoutError)
+# Rules and experiment writes go to the config topic before Redis (Backend.publish_config).
+CONFIG_NOT_SAVED = {"model": ErrorBody, "description": "broker_unavailable: the broker did not "
+                    "acknowledge the write to the config topic; nothing was applied, retry"}
 
 
 class BodyLimit:
@@ -237,6 +241,10 @@ class Backend:
         self._experiments_raw: bytes | None = None
         self.reranker: dict[str, Any] = combine([], settings.reranker_min_examples)
         self._background: set[asyncio.Task] = set()  # served documents being written
+        # Rules and experiment writes of this process, one at a time: the config topic and
+        # Redis then see them in the same order.
+        self._config_lock = asyncio.Lock()
+        self._config_topic_ready = False  # created (compacted) by this process, or found
 
     async def start(self) -> None:
         try:
@@ -375,15 +383,63 @@ class Backend:
         if raw == self._rules_raw:
             return
         try:
-            self.rules = Rules.parse(orjson.loads(raw)) if raw else NO_RULES
+            doc = orjson.loads(raw) if raw else None
+            # The stored time of the change, not this read's (an API restart, a second
+            # process or a document restored by `cartwise rebuild` reads it again).
+            when = doc.get("updated_at") if isinstance(doc, dict) else None
+            when = when if isinstance(when, int | float) and not isinstance(when, bool) else None
+            self.rules = Rules.parse(doc, now=when) if raw else NO_RULES
         except (ValueError, RulesError) as exc:
             # Only PUT /v1/rules writes the key, after validating; keep the last good rules.
             log.error("stored rules are not usable, keeping the previous ones: %s", exc)
         self._rules_raw = raw
 
+    async def publish_config(self, key: bytes, raw: bytes) -> None:
+        """Put a rules or experiments document on the compacted config topic, keyed `key`,
+        and wait for the broker's acknowledgement (acks=all): `cartwise rebuild` restores
+        from there what Redis lost (docs/operations.md).
+
+        Called before the Redis write, so the log is never behind Redis: a document Redis
+        holds was acknowledged by the broker first. When the produce fails, nothing is
+        written to Redis and the caller gets 503 `broker_unavailable` naming the broker.
+        (A produce that timed out may still land in the log later: the log can be ahead of
+        Redis by a document the client was told to retry, never behind.)
+        """
+        s = self.settings
+        what = key.decode()
+        brokers = ",".join(s.bootstrap)
+        producer = self.producer
+        if producer is None:
+            raise ApiError(503, "broker_unavailable", f"{what} not saved: the broker "
+                           f"({brokers}) is not reachable yet; the stored {what} are "
+                           "unchanged, retry shortly",
+                           headers={"Retry-After": "1"})
+        try:
+            if not self._config_topic_ready:
+                # Created here too, not only by the workers: a topic the broker auto-creates
+                # on the first send would not be compacted.
+                await asyncio.wait_for(asyncio.to_thread(
+                    ensure_topics, s, s.produce_timeout_s, (s.config_topic,)),
+                    s.produce_timeout_s)
+                self._config_topic_ready = True
+            await asyncio.wait_for(producer.send_and_wait(s.config_topic, raw, key=key),
+                                   s.produce_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a timeout or a Kafka error: Redis is left as it was
+            log.warning("writing %s to %s failed: %r", what, s.config_topic, exc)
+            why = (f"no answer within {s.produce_timeout_s:g}s"
+                   if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
+            raise ApiError(503, "broker_unavailable", f"{what} not saved: the broker "
+                           f"({brokers}) did not acknowledge the write to {s.config_topic} "
+                           f"({why}); the stored {what} are unchanged, retry",
+                           headers={"Retry-After": "1"}) from None
+
     async def save_rules(self, rules: Rules) -> None:
         raw = orjson.dumps(rules.to_dict())
-        await self.redis.set(self.keys.rules, raw)
+        async with self._config_lock:
+            await self.publish_config(b"rules", raw)  # first: the log is never behind Redis
+            await self.redis.set(self.keys.rules, raw)
         self.rules, self._rules_raw = rules, raw
 
     async def load_experiments(self) -> None:
@@ -401,7 +457,9 @@ class Backend:
     async def save_experiments(self, experiments: dict[str, Experiment]) -> None:
         raw = orjson.dumps({i: {k: v for k, v in e.to_dict().items() if k != "id"}
                             for i, e in experiments.items()})
-        await self.redis.set(self.keys.experiments, raw)
+        async with self._config_lock:
+            await self.publish_config(b"experiments", raw)  # first, as in save_rules
+            await self.redis.set(self.keys.experiments, raw)
         self.experiments, self._experiments_raw = experiments, raw
 
     async def load_reranker(self) -> None:
@@ -984,7 +1042,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.put("/v1/rules", tags=["rules"],
              summary="Replace the business rules (admin); every API process applies them "
                      "within a second",
-             openapi_extra=RULES_BODY)
+             openapi_extra=RULES_BODY, responses={503: CONFIG_NOT_SAVED})
     async def put_rules(request: Request, _: str = admin) -> Response:
         try:
             doc = orjson.loads(await request.body())
@@ -1011,7 +1069,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.put("/v1/experiments/{experiment_id}", tags=["experiments"],
              summary="Create or replace an experiment (admin); every API process applies it "
-                     "within a second", openapi_extra=EXPERIMENT_BODY)
+                     "within a second", openapi_extra=EXPERIMENT_BODY,
+             responses={503: CONFIG_NOT_SAVED})
     async def put_experiment(request: Request, experiment_id: Annotated[str, exp_path],
                              _: str = admin) -> Response:
         try:
@@ -1034,7 +1093,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/experiments/{experiment_id}", tags=["experiments"],
                 summary="Stop and forget an experiment and its counters (admin)",
-                responses={404: {"model": ErrorBody, "description": "No such experiment"}})
+                responses={404: {"model": ErrorBody, "description": "No such experiment"},
+                           503: CONFIG_NOT_SAVED})
     async def delete_experiment(request: Request, experiment_id: Annotated[str, exp_path],
                                 _: str = admin) -> Response:
         await backend.load_experiments()

@@ -5,6 +5,8 @@ The rebuild clears what is left of the derived state under the prefix, starts a 
 generation, and lets the workers replay the events topic from offset 0: each stage finds no
 checkpoint and fetches from the start; co-occurrence evidence of the old generation still in the
 pairs topic is skipped, so the item graph is computed again from rebuilt contexts only.
+The catalog comes back from the catalog topic, and the merchant's rules and experiment
+definitions from the compacted config topic (the API writes them there before Redis).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from streams.store import Keys
 # Written by the API, not derived from events: kept. Short-lived request records and worker
 # stats are kept too (they expire on their own).
 KEEP = ("rules", "experiments", "served:", "stats:")
+# Record keys on the config topic (api/app.py, Backend.publish_config), by Redis key name.
+CONFIG_KEYS = (b"rules", b"experiments")
 ALIVE_S = 5.0  # a worker publishes its stats every second: one this recent is running
 
 
@@ -37,12 +41,25 @@ class RebuildReport:
     generation: str
     partitions: int  # of the events topic, each replayed from offset 0
     items: int  # catalog facts read back from the catalog topic
+    # Read back from the config topic: whether the rules were, and how many experiments
+    # (None: the experiment definitions were not); what Redis still held is kept.
+    rules_restored: bool = False
+    experiments_restored: int | None = None
+
+    def config_summary(self) -> str:
+        parts = (["rules"] if self.rules_restored else []) + (
+            [] if self.experiments_restored is None else
+            [f"{self.experiments_restored} experiment"
+             f"{'' if self.experiments_restored == 1 else 's'}"])
+        if not parts:
+            return "no rules or experiments restored (kept, or none on the config topic)"
+        return f"{' and '.join(parts)} restored from the config topic"
 
     def summary(self) -> str:
         return (f"deleted {self.deleted} keys of derived state; new state generation "
                 f"{self.generation}; {self.items} catalog items read back from the catalog "
-                "topic; start the workers: they replay the events topic from "
-                f"offset 0 of its {self.partitions} partitions")
+                f"topic; {self.config_summary()}; start the workers: they replay the events "
+                f"topic from offset 0 of its {self.partitions} partitions")
 
 
 def running_workers(r: redis.Redis, keys: Keys, now: float) -> list[str]:
@@ -104,9 +121,16 @@ def rebuild(settings: Settings, force: bool = False) -> RebuildReport:
     if batch:
         deleted += r.unlink(*batch)
     items = restore_catalog(settings, r, keys)
+    held = {key: bool(r.exists(key)) for key in (keys.rules, keys.experiments)}
+    restore_config(settings, r, keys)
+    rules_restored = not held[keys.rules] and bool(r.exists(keys.rules))
+    experiments_restored = None
+    if not held[keys.experiments] and (raw := r.get(keys.experiments)) is not None:
+        experiments_restored = len(orjson.loads(raw))
     generation = secrets.token_hex(8)
     r.set(keys.generation, generation)
-    return RebuildReport(deleted, generation, partitions, items)
+    return RebuildReport(deleted, generation, partitions, items, rules_restored,
+                         experiments_restored)
 
 
 def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
@@ -132,3 +156,36 @@ def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
         chunk = dict(list(facts.items())[start:start + 1000])
         r.hset(keys.catalog, mapping=chunk)
     return len(facts)
+
+
+def restore_config(settings: Settings, r: redis.Redis, keys: Keys) -> int:
+    """Read the config topic from its start and write the newest rules and experiments
+    documents back to Redis, each only where Redis no longer holds it; returns how many.
+
+    The API writes each document to the topic (keyed `rules` or `experiments`, the value the
+    exact bytes it then writes to Redis) before Redis, so the topic is never behind Redis.
+    Rules that survived in Redis are kept as they are. The topic is compacted: the last
+    record read for a key is its newest document.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000,
+                             allow_auto_create_topics=False,  # never an uncompacted one
+                             client_id=f"{settings.app_id}-rebuild")
+    newest: dict[bytes, bytes | None] = {}
+    try:
+        if settings.config_topic not in consumer.topics():
+            return 0  # never written (no API wrote rules or experiments yet)
+        consumer.subscribe([settings.config_topic])
+        for m in consumer:
+            if m.key in CONFIG_KEYS:
+                newest[m.key] = m.value
+    finally:
+        consumer.close()
+    targets = {b"rules": keys.rules, b"experiments": keys.experiments}
+    restored = 0
+    for key, value in newest.items():
+        if value is None:  # a tombstone: no document to restore
+            continue
+        if r.set(targets[key], value, nx=True):  # only where Redis lost it
+            restored += 1
+    return restored

@@ -32,6 +32,9 @@ class Settings:
     catalog_topic: str = "cartwise.catalog"
     dlq_topic: str = "cartwise.dlq"
     touchpoints_topic: str = "cartwise.touchpoints"  # reminders for CRM / SMS (docs/events.md)
+    # The API's rules and experiment definitions, compacted: `cartwise rebuild` reads them
+    # back after Redis lost its data (docs/operations.md).
+    config_topic: str = "cartwise.config"
     partitions: int = 4  # of the events and pairs topics; the most workers that share work
     batch_max: int = 1000
     # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
@@ -80,6 +83,9 @@ class Settings:
     # run-out; touchpoints found this late (a worker was down, an old log replayed) are
     # dropped instead of sent; how often the workers look for touchpoints to send.
     replenish_lead_days: float = 7.0
+    # Model settings other than their defaults, "NAME=NUMBER,..." (models/config.py); the API
+    # and the workers must run with the same.
+    model: str = ""
     touchpoint_max_late_s: float = 86400.0
     touchpoint_check_s: float = 10.0
     # Suggestion feedback (docs/experiments.md): a click, add-to-cart or purchase of a shown item
