@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import threading
@@ -241,10 +242,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics
 
     workdir = Path(".cartwise/demo").resolve()
-    stack = EmbeddedStack(workdir=workdir)
+    if args.broker == "kafka":
+        from cartwise.kafka_broker import java_available
+
+        reason = java_available()
+        if reason:
+            print(f"cartwise demo --broker kafka: {reason}; install Java 17+ and Maven, or run "
+                  "the demo on the embedded Tansu broker (the default)", file=sys.stderr)
+            return 2
+        # A fresh log each run, as Tansu's in-memory one is: Redis starts empty too.
+        shutil.rmtree(workdir / "kafka", ignore_errors=True)
+    stack = EmbeddedStack(workdir=workdir, broker_kind=args.broker)
     workdir.mkdir(parents=True, exist_ok=True)
-    print("cartwise demo: starting Tansu broker and redis-server ...", flush=True)
-    stack.start()
+    name = {"tansu": "Tansu", "kafka": "Apache Kafka"}[args.broker]
+    print(f"cartwise demo: starting {name} broker and redis-server ...", flush=True)
+    try:
+        stack.start()
+    except RuntimeError as exc:  # a broker that does not start says why (its log tail)
+        print(f"cartwise demo: {exc}", file=sys.stderr)
+        stack.stop()
+        return 1
     # Fresh keys every run; the demo page gets the read and ingest ones in clear.
     read_key, read_entry = new_key("read")
     ingest_key, ingest_entry = new_key("ingest")
@@ -278,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     print(f"""
-  broker (Kafka protocol)  {stack.broker}
+  broker                   {stack.broker}   ({name}, Kafka protocol)
   redis                    {stack.redis_url}
   worker log               {workdir / 'worker.log'}
   API                      {base}   (docs: {base}/docs, log: {workdir / 'api.log'})
@@ -432,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000, help="API port (a free one if taken)")
     p.add_argument("--respond-rate", type=float, default=5.0,
                    help="item-page visits per second by shoppers who react to suggestions")
+    p.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                   help="tansu: the embedded broker (Python only, the default); kafka: Apache "
+                        "Kafka from Maven Central jars (needs Java 17+ and, once, Maven)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("worker", help="run one stream worker (settings from CARTWISE_*)")
     p.add_argument("--loglevel", default="WARNING")

@@ -1,6 +1,10 @@
 """The embedded default: a real Tansu broker and a real redis-server, both from PyPI wheels.
 
 Used by `cartwise demo`, the test fixtures and the benchmarks. No Docker, no Java.
+
+`EmbeddedStack(broker_kind="kafka")` runs Apache Kafka instead of Tansu (cartwise/kafka_broker.py:
+Java 17+, jars from Maven Central), beside the same redis-server: the tests run their stream
+suites on both, and `cartwise demo --broker kafka` uses it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cartwise.kafka_broker import KafkaBroker
+
+BROKER_KINDS = ("tansu", "kafka")
 
 
 def free_port() -> int:
@@ -50,7 +60,11 @@ def redis_binary() -> str:
 
 @dataclass
 class EmbeddedStack:
-    """A broker and a Redis on free loopback ports; `start()` then `stop()` (or `with`)."""
+    """A broker and a Redis on free loopback ports; `start()` then `stop()` (or `with`).
+
+    `stop("broker")` / `start_broker()` stop and start the broker whichever it is (its process
+    name is `broker_kind`: "tansu" or "kafka"); `stop("broker", hard=True)` kills it (SIGKILL).
+    """
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cartwise-")))
     kafka_port: int = field(default_factory=free_port)
@@ -61,9 +75,18 @@ class EmbeddedStack:
     # Where the broker keeps its log. "memory" (the default) dies with the broker. "s3" puts
     # it in an S3 server beside it (moto, a test dependency: Tansu's other durable engine,
     # PostgreSQL, is not compiled into the wheel), so the broker can restart like Kafka does.
+    # Apache Kafka ignores this: it always keeps its log on disk, under workdir/kafka, and so
+    # restarts (also after SIGKILL) with every acknowledged record.
     broker_storage: str = "memory"
     s3_port: int = field(default_factory=free_port)
+    # "tansu" (the default: Python only) or "kafka" (Apache Kafka, cartwise/kafka_broker.py).
+    broker_kind: str = "tansu"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    kafka: KafkaBroker | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.broker_kind not in BROKER_KINDS:
+            raise ValueError(f"broker_kind must be one of {BROKER_KINDS}, not {self.broker_kind!r}")
 
     @property
     def broker(self) -> str:
@@ -89,6 +112,9 @@ class EmbeddedStack:
         urllib.request.urlopen(bucket, timeout=10).close()
 
     def start_broker(self) -> None:
+        if self.broker_kind == "kafka":
+            self._start_kafka()
+            return
         url = f"tcp://127.0.0.1:{self.kafka_port}"
         argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", f"{self.broker_storage}://tansu/"]
@@ -99,6 +125,17 @@ class EmbeddedStack:
                    "AWS_DEFAULT_REGION": "us-east-1"}
         wait_port(self.kafka_port, proc=self._spawn("tansu", argv, env))
 
+    def _start_kafka(self) -> None:
+        from cartwise.kafka_broker import KafkaBroker
+
+        if self.kafka is None:
+            # Partitions of topics the broker creates on first use (Faust's own, a producer's
+            # first send): cartwise's topics are created with their counts (streams/topics.py).
+            self.kafka = KafkaBroker(workdir=self.workdir / "kafka", port=self.kafka_port)
+        self.kafka.start()
+        assert self.kafka.proc is not None
+        self.procs["kafka"] = self.kafka.proc
+
     def start_redis(self) -> None:
         aof = ["yes", "--appendfsync", "always"] if self.redis_persistent else ["no"]
         argv = [redis_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
@@ -107,17 +144,27 @@ class EmbeddedStack:
 
     def start(self) -> EmbeddedStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.broker_storage == "s3":
+        if self.broker_storage == "s3" and self.broker_kind == "tansu":
             self.start_s3()
         self.start_broker()
         self.start_redis()
         return self
 
-    def stop(self, name: str | None = None) -> None:
+    def stop(self, name: str | None = None, hard: bool = False) -> None:
+        """Stop one process ("broker", "tansu", "kafka", "redis", "s3") or all: SIGTERM, or
+        SIGKILL when `hard`."""
+        if name == "broker":
+            name = self.broker_kind
         # The broker before its storage, the storage last.
         for n in [name] if name else sorted(self.procs, key=lambda n: n == "s3"):
             proc = self.procs.pop(n, None)
-            if proc is not None and proc.poll() is None:
+            if n == "kafka" and self.kafka is not None:
+                self.kafka.kill() if hard else self.kafka.stop()  # waits for a clean shutdown
+                continue
+            if proc is not None and proc.poll() is None and hard:
+                proc.kill()
+                proc.wait()
+            elif proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(10)

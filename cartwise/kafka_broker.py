@@ -86,7 +86,7 @@ def java_available(cache_dir: Path | str | None = None) -> str | None:
     """None when a Kafka broker can be started here, else one line saying why not."""
     java = _java()
     if java is None:
-        return "no `java` on PATH (Kafka 4.x needs Java 17+): the real-Kafka tests are skipped"
+        return "no `java` on PATH (Kafka 4.x needs Java 17+)"
     try:
         out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -397,15 +397,33 @@ class KafkaBroker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m cartwise.kafka_broker [--port N] [--dir D]`: a broker in the foreground."""
+    """`python -m cartwise.kafka_broker [--port N] [--dir D]`: a broker in the foreground;
+    `--fetch`: only fetch the jars (what `make test` does first), or say why they cannot be."""
     import argparse
+    import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--port", type=int, default=9092)
     ap.add_argument("--controller-port", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=REPO / ".cartwise" / "kafka-data")
     ap.add_argument("--partitions", type=int, default=12)
+    ap.add_argument("--fetch", action="store_true",
+                    help="fetch the Kafka jars into the cache and exit (0 also when Java or "
+                         "Maven is missing: the tests then skip Kafka, and this says why)")
     args = ap.parse_args(argv)
+    if args.fetch:
+        reason = java_available()
+        if reason:
+            print(f"Apache Kafka {kafka_version()}: not fetched: {reason}; the Kafka half of "
+                  "the tests will be skipped", file=sys.stderr)
+            return
+        began = time.monotonic()
+        try:
+            libs = fetch_kafka()
+        except RuntimeError as exc:
+            sys.exit(f"Apache Kafka {kafka_version()}: {exc}")
+        print(f"Apache Kafka {kafka_version()} jars in {libs} ({time.monotonic() - began:.1f} s)")
+        return
     broker = KafkaBroker(workdir=args.dir, port=args.port, controller_port=args.controller_port,
                          num_partitions=args.partitions).start()
     print(f"Kafka {kafka_version()} on {broker.bootstrap} (started in {broker.started_in:.1f} s); "

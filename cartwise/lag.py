@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 
 from cartwise.settings import Settings
 from streams.store import Keys
@@ -70,6 +71,27 @@ def high_watermarks(bootstrap: list[str], tps: list[TopicPartition],
         consumer.close()
 
 
+def group_offsets(bootstrap: str | list[str], group: str, timeout: float = 15.0) -> dict:
+    """The group's committed offsets ({TopicPartition: OffsetAndMetadata}).
+
+    Retries what the broker calls retriable: Apache Kafka answers FindCoordinator with
+    COORDINATOR_NOT_AVAILABLE until its __consumer_offsets topic exists (the first group
+    request a new cluster sees creates it) and with COORDINATOR_LOAD_IN_PROGRESS while it
+    loads that topic after a restart; Tansu answers at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            return admin.list_group_offsets(group).get(group, {})
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+        finally:
+            admin.close()
+        time.sleep(0.2)
+
+
 def collect(settings: Settings) -> list[PartitionLag]:
     """Lag of every partition the worker group reads."""
     stages = {settings.events_topic: "context", settings.pairs_topic: "cooccurrence",
@@ -81,12 +103,8 @@ def collect(settings: Settings) -> list[PartitionLag]:
     finally:
         consumer.close()
     ends = high_watermarks(settings.bootstrap, tps)
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    try:
-        offsets = admin.list_group_offsets(settings.app_id).get(settings.app_id, {})
-        committed = {tp: om.offset for tp, om in offsets.items() if om.offset >= 0}
-    finally:
-        admin.close()
+    offsets = group_offsets(settings.bootstrap, settings.app_id)
+    committed = {tp: om.offset for tp, om in offsets.items() if om.offset >= 0}
     r = redis.Redis.from_url(settings.redis_url)
     keys = Keys(settings.prefix)
     rows = []

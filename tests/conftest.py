@@ -1,12 +1,20 @@
-"""Fixtures: one real Tansu broker and one real redis-server for the whole session.
+"""Fixtures: one real broker and one real redis-server for the whole session.
 
 Every test gets its own topics, consumer group and Redis key prefix, so tests never see each
 other's data although they share the two servers.
+
+Two brokers: Tansu (embedded, Python only) and Apache Kafka (cartwise/kafka_broker.py: Java 17+,
+jars fetched once by Maven). `--broker tansu|kafka|both` (default both; or CARTWISE_TEST_BROKER)
+picks them. Tests that use the stack run once per broker, with ids [tansu] and [kafka], in the
+modules marked `both_brokers` (the stream suites); elsewhere on the first one picked (Tansu when
+it is). Without Java the [kafka] runs are skipped, with one line saying why and how to enable
+them. Tests that use no stack fixture do not depend on any broker.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +26,7 @@ import pytest
 import redis
 
 from api.auth import new_key
-from cartwise.embedded import EmbeddedStack, free_port
+from cartwise.embedded import BROKER_KINDS, EmbeddedStack, free_port
 from cartwise.harness import (
     produce,
     start_api,
@@ -33,10 +41,80 @@ from streams.topics import ensure_topics
 
 _ids = itertools.count()
 
+ENABLE_KAFKA = ("install Java 17+ and Maven (the jars are fetched once into .cartwise/), or set "
+                "CARTWISE_KAFKA_LIBS to a folder of Kafka 4.x jars")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--broker", choices=(*BROKER_KINDS, "both"),
+        default=os.environ.get("CARTWISE_TEST_BROKER", "both"),
+        help="broker(s) the stream suites run on: tansu (embedded), kafka (Apache Kafka, needs "
+             "Java 17+) or both (default; env CARTWISE_TEST_BROKER)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_brokers: tests that use the stack run on every broker --broker picks "
+                   "(unmarked ones: on the first picked only)")
+    choice = config.getoption("--broker")
+    config.cartwise_brokers = list(BROKER_KINDS) if choice == "both" else [choice]
+    config.cartwise_kafka_skip = None
+    if "kafka" in config.cartwise_brokers:
+        from cartwise.kafka_broker import java_available
+
+        reason = java_available()
+        if reason:
+            config.cartwise_kafka_skip = f"Apache Kafka tests skipped: {reason}; to run them, " \
+                                         f"{ENABLE_KAFKA}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"cartwise brokers: {', '.join(config.cartwise_brokers)}"]
+    if config.cartwise_kafka_skip:
+        lines.append(config.cartwise_kafka_skip)
+    return lines
+
+
+NOT_PICKED = "Apache Kafka not picked (--broker tansu)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Report every skip for want of Kafka at this file, so `-ra` folds them into one line."""
+    rep = yield
+    reasons = (item.config.cartwise_kafka_skip, NOT_PICKED)
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        reason = str(rep.longrepr[2])
+        if any(r and reason.endswith(r) for r in reasons):
+            rep.longrepr = (__file__, None, reason)
+    return rep
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses the stack (directly or through a fixture) gets a broker."""
+    if "broker_name" not in metafunc.fixturenames:
+        return
+    names = metafunc.config.cartwise_brokers
+    if metafunc.definition.get_closest_marker("both_brokers") is None:
+        names = names[:1]
+    metafunc.parametrize("broker_name", names, ids=names, indirect=True, scope="session")
+
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    s = EmbeddedStack(workdir=tmp_path_factory.mktemp("stack")).start()
+def broker_name(request: pytest.FixtureRequest) -> str:
+    """"tansu" or "kafka": the broker of this test's stack (parametrized above)."""
+    name = getattr(request, "param", request.config.cartwise_brokers[0])
+    if name == "kafka" and request.config.cartwise_kafka_skip:
+        # Raised once per session; every [kafka] skip is folded into one line (above).
+        pytest.skip(request.config.cartwise_kafka_skip)
+    return name
+
+
+@pytest.fixture(scope="session")
+def stack(broker_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    s = EmbeddedStack(workdir=tmp_path_factory.mktemp(f"stack-{broker_name}"),
+                      broker_kind=broker_name).start()
     yield s
     s.close()
 

@@ -2,8 +2,9 @@
 
 Each test reads a backlog that keeps arriving around the fault, and ends by checking that
 nothing was lost: the final lists equal those of an undisturbed run over the same events
-(the single-process library), and the lag drains to zero. The broker keeps its log in an S3
-server beside it, so that restarting it is a restart, not the loss of every topic.
+(the single-process library), and the lag drains to zero. Run on both brokers: Tansu keeps its
+log in an S3 server beside it, so that restarting it is a restart, not the loss of every topic;
+Apache Kafka keeps its own on disk, as in production (no S3 server).
 """
 
 from __future__ import annotations
@@ -25,22 +26,23 @@ from tests.test_operations import scrape
 from tests.test_pipeline import oracle
 
 START = 1_760_000_000.0
+pytestmark = pytest.mark.both_brokers
 
 
 @pytest.fixture(scope="module")
-def own_stack(tmp_path_factory) -> Iterator[EmbeddedStack]:
+def own_stack(broker_name, tmp_path_factory) -> Iterator[EmbeddedStack]:
     """A stack of its own: these tests restart servers under everyone else's feet."""
-    stack = EmbeddedStack(workdir=tmp_path_factory.mktemp("faults"),
+    stack = EmbeddedStack(workdir=tmp_path_factory.mktemp("faults"), broker_kind=broker_name,
                           redis_persistent=True).start()
     yield stack
     stack.close()
 
 
 @pytest.fixture
-def durable_stack(tmp_path) -> Iterator[EmbeddedStack]:
-    """The broker's log in an S3 server, so that the broker can restart without losing it."""
+def durable_stack(broker_name, tmp_path) -> Iterator[EmbeddedStack]:
+    """A broker that keeps its log across a restart: Tansu's in an S3 server, Kafka's on disk."""
     stack = EmbeddedStack(workdir=tmp_path / "stack", redis_persistent=True,
-                          broker_storage="s3").start()
+                          broker_kind=broker_name, broker_storage="s3").start()
     yield stack
     stack.close()
 
@@ -144,7 +146,7 @@ def test_broker_restart_mid_stream_workers_reconnect(durable_stack, make_setting
                                               n=200, fetch_max_wait_ms=500)
     a, b = workers(settings, "a"), workers(settings, "b")
     wait_under_way(settings)
-    own_stack.stop("tansu")
+    own_stack.stop("broker")
     time.sleep(3)  # the workers retry against a broker that is away
     own_stack.start_broker()
     for p, end in produce(settings, events[len(events) // 2:]).items():

@@ -13,10 +13,17 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from cartwise.kafka_broker import KafkaBroker, fetch_kafka, java_available
+from tests.conftest import NOT_PICKED
 
-_reason = java_available()
-if _reason:
-    pytest.skip(_reason, allow_module_level=True)
+
+@pytest.fixture(scope="module")
+def kafka_enabled(request: pytest.FixtureRequest) -> None:
+    """Skips unless --broker picks Kafka and Java 17+ is here (tests/conftest.py)."""
+    if "kafka" not in request.config.cartwise_brokers:
+        pytest.skip(NOT_PICKED)
+    if request.config.cartwise_kafka_skip:
+        pytest.skip(request.config.cartwise_kafka_skip)
+
 
 N = 1000
 PARTITIONS = 3
@@ -24,7 +31,8 @@ _topics = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+def broker(kafka_enabled: None,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     b = KafkaBroker(workdir=tmp_path_factory.mktemp("kafka")).start()
     print(f"Kafka broker started in {b.started_in:.1f} s")
     yield b
@@ -114,7 +122,7 @@ def test_kill9_keeps_acknowledged_records(broker: KafkaBroker) -> None:
     assert {k: seen[k] for k in acked} == acked
 
 
-def test_failed_start_reports_the_broker_log(tmp_path: Path) -> None:
+def test_failed_start_reports_the_broker_log(kafka_enabled: None, tmp_path: Path) -> None:
     with socket.socket() as taken:  # the broker's port is held: Kafka cannot bind it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -132,3 +140,14 @@ def test_fetch_without_maven_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyP
         fetch_kafka(cache_dir=tmp_path / "empty-cache")
     monkeypatch.delenv("JAVA_HOME", raising=False)
     assert "no `java` on PATH" in (java_available() or "")
+
+
+def test_compose_and_the_test_broker_run_one_kafka_version() -> None:
+    """The version the tests run (deploy/kafka/pom.xml) is the one docker-compose.yml deploys."""
+    import yaml
+
+    from cartwise.kafka_broker import REPO, kafka_version
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    image = compose["services"]["kafka"]["image"]
+    assert image == f"apache/kafka:{kafka_version()}", image

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from cartwise.cli import main as cli_main
@@ -25,6 +26,7 @@ def test_lag_arithmetic():
     assert table.splitlines()[1].split() == ["g", "t", "0", "12", "-", "10", "2"]
 
 
+@pytest.mark.both_brokers
 def test_lag_counts_a_known_backlog_then_drains(make_settings, workers, monkeypatch, capsys):
     settings = make_settings("lag")
     ensure_topics(settings)
@@ -61,6 +63,32 @@ def test_lag_counts_a_known_backlog_then_drains(make_settings, workers, monkeypa
     assert "freshness" in out
 
 
+@pytest.mark.both_brokers
+def test_list_offsets_is_the_high_watermark(broker_name, make_settings):
+    """ListOffsets(latest), what `KafkaConsumer.end_offsets` asks, against the true end of each
+    partition (last acknowledged offset + 1) and against the end `cartwise lag` reports."""
+    settings = make_settings("offsets")
+    ensure_topics(settings)
+    events = list(Shop(seed=12).events(400, start_ts=START))
+    ends = produce(settings, events)  # a burst: batches of several records each
+    tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
+    true_end = {tp: ends.get(tp.partition, -1) + 1 for tp in tps}
+    assert sum(true_end.values()) == len(events)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap)
+    try:
+        listed = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    reported = {TopicPartition(r.topic, r.partition): r.end for r in collect(settings)
+                if r.topic == settings.events_topic}
+    assert reported == true_end  # `cartwise lag` is right on both brokers
+    if broker_name == "tansu" and listed != true_end:
+        # A known Tansu 0.6 fault (cartwise/lag.py): the base offset of the last batch + 1.
+        assert all(listed[tp] <= true_end[tp] for tp in tps)
+        pytest.xfail(f"Tansu's ListOffsets {listed} falls short of the true ends {true_end}")
+    assert listed == true_end
+
+
 def test_lag_says_when_the_broker_is_unreachable(make_settings, monkeypatch, capsys):
     from cartwise.embedded import free_port
 
@@ -79,6 +107,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+@pytest.mark.both_brokers
 def test_worker_metrics_count_what_happened(make_settings, workers):
     from cartwise.embedded import free_port
 
@@ -136,6 +165,7 @@ def test_stall_detector_flags_only_partitions_that_wait_without_progress():
         (row(2, 20, 5), 69)]
 
 
+@pytest.mark.both_brokers
 def test_api_reports_a_stalled_stream_in_ready_and_metrics(make_settings, workers):
     import asyncio
 

@@ -12,14 +12,17 @@ from kafka import KafkaConsumer
 from cartwise.harness import produce, snapshot, wait_complete
 from cartwise.simulator import Shop
 from models import CrossSellRecommender
+from models.config import ModelConfig
 from streams.topics import ensure_topics
 
 START = 1_750_000_000.0
+pytestmark = pytest.mark.both_brokers  # the stream suites run on Tansu and Kafka
 
 
-def oracle(events: list, catalog: list) -> CrossSellRecommender:
+def oracle(events: list, catalog: list, config: ModelConfig | None = None,
+           partitions: int = 4) -> CrossSellRecommender:
     """The single-process library fed the same events: what the stream must agree with."""
-    rec = CrossSellRecommender()
+    rec = CrossSellRecommender(config, partitions=partitions)
     for item in catalog:
         rec.learn_catalog(item)
     for e in events:

@@ -19,6 +19,7 @@ from cartwise.simulator import Shop
 from streams.topics import ensure_topics
 
 START = 1_760_000_000.0
+pytestmark = pytest.mark.both_brokers  # the stream suites run on Tansu and Kafka
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,624 @@
+"""Cost per event at realistic scale: one backlog, the no-op agent, 1/2/4 workers, a grocery.
+
+    .venv/bin/python -m bench.scale                  # default size: minutes on 2 cores
+    .venv/bin/python -m bench.scale --full           # 50k items, 500k shoppers, 1M events
+    .venv/bin/python -m bench.scale --workers 1,2,4 --profile
+
+One embedded broker and Redis (cartwise/embedded.py). The workload is
+`cartwise.simulator.RealisticShop` (Zipf-like popularity, categories with complements in
+partner categories, interleaved sessions), produced once as a backlog with the project's
+EventProducer (validated, larger producer batches); the produce rate is reported.
+
+1. Baseline: a no-op Faust agent (like bench/noop.py, plus a mark at every tenth) drains it.
+2. For each worker count in `--workers` (default 1,2,4) a fresh consumer group drains the same
+   backlog. While it runs, the bench polls the Redis checkpoints (`harness.progress`: events
+   through both stages) and the workers' CPU time (/proc/<pid>/stat) every `--poll` s, and
+   interpolates both at every tenth of the backlog: events/s and CPU us/event per tenth show
+   whether the cost of an event grows with the state the workers hold. Also: the whole backlog
+   (from the workers' own first/last batch stamps, as bench/throughput.py), peak RSS
+   (VmHWM) per worker, and Redis memory (INFO used_memory, before/after; per key kind).
+3. Freshness on the big state: after the backlog, the single worker gets a steady `--rate`
+   events/s for `--seconds` s (more returning shoppers than new); p50/p99 from event to the
+   shopper's list in Redis, from the worker's own samples (its last 20,000 events: keep
+   rate x seconds above that, so no backlog sample is left in them).
+4. `--profile`: another single-worker pass over the backlog under py-spy (sampling,
+   --nonblocking), so the measured runs are not slowed; top functions by self and total time.
+5. Dense catalog: a grocery log (`RealisticShop(mode="dense")`: 300 items, baskets of 10-30)
+   replayed prequentially through the library (models.evaluation.Replay with CartwiseModel, what
+   `cartwise evaluate --events FILE --models cartwise` runs): ms per event, whole and per tenth.
+
+Results: a printed table and bench/results/scale.json; worker logs, the grocery log and
+py-spy's raw samples in bench/results/logs/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+RESULTS = Path(__file__).parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FRESHNESS_SAMPLES = 20_000  # what a worker keeps (streams/stats.py)
+
+DEFAULT = {"items": 20_000, "shoppers": 50_000, "events": 100_000, "dense_events": 3_000}
+FULL = {"items": 50_000, "shoppers": 500_000, "events": 1_000_000, "dense_events": 20_000}
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def settings_for(stack: Any, name: str, partitions: int, topics: Any = None) -> Any:
+    from cartwise.settings import Settings
+    from streams.topics import ensure_topics
+
+    s = Settings(broker=stack.broker, redis_url=stack.redis_url, prefix=f"{name}:", app_id=name,
+                 partitions=partitions, session_timeout_s=6.0, rebalance_timeout_s=6.0,
+                 heartbeat_interval_s=1.0,
+                 events_topic=topics.events_topic if topics else f"{name}.events",
+                 catalog_topic=topics.catalog_topic if topics else f"{name}.catalog",
+                 dlq_topic=f"{name}.dlq", touchpoints_topic=f"{name}.touchpoints",
+                 config_topic=f"{name}.config")
+    ensure_topics(s)
+    return s
+
+
+# -- the backlog ------------------------------------------------------------------------------
+
+
+def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float) -> tuple[dict, dict]:
+    """Catalog, then `n` events, through the project's EventProducer (validated) with larger
+    batches; the end offset of each partition comes from the acks (never the broker's
+    "latest offset")."""
+    from cartwise.producer import EventProducer
+
+    ends: dict[int, int] = {}
+    failed: list[BaseException] = []
+
+    def acked(md: Any) -> None:
+        if md.offset > ends.get(md.partition, -1):
+            ends[md.partition] = md.offset
+
+    t0 = time.perf_counter()
+    with EventProducer(settings.bootstrap, settings.events_topic, settings.catalog_topic,
+                       linger_ms=50, batch_size=256 << 10) as p:
+        for item in shop.catalog():
+            p.catalog(item)
+        t_cat = time.perf_counter()
+        for ev in shop.events(n, start_ts=start_ts):
+            p.send(ev).add_callback(acked).add_errback(failed.append)
+        p.flush()
+    t1 = time.perf_counter()
+    if failed:
+        raise RuntimeError(f"{len(failed)} sends failed, first: {failed[0]!r}")
+    return ends, {"events": n, "seconds": round(t1 - t0, 2),
+                  "events_per_s": round(n / (t1 - t_cat)),
+                  "catalog_items": shop.items, "catalog_seconds": round(t_cat - t0, 2)}
+
+
+# -- no-op agent (runs as `python -m bench.scale --noop-agent ...`) --------------------------
+
+
+def noop_agent(args: argparse.Namespace) -> None:
+    import faust
+
+    app = faust.App(args.app_id, broker=f"kafka://{args.broker}", value_serializer="raw",
+                    web_enabled=False, consumer_auto_offset_reset="earliest",
+                    broker_session_timeout=6.0, broker_rebalance_timeout=6.0,
+                    broker_heartbeat_interval=1.0)
+    topic = app.topic(args.topic, value_type=bytes, internal=False)
+    n = args.n
+    bounds = {round(k * n / 10) for k in range(1, 11)}
+    marks: list[tuple[int, float, float]] = []
+    count = [0]
+
+    @app.agent(topic)
+    async def noop(stream: Any) -> None:
+        async for _ in stream:
+            count[0] += 1
+            c = count[0]
+            if c == 1 or c in bounds:
+                marks.append((c, time.time(), time.process_time()))
+                if c == n:
+                    redis.Redis.from_url(args.redis_url).set(f"bench:{args.app_id}",
+                                                             orjson.dumps(marks))
+
+    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+
+
+def run_noop(stack: Any, topic: str, n: int, name: str, log: Path) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.scale", "--noop-agent", "--broker", stack.broker,
+         "--redis-url", stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        deadline = time.monotonic() + 3600
+        while (raw := r.get(f"bench:{name}")) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no-op agent failed; see {log}")
+            time.sleep(0.2)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    marks = orjson.loads(raw)  # (count, time, cpu) at the first event and every tenth
+    (c0, t0, cpu0), (cn, tn, cpun) = marks[0], marks[-1]
+    tenths = [tenth(a[0], b[0], a[1], b[1], a[2], b[2]) for a, b in zip(marks, marks[1:],
+                                                                        strict=False)]
+    return {"events_per_s": (cn - c0) / (tn - t0), "cpu_us_per_event": 1e6 * (cpun - cpu0) / cn,
+            "wall_s": round(tn - t0, 2), "peak_rss_mb": round(rss, 1), "tenths": tenths}
+
+
+def tenth(e0: float, e1: float, t0: float, t1: float, c0: float, c1: float) -> dict:
+    de = max(e1 - e0, 1e-9)
+    return {"events": round(de), "events_per_s": round(de / max(t1 - t0, 1e-9), 1),
+            "cpu_us_per_event": round(1e6 * (c1 - c0) / de, 1)}
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+def through_both(pr: dict, ends: dict[int, int]) -> tuple[int, int]:
+    """Events applied by stage 1 (checkpoint offsets) and by stage 2 (for each source
+    partition, the lowest high-water mark over the pairs partitions: every pairs partition
+    hears of every batch)."""
+    ctx = sum(min(pr["context"][p], e) + 1 for p, e in ends.items())
+    graph = sum(min(min((h.get(p, -1) for h in pr["hwm"]), default=-1), e) + 1
+                for p, e in ends.items())
+    return ctx, graph
+
+
+def interpolate(samples: list[tuple], target: float,
+                start: tuple[float, float]) -> tuple[float, float]:
+    """(time, cpu) when stage 1 had applied `target` events, linear between the polls around
+    it; polls are (time, cpu, events through stage 1, events through stage 2)."""
+    prev = (start[0], start[1], 0)
+    for s in samples:
+        if s[2] >= target:
+            if s[2] == prev[2]:
+                return s[0], s[1]
+            f = (target - prev[2]) / (s[2] - prev[2])
+            return prev[0] + f * (s[0] - prev[0]), prev[1] + f * (s[1] - prev[1])
+        if s[0] >= start[0]:
+            prev = s
+    return samples[-1][0], samples[-1][1]
+
+
+def timer_overruns(logs: list[Path]) -> dict[str, dict]:
+    """Faust's "Timer X is overlapping" warnings in worker logs: how often, the longest."""
+    out: dict[str, dict] = {}
+    for log in logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        for m in re.finditer(r"Timer \S*?(\w+) is overlapping \(interval=([\d.]+) "
+                             r"runtime=([\d.]+)\)", text):
+            d = out.setdefault(m[1], {"interval_s": float(m[2]), "count": 0, "max_s": 0.0,
+                                      "total_s": 0.0})
+            d["count"] += 1
+            d["max_s"] = round(max(d["max_s"], float(m[3])), 3)
+            d["total_s"] = round(d["total_s"] + float(m[3]), 3)
+    return out
+
+
+def key_kinds(r: redis.Redis, prefix: str, sample: int = 200) -> dict[str, dict]:
+    """Keys and estimated bytes per kind (the key's first part after the prefix), from
+    MEMORY USAGE of up to `sample` keys of each kind."""
+    counts: Counter[str] = Counter()
+    sizes: dict[str, list[int]] = {}
+    for key in r.scan_iter(f"{prefix}*", count=5000):
+        kind = key.decode().removeprefix(prefix).split(":", 1)[0]
+        counts[kind] += 1
+        got = sizes.setdefault(kind, [])
+        if len(got) < sample:
+            got.append(r.memory_usage(key, samples=0) or 0)
+    return {k: {"keys": n, "est_mb": round(n * sum(sizes[k]) / len(sizes[k]) / 2**20, 1)}
+            for k, n in counts.most_common()}
+
+
+def drop_prefix(r: redis.Redis, prefix: str) -> None:
+    batch = []
+    for key in r.scan_iter(f"{prefix}*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            r.unlink(*batch)
+            batch = []
+    if batch:
+        r.unlink(*batch)
+
+
+def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int, logs: Path,
+                poll: float, partitions: int, freshness: dict | None = None,
+                profile: dict | None = None) -> dict:
+    from cartwise.harness import progress, start_worker, stop_worker
+
+    settings = settings_for(stack, name, partitions, topics)
+    r = redis.Redis.from_url(stack.redis_url)
+    n = sum(e + 1 for e in ends.values())
+    mem0 = r.info("memory")["used_memory"]
+    procs = [start_worker(settings, logs / f"{name}-{i}.log", f"{name}-{i}") for i in range(k)]
+    spy = None
+    samples: list[tuple[float, float, int, int]] = []
+    out: dict[str, Any] = {"workers": k}
+    try:
+        if profile is not None:
+            spy = subprocess.Popen(
+                [profile["py_spy"], "record", "--pid", str(procs[0].pid), "--rate",
+                 str(profile["rate"]), "--nonblocking", "--format", "raw", "-o",
+                 str(profile["raw"])], stdout=open(logs / f"{name}-py-spy.log", "ab"),  # noqa: SIM115
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 6 * 3600
+        while True:
+            pr = progress(r, settings)
+            ctx, graph = through_both(pr, ends)
+            samples.append((time.time(), sum(cpu_s(p.pid) for p in procs), ctx, graph))
+            if ctx == n and graph == n:
+                break
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"worker exited with {p.returncode}; see {logs}/{name}-*")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {ctx}/{graph} of {n} after the deadline")
+            time.sleep(poll)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(120)
+        time.sleep(2.5)  # the stats timer publishes the last batch's stamps
+        stats = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
+                 if (v := r.get(key))]
+        stats = [s for s in stats if s.get("first_batch_at")]
+        first = min(s["first_batch_at"] for s in stats)
+        done = max(s["last_batch_at"] for s in stats)
+        cpu_first = sum(s["first_batch_cpu"] for s in stats)
+        cpu_done = sum(s["last_batch_cpu"] for s in stats)
+        out |= {"events": n, "events_per_s": round(n / (done - first), 1),
+                "cpu_us_per_event": round(1e6 * (cpu_done - cpu_first) / n, 1),
+                "wall_s": round(done - first, 2)}
+        start = (first, cpu_first)
+        # Tenths of the backlog by stage 1's checkpoints (stage 2 may lag: its work lands in
+        # the tenth in which it runs); the tail is from stage 1's end to both stages' end.
+        marks = [start] + [interpolate(samples, b * n / 10, start) for b in range(1, 11)]
+        out["tenths"] = [tenth(i * n / 10, (i + 1) * n / 10, a[0], b[0], a[1], b[1])
+                         for i, (a, b) in enumerate(zip(marks, marks[1:], strict=False))]
+        end = samples[-1]
+        out["tail"] = {"seconds": round(end[0] - marks[-1][0], 2),
+                       "cpu_s": round(end[1] - marks[-1][1], 2)}
+        out["peak_rss_mb"] = [round(peak_rss_mb(p.pid), 1) for p in procs]
+        # The raw polls: seconds and CPU seconds since the first batch, events through stage
+        # 1 and through stage 2.
+        out["polls"] = [(round(t - first, 2), round(c - cpu_first, 2), a, b)
+                        for t, c, a, b in samples if t >= first]
+        out["timer_overruns"] = timer_overruns([logs / f"{name}-{i}.log" for i in range(k)])
+        seconds: dict[str, float] = {}
+        for st in stats:
+            for key, v in st.get("seconds", {}).items():
+                seconds[key] = round(seconds.get(key, 0.0) + v, 2)
+        out["step_seconds"] = dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
+        counters: Counter[str] = Counter()
+        for st in stats:
+            counters.update(st.get("counters", {}))
+        out["counters"] = dict(sorted(counters.items()))
+        mem1 = r.info("memory")["used_memory"]
+        out["redis"] = {"used_memory_mb": round(mem1 / 2**20, 1),
+                        "run_mb": round((mem1 - mem0) / 2**20, 1),
+                        "keys": key_kinds(r, settings.prefix)}
+        out["state"] = [s.get("partitions") for s in stats]
+        if freshness is not None:
+            out["freshness"] = measure_freshness(settings, r, **freshness)
+            out["peak_rss_mb_after_freshness"] = [round(peak_rss_mb(p.pid), 1) for p in procs]
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        for p in procs:
+            stop_worker(p)
+    drop_prefix(r, settings.prefix)
+    return out
+
+
+def measure_freshness(settings: Any, r: redis.Redis, shop: Any, rate: float, seconds: float,
+                      known_shoppers: int, new_share: float) -> dict:
+    """A steady `rate` events/s on top of the state the worker holds; the worker's own
+    event-to-list samples afterwards."""
+    from cartwise.producer import EventProducer
+
+    n = int(rate * seconds) + 1
+    events = shop.events(n, start_ts=time.time(), part=1, known_shoppers=known_shoppers,
+                         new_shoppers=int(n * new_share), mean_gap_s=0.0)
+    from cartwise.harness import progress
+
+    sent = 0
+    ends: dict[int, int] = {}
+
+    def acked(md: Any) -> None:
+        if md.offset > ends.get(md.partition, -1):
+            ends[md.partition] = md.offset
+
+    with EventProducer(settings.bootstrap, settings.events_topic) as p:
+        start = time.time()
+        while (now := time.time()) - start < seconds:
+            ahead = start + sent / rate - now
+            if ahead > 0:
+                time.sleep(ahead)
+            ev = next(events)
+            ev["ts"] = time.time()
+            p.send(ev).add_callback(acked)
+            sent += 1
+        p.flush()
+    stopped = time.time()
+    elapsed = stopped - start
+    # Wait for stage 1 to apply everything sent (the shopper lists are written with it), so
+    # every freshness sample the worker keeps is a live event's.
+    caught_up = None
+    while time.time() - stopped < 300:
+        ctx = progress(r, settings)["context"]
+        if all(ctx[q] >= e for q, e in ends.items()):
+            caught_up = round(time.time() - stopped, 1)
+            break
+        time.sleep(0.2)
+    time.sleep(2.5)  # the worker publishes its stats every second
+    stats = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
+             if (v := r.get(key))]
+    fresh = stats[0]["freshness_s"]
+    ms = {k: (None if v is None else round(v * 1000, 1)) for k, v in fresh["user"].items()
+          if k != "n"}
+    return {"rate": rate, "seconds": seconds, "sent": sent,
+            "achieved_rate": round(sent / elapsed, 1),
+            # after the last send, until stage 1's checkpoints covered all of it (None: not
+            # within 300 s); includes up to one checkpoint interval
+            "caught_up_s": caught_up,
+            "user_p50_ms": ms["p50"], "user_p99_ms": ms["p99"], "user_max_ms": ms["max"],
+            "user_recent_p99_ms": ms["recent_p99"], "samples": fresh["user"]["n"],
+            "only_steady_samples": sent >= FRESHNESS_SAMPLES,
+            "item_p50_ms": round((fresh["item"]["p50"] or 0) * 1000, 1),
+            "item_p99_ms": round((fresh["item"]["p99"] or 0) * 1000, 1)}
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+
+def top_functions(raw: Path, n: int = 15) -> dict:
+    """Self and total share of samples per function from py-spy's raw (collapsed) output."""
+    self_: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        samples += c
+        frames = []
+        for f in stack.split(";"):
+            # "function (path/file.py:123)" -> "function (file.py)"
+            func, _, where = f.partition(" (")
+            path = where.rstrip(")").rsplit(":", 1)[0]
+            short = "/".join(Path(path).parts[-2:]) if path else ""
+            frames.append(f"{func} ({short})" if short else func)
+        self_[frames[-1]] += c
+        for f in set(frames):
+            total[f] += c
+    return {"samples": samples,
+            "self": [(f, round(100 * c / samples, 1)) for f, c in self_.most_common(n)],
+            "total": [(f, round(100 * c / samples, 1)) for f, c in total.most_common(n + 10)]}
+
+
+# -- dense catalog replay ---------------------------------------------------------------------
+
+
+def dense_replay(n: int, seed: int, out_file: Path) -> dict:
+    """The grocery log through the library path: written as JSON lines, loaded as
+    `cartwise evaluate --events FILE` loads it, replayed with the cartwise model alone."""
+    from cartwise.evaluate import load
+    from cartwise.simulator import RealisticShop
+    from models.evaluation import Replay
+    from models.recommender import CartwiseModel
+
+    shop = RealisticShop(seed=seed, mode="dense")
+    with open(out_file, "wb") as f:
+        for ev in shop.events(n, start_ts=1_750_000_000.0):
+            f.write(orjson.dumps(ev) + b"\n")
+    events, kinds = load(None, out_file)
+    model = CartwiseModel()
+    replay = Replay([model], kinds, events[int(0.3 * len(events))].ts)
+    bounds = [round(k * len(events) / 10) for k in range(1, 11)]
+    marks = [(0, time.perf_counter(), 0.0)]
+    for i, e in enumerate(events, 1):
+        replay.step(e)
+        if i in bounds:
+            marks.append((i, time.perf_counter(), replay.seconds[model.name]))
+    tenths = [round(1000 * (b[2] - a[2]) / (b[0] - a[0]), 3) for a, b in zip(marks, marks[1:],
+                                                                               strict=False)]
+    pairs = len(model.rec.graph.rows)
+    return {"events": len(events), "items": shop.items, "shoppers": shop.shoppers,
+            "log": str(out_file.name), "ms_per_event": round(replay.cost_us(model.name) / 1000, 3),
+            "wall_s": round(marks[-1][1] - marks[0][1], 1), "ms_per_event_by_tenth": tenths,
+            "rows": pairs}
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def table(res: dict) -> str:
+    lines = []
+    pr = res["produce"]
+    lines.append(f"backlog: {pr['events']} events, {res['shop']['items']} items, "
+                 f"{res['shop']['shoppers']} shoppers, {res['partitions']} partitions; "
+                 f"produced at {pr['events_per_s']} events/s")
+    noop = res["noop"]
+    head = f"{'run':<10} {'ev/s':>8} {'us/ev':>7} {'ratio':>6}  per tenth: ev/s | CPU us/event"
+    lines += [head, "-" * len(head)]
+
+    def row(label: str, d: dict) -> None:
+        ratio = d["events_per_s"] / noop["events_per_s"]
+        lines.append(f"{label:<10} {d['events_per_s']:>8.0f} {d['cpu_us_per_event']:>7.0f} "
+                     f"{ratio:>6.2f}  " + " ".join(f"{t['events_per_s']:.0f}" for t in d["tenths"]))
+        lines.append(f"{'':<35}" + " ".join(f"{t['cpu_us_per_event']:.0f}" for t in d["tenths"]))
+
+    row("no-op", noop)
+    for k, d in res["workers"].items():
+        row(f"{k} worker" + ("s" if k != "1" else ""), d)
+    one = res["workers"].get("1")
+    if one:
+        t = one["tenths"]
+        lines.append(f"1 worker CPU us/event: tenth 1 {t[0]['cpu_us_per_event']:.0f}, "
+                     f"tenth 2 {t[1]['cpu_us_per_event']:.0f}, last {t[-1]['cpu_us_per_event']:.0f}"
+                     f" (last/second {t[-1]['cpu_us_per_event'] / t[1]['cpu_us_per_event']:.2f})")
+        lines.append(f"peak RSS: worker {one['peak_rss_mb']} MB, no-op {noop['peak_rss_mb']} MB; "
+                     f"Redis used_memory {one['redis']['used_memory_mb']} MB "
+                     f"(this run {one['redis']['run_mb']} MB)")
+        f = one.get("freshness")
+        if f:
+            lines.append(f"freshness at {f['achieved_rate']:.0f} ev/s on the big state: shopper "
+                         f"list p50 {f['user_p50_ms']} ms, p99 {f['user_p99_ms']} ms; item lists "
+                         f"p50 {f['item_p50_ms']} ms, p99 {f['item_p99_ms']} ms")
+    if len(res["workers"]) > 1 and one:
+        base = one["events_per_s"]
+        lines.append("scale-out: " + ", ".join(
+            f"{k}: {d['events_per_s'] / base:.2f}x ({d['cpu_us_per_event']:.0f} us/ev CPU)"
+            for k, d in res["workers"].items()) + f" on {os.cpu_count()} cores")
+    d = res.get("dense")
+    if d:
+        lines.append(f"dense replay: {d['events']} events, {d['items']} items: "
+                     f"{d['ms_per_event']} ms/event; per tenth {d['ms_per_event_by_tenth']}")
+    p = res.get("profile")
+    if p:
+        lines.append(f"profile ({p['samples']} samples), top self: " +
+                     "; ".join(f"{f} {s}%" for f, s in p["self"][:8]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true",
+                    help=f"the full size: {FULL} (default {DEFAULT})")
+    ap.add_argument("--items", type=int)
+    ap.add_argument("--shoppers", type=int)
+    ap.add_argument("--events", type=int)
+    ap.add_argument("--dense-events", type=int, help="grocery log length (0: skip)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
+    ap.add_argument("--rate", type=float, default=1000.0, help="freshness: events/s")
+    ap.add_argument("--seconds", type=float, default=30.0, help="freshness: how long")
+    ap.add_argument("--poll", type=float, default=0.5, help="progress polling interval, s")
+    ap.add_argument("--profile", action="store_true", help="an extra 1-worker pass under py-spy")
+    ap.add_argument("--profile-rate", type=int, default=50)
+    ap.add_argument("--skip-noop", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "scale.json"))
+    # internal: the no-op agent subprocess
+    ap.add_argument("--noop-agent", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--broker", help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", help=argparse.SUPPRESS)
+    ap.add_argument("--topic", help=argparse.SUPPRESS)
+    ap.add_argument("--app-id", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.noop_agent:
+        noop_agent(args)
+        return
+
+    from cartwise.embedded import EmbeddedStack
+    from cartwise.simulator import RealisticShop
+
+    size = dict(FULL if args.full else DEFAULT)
+    for k in size:
+        if getattr(args, k) is not None:
+            size[k] = getattr(args, k)
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if args.profile and not Path(py_spy).exists():
+        sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    RESULTS.mkdir(exist_ok=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(exist_ok=True)
+    run = f"s{int(time.time()) % 100000}"
+    shop = RealisticShop(seed=args.seed, items=size["items"], shoppers=size["shoppers"])
+    res: dict[str, Any] = {"command": "python -m bench.scale " + " ".join(sys.argv[1:]),
+                           "cores": os.cpu_count(), "partitions": args.partitions,
+                           "shop": shop.describe(), "size": size}
+    with EmbeddedStack() as stack:
+        topics = settings_for(stack, f"{run}backlog", args.partitions)
+        gap = shop.mean_gap_s
+        # The backlog ends a minute ago: the live events that follow continue its event time.
+        start_ts = time.time() - size["events"] * gap - 60
+        ends, res["produce"] = produce_backlog(topics, shop, size["events"], start_ts)
+        n = sum(e + 1 for e in ends.values())
+        print(f"backlog: {n} events in {len(ends)} partitions, produced at "
+              f"{res['produce']['events_per_s']} events/s ({res['produce']['seconds']} s)",
+              flush=True)
+        if not args.skip_noop:
+            res["noop"] = run_noop(stack, topics.events_topic, n, f"{run}noop",
+                                   logs / f"{run}noop.log")
+            print(f"no-op: {res['noop']['events_per_s']:.0f} ev/s, "
+                  f"{res['noop']['cpu_us_per_event']:.0f} us/event", flush=True)
+        res["workers"] = {}
+        for k in counts:
+            fresh = None
+            if k == 1 and args.seconds > 0:
+                fresh = {"shop": shop, "rate": args.rate, "seconds": args.seconds,
+                         "known_shoppers": shop.shoppers,
+                         "new_share": shop.shoppers / size["events"] / 4}
+            d = run_workers(stack, topics, f"{run}w{k}", ends, k, logs, args.poll,
+                            args.partitions, freshness=fresh)
+            res["workers"][str(k)] = d
+            print(f"{k} worker(s): {d['events_per_s']:.0f} ev/s, {d['cpu_us_per_event']:.0f} "
+                  f"us/event; per tenth us/event "
+                  f"{[t['cpu_us_per_event'] for t in d['tenths']]}", flush=True)
+            if d.get("freshness"):
+                print(f"  freshness: {d['freshness']}", flush=True)
+        if args.profile:
+            raw = logs / "scale-profile.txt"
+            d = run_workers(stack, topics, f"{run}prof", ends, 1, logs, args.poll,
+                            args.partitions,
+                            profile={"py_spy": py_spy, "rate": args.profile_rate, "raw": raw})
+            res["profile"] = top_functions(raw) | {
+                "raw": raw.name, "rate_hz": args.profile_rate,
+                "events_per_s_under_profiler": d["events_per_s"],
+                "tenths_us_per_event": [t["cpu_us_per_event"] for t in d["tenths"]]}
+    if size["dense_events"]:
+        print("dense replay ...", flush=True)
+        res["dense"] = dense_replay(size["dense_events"], args.seed, logs / "dense.jsonl")
+    if "noop" in res:
+        print(table(res))
+    Path(args.out).write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
