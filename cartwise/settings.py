@@ -35,6 +35,12 @@ class Settings:
     # The API's rules and experiment definitions, compacted: `cartwise rebuild` reads them
     # back after Redis lost its data (docs/operations.md).
     config_topic: str = "cartwise.config"
+    # Copies of each partition; -1 is the broker's default.replication.factor (set it to 3 on a
+    # production cluster of three brokers or more).
+    replication_factor: int = -1
+    # The events topic's retention; -1 keeps it whole, which the exact rebuild after a Redis data
+    # loss needs (docs/operations.md).
+    events_retention_ms: int = -1
     partitions: int = 4  # of the events and pairs topics; the most workers that share work
     batch_max: int = 1000
     # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
@@ -110,6 +116,13 @@ class Settings:
     demo_read_key: str = ""
     demo_ingest_key: str = ""
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        # Apache Kafka refuses a group session outside its broker limits (6 s to 30 min by
+        # default) and the worker would then idle without consuming: say so up front.
+        if not 6.0 <= self.session_timeout_s <= 1800.0:
+            raise ValueError(f"CARTWISE_SESSION_TIMEOUT_S={self.session_timeout_s:g} is outside "
+                             "6..1800 s, the range Apache Kafka accepts by default")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

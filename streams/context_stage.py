@@ -30,6 +30,7 @@ from models.feedback import Delta, Example, Reranker
 from models.interests import InterestClusters
 from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
 from streams.audience import AudienceIndex
+from streams.evidence import pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
 from streams.routing import PartitionOf
@@ -202,10 +203,9 @@ class ContextStage(Stage):
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
         for q in range(n_pairs):
-            msg = orjson.dumps({"src": partition, "g": self.store.generation, "last": last,
-                                "t": first_ts, "n": newest, "c": st.clock,
-                                "m": all_marginals, "p": out[q], "r": repeats[q]})
-            st.acks.append(await self.send(s.pairs_topic, msg, q, None))
+            for msg in pairs_messages(partition, self.store.generation, last, first_ts, newest,
+                                      st.clock, all_marginals, out[q], repeats[q]):
+                st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
         await self.user_lists(partition, st, list(dict.fromkeys(touched)))
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)

@@ -22,12 +22,21 @@ def topic_plan(settings: Settings) -> dict[str, int]:
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Topic-level configs set at creation; topics not named take the broker's defaults.
+    """Topic-level configs set at creation (docs/events.md, "Topics"); a topic not named takes
+    the broker's defaults (Apache Kafka: delete after 7 days).
 
-    The config topic keeps the newest rules and experiments documents for `cartwise rebuild`
-    (one record per key): compacted, never deleted by age.
+    The events topic is kept whole: `cartwise rebuild` replays it from offset 0. The catalog and
+    config topics keep the newest record per key (compacted, never deleted by age). The pairs
+    topic is internal and only read again after a crash or rebalance: a day is plenty.
     """
-    return {settings.config_topic: {"cleanup.policy": "compact"}}
+    day_ms = str(86_400_000)
+    return {
+        settings.events_topic: {"retention.ms": str(settings.events_retention_ms)},
+        settings.catalog_topic: {"cleanup.policy": "compact"},
+        settings.config_topic: {"cleanup.policy": "compact"},
+        settings.pairs_topic: {"retention.ms": day_ms},
+        settings.touchpoints_topic: {"retention.ms": str(7 * 86_400_000)},
+    }
 
 
 def ensure_topics(settings: Settings, timeout: float = 60.0,
@@ -48,7 +57,8 @@ def ensure_topics(settings: Settings, timeout: float = 60.0,
     try:
         existing = set(admin.list_topics())
         configs = topic_configs(settings)
-        missing = [NewTopic(name, n, 1, topic_configs=configs.get(name))
+        missing = [NewTopic(name, n, settings.replication_factor,
+                            topic_configs=configs.get(name))
                    for name, n in topic_plan(settings).items()
                    if name not in existing and (only is None or name in only)]
         if missing:

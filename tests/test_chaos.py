@@ -21,15 +21,19 @@ import pytest
 
 from bench.chaos import TIMING_DEPENDENT, ChaosConfig, run_seed
 
-# Two seeds keep the file near 2.5 minutes on two cores; CHAOS_SEEDS=1,2,3,4 runs more.
+# Two seeds keep the file near 2.5 minutes on two cores; CHAOS_SEEDS=1,2,3,4 runs more. On
+# Apache Kafka the first seed only, to keep `make test` within its time.
 SEEDS = tuple(int(s) for s in os.environ.get("CHAOS_SEEDS", "1,2").split(","))
+pytestmark = pytest.mark.both_brokers
 
 
 @pytest.mark.timeout(290)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_sigkills_under_live_traffic_give_the_state_of_an_uninterrupted_run(
-    seed, make_settings, workers
+    seed, make_settings, workers, broker_name
 ):
+    if broker_name == "kafka" and seed != SEEDS[0] and "CHAOS_SEEDS" not in os.environ:
+        pytest.skip("one chaos seed on Apache Kafka (CHAOS_SEEDS=... runs them all)")
     # Harsh on purpose: quick restarts (a new member joins before the dead one's session
     # expires, so each kill is a rebalance or two) every 0.5-3 s while the backlog and a steady
     # live stream keep batches buffered and checkpoints in flight on the survivors. A run that

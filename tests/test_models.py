@@ -389,3 +389,26 @@ def test_bounded_graph_is_the_same_whatever_order_evidence_arrives_in(bounds):
     for g in runs[1:]:
         assert {i: g.lists(i) for i in sorted(g.rows)} == want
         assert g.seen_epoch == first.seen_epoch
+
+
+def test_a_large_batch_of_evidence_is_cut_into_messages_of_whole_events():
+    import orjson
+
+    from streams.evidence import pairs_messages
+
+    marginals = [(o, 1.0e9 + o, [(f"i{o}-{k}", 1.0, 0.0) for k in range(30)], 1.0e9 + o)
+                 for o in range(0, 400, 2)]
+    pairs = [(o, 1.0e9 + o, [(f"i{o}", f"j{k}", 1.0, 0.0, 1.0, 0.0, 0.0) for k in range(50)],
+              1.0e9 + o) for o in range(0, 400, 4)]
+    msgs = [orjson.loads(m) for m in pairs_messages(3, "g", 401, 1.0e9, 2.0e9, 2.0e9,
+                                                    marginals, pairs, [], limit=64 * 1024)]
+    assert len(msgs) > 3
+    assert all(len(orjson.dumps(m)) < 2 * 64 * 1024 for m in msgs)
+    # Every event once, in order; each message's `last` covers its events; only the last one
+    # moves "now" and the clock.
+    assert [e[0] for m in msgs for e in m["m"]] == [e[0] for e in marginals]
+    assert [e[0] for m in msgs for e in m["p"]] == [e[0] for e in pairs]
+    for m in msgs[:-1]:
+        assert max(e[0] for e in m["m"] + m["p"]) == m["last"] and m["n"] is None
+    assert msgs[-1]["last"] == 401 and msgs[-1]["n"] == 2.0e9 == msgs[-1]["c"]
+    assert [m["last"] for m in msgs] == sorted(m["last"] for m in msgs)

@@ -28,6 +28,7 @@ from streams.topics import ensure_topics
 from tests.test_pipeline import oracle
 
 START = 1_755_000_000.0
+pytestmark = pytest.mark.both_brokers  # the stream suites run on Tansu and Kafka
 
 
 def dead_letters(settings) -> list[tuple[bytes, dict[str, bytes]]]:
@@ -243,8 +244,9 @@ def test_a_checkpoint_is_applied_whole_or_not_at_all(stack):
 
 
 @pytest.fixture
-def own_stack(tmp_path):
-    s = EmbeddedStack(workdir=tmp_path / "stack", redis_persistent=True).start()
+def own_stack(tmp_path, broker_name):
+    s = EmbeddedStack(workdir=tmp_path / "stack", redis_persistent=True,
+                      broker_kind=broker_name).start()
     yield s
     s.close()
 
