@@ -275,8 +275,12 @@ class Backend:
                     self.metrics.stream_stalled.labels(*labels).set(0)
                 for row, _ in stalled:
                     self.metrics.stream_stalled.labels(row.topic, str(row.partition)).set(1)
+                # Progress committed, yet no generation: Redis lost the state (the workers stop).
+                lost = (any((row.committed or 0) > 0 for row in rows)
+                        and not await self.redis.exists(self.store.keys.generation))
+                self.metrics.state_lost.set(1 if lost else 0)
                 self.stream = {
-                    "status": "stalled" if stalled else "ok",
+                    "status": "state_lost" if lost else "stalled" if stalled else "ok",
                     "max_lag": max((row.lag for row in rows), default=0),
                     "stalled": [{"topic": row.topic, "partition": row.partition,
                                  "lag": row.lag, "no_progress_s": round(idle)}

@@ -45,6 +45,10 @@ class ApiMetrics:
                                     "has not moved for stall_after_s while records wait",
                                     ["topic", "partition"], registry=self.registry)
 
+        self.state_lost = Gauge("cartwise_state_lost", "1 when Redis has no state generation "
+                                "while the consumer group has committed offsets: Redis lost the "
+                                "workers' state (docs/operations.md)", registry=self.registry)
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)

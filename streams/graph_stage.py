@@ -227,8 +227,9 @@ class GraphStage(Stage):
         keep = self.settings.trending_size
         for key, members in ((self.keys.trending(), scores),
                              *((self.keys.trending(c), m) for c, m in by_cat.items())):
-            pipe.zadd(key, members)
-            pipe.zremrangebyrank(key, 0, -keep - 1)
+            if members:
+                pipe.zadd(key, members)
+                pipe.zremrangebyrank(key, 0, -keep - 1)
         return mine
 
     async def publish_lists(self) -> None:

@@ -64,6 +64,20 @@ class WorkerCollector:
             if name.endswith(".checkpoint_conflicts"):
                 conflicts.add_metric([name.removesuffix(".checkpoint_conflicts")], n)
         yield conflicts
+        recovery = CounterMetricFamily(
+            "cartwise_stream_recoveries", "What the stream core caught and handled: records of "
+            "a partition no longer owned (stale_records), holes fetched again (gap_refetches) or "
+            "taken as real (gaps_accepted), checkpoints that failed and were redone "
+            "(checkpoint_failures), events re-keyed to their shopper's partition (rekeyed), "
+            "evidence of an older state generation skipped (old_generation)",
+            labels=["stage", "kind"])
+        kinds = ("stale_records", "gap_refetches", "gaps_accepted", "checkpoint_failures",
+                 "rekeyed", "key_mismatch", "old_generation")
+        for name, n in sorted(counters.items()):
+            stage, _, kind = name.partition(".")
+            if kind in kinds:
+                recovery.add_metric([stage, kind], n)
+        yield recovery
         feedback = CounterMetricFamily("cartwise_feedback", "Suggestion feedback: impressions, "
                                        "clicks, impressions whose served record was gone "
                                        "(unserved), re-ranker examples learned",

@@ -24,7 +24,7 @@ from models.config import ModelConfig
 from streams.context_stage import ContextStage
 from streams.stats import Stats
 from streams.store import Keys, Ops, Store
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, group_has_offsets
 from tests.test_pipeline import oracle
 
 START = 1_755_000_000.0
@@ -284,6 +284,11 @@ def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
     ends = produce(settings, events[:400], shop.catalog)
     w = workers(settings, "before")
     wait_complete(settings, ends, procs=[w])
+    # The group has committed its progress to the broker (Faust commits every few seconds).
+    deadline = time.monotonic() + 60
+    while not group_has_offsets(settings):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     r = redis.Redis.from_url(settings.redis_url)
     # Redis loses everything of this deployment (a flush, a failover to an empty replica).
     for key in r.scan_iter(f"{settings.prefix}*"):
