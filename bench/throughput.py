@@ -1,6 +1,7 @@
 """Throughput, freshness and memory of one worker on the embedded broker and Redis.
 
     make bench            # or: .venv/bin/python -m bench.throughput --events 60000
+    .venv/bin/python -m bench.throughput --broker tansu,kafka   # both brokers, one run
 
 1. Throughput: a backlog of simulated shop events is produced once. A no-op Faust agent
    (the baseline) and the cartwise worker (both stages, Redis checkpoints, suggestion lists)
@@ -153,17 +154,9 @@ def freshness(stack: EmbeddedStack, rate: float, seconds: float, log: Path,
             "samples": fresh["user"]["n"], "peak_rss_mb": rss}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=60_000)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rate", type=float, default=1000.0)
-    ap.add_argument("--seconds", type=float, default=30.0)
-    args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    logs = RESULTS / "logs"
-    logs.mkdir(exist_ok=True)
-    with EmbeddedStack() as stack:
+def measure(broker: str, args: argparse.Namespace, logs: Path) -> dict:
+    """The whole measurement on one broker: its own stack, backlog, rounds and freshness."""
+    with EmbeddedStack(broker_kind=broker) as stack:
         topics = settings_for(stack, "backlog")
         shop = Shop(seed=1)
         events = []
@@ -174,37 +167,59 @@ def main() -> None:
         ends = produce(topics, events, shop.catalog)
         produce_s = time.time() - t
         n = sum(e + 1 for e in ends.values())
-        print(f"backlog: {n} events in {len(ends)} partitions (produced in {produce_s:.1f}s)")
+        print(f"[{broker}] backlog: {n} events in {len(ends)} partitions "
+              f"(produced in {produce_s:.1f}s)")
         rounds = []
         for i in range(args.rounds):
-            noop = run_noop(stack, topics.events_topic, n, f"noop{i}", logs / f"noop{i}.log")
+            noop = run_noop(stack, topics.events_topic, n, f"noop{i}",
+                            logs / f"{broker}-noop{i}.log")
             work = run_worker(settings_for(stack, f"worker{i}", topics), ends, n,
-                              logs / f"worker{i}.log")
+                              logs / f"{broker}-worker{i}.log")
             ratio = work["events_per_s"] / noop["events_per_s"]
             cpu_ratio = noop["cpu_us_per_event"] / work["cpu_us_per_event"]
             rounds.append({"noop": noop, "worker": work, "ratio": ratio, "cpu_ratio": cpu_ratio})
-            print(f"round {i}: no-op {noop['events_per_s']:.0f} ev/s, worker "
+            print(f"[{broker}] round {i}: no-op {noop['events_per_s']:.0f} ev/s, worker "
                   f"{work['events_per_s']:.0f} ev/s, ratio {ratio:.2f}; CPU per event no-op "
                   f"{noop['cpu_us_per_event']:.0f} us, worker {work['cpu_us_per_event']:.0f} us "
                   f"(ratio {cpu_ratio:.2f}); peak RSS no-op "
                   f"{noop['peak_rss_mb']:.0f} MB, worker {work['peak_rss_mb']:.0f} MB")
             print(f"  worker wall {work['wall_s']}s, time by step: {work['step_seconds']}")
-        fresh = freshness(stack, args.rate, args.seconds, logs / "fresh.log")
-        print(f"freshness at {fresh['achieved_rate']:.0f} ev/s: shopper list p50 "
+        fresh = freshness(stack, args.rate, args.seconds, logs / f"{broker}-fresh.log")
+        print(f"[{broker}] freshness at {fresh['achieved_rate']:.0f} ev/s: shopper list p50 "
               f"{fresh['user_p50_ms']:.0f} ms p99 {fresh['user_p99_ms']:.0f} ms; item lists "
               f"p50 {fresh['item_p50_ms']:.0f} ms p99 {fresh['item_p99_ms']:.0f} ms "
               f"({fresh['samples']} samples); worker peak RSS {fresh['peak_rss_mb']:.0f} MB")
     result = {
-        "events": n, "rounds": rounds,
+        "broker": broker, "events": n, "rounds": rounds,
         "ratio_median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
         "cpu_ratio_median": statistics.median(r["cpu_ratio"] for r in rounds) if rounds else None,
         "freshness": fresh,
-        "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
     }
     if rounds:
-        print(f"median ratio worker / no-op: events/s {result['ratio_median']:.2f}, "
+        print(f"[{broker}] median ratio worker / no-op: events/s {result['ratio_median']:.2f}, "
               f"CPU per event {result['cpu_ratio_median']:.2f}")
-    (RESULTS / "throughput.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=60_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--broker", default="tansu",
+                    help="tansu, kafka or tansu,kafka (each measured in turn, same run)")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(exist_ok=True)
+    brokers = [b.strip() for b in args.broker.split(",") if b.strip()]
+    results = [measure(b, args, logs) for b in brokers]
+    # The first broker's figures at the top level, as before; every broker's under by_broker.
+    out = dict(results[0])
+    out["by_broker"] = {r["broker"]: r for r in results}
+    out["command"] = "python -m bench.throughput " + " ".join(sys.argv[1:])
+    (RESULTS / "throughput.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":
