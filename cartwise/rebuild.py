@@ -145,6 +145,9 @@ def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
     facts: dict[str, bytes] = {}
     try:
         for m in consumer:
+            if m.value is None and m.key:  # a tombstone: the shop removed the item
+                facts.pop(m.key.decode(errors="replace"), None)
+                continue
             try:
                 item = parse_catalog(m.value)
             except ContractError:

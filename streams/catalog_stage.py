@@ -41,7 +41,14 @@ class CatalogStage:
         acks = []
         # Fetched before a rebalance: the new owner applies them, in order after older ones.
         mine = [r for r in records if r[1] in self.assigned]
-        for value, partition, offset, _, _ in mine:
+        gone: set[str] = set()
+        for value, partition, offset, _, key in mine:
+            if value is None and key:
+                # A tombstone on the compacted catalog topic: the shop removed the item.
+                item_id = key.decode(errors="replace")
+                facts.pop(item_id, None)
+                gone.add(item_id)
+                continue
             try:
                 item = parse_catalog(value)
             except ContractError as err:
@@ -51,11 +58,15 @@ class CatalogStage:
                 acks.append(await self.send(s.dlq_topic, out, None, headers))
                 continue
             facts[item.item_id] = orjson.dumps(item.as_dict())
+            gone.discard(item.item_id)
         await asyncio.gather(*acks)
         delay = 0.1
-        while facts:
+        while facts or gone:
             pipe = self.store.redis.pipeline(transaction=True)
-            pipe.hset(self.store.keys.catalog, mapping=facts)
+            if facts:
+                pipe.hset(self.store.keys.catalog, mapping=facts)
+            if gone:
+                pipe.hdel(self.store.keys.catalog, *gone)
             pipe.incr(self.store.keys.lists_version)
             pipe.incr(self.store.keys.catalog_version)
             try:
@@ -71,6 +82,7 @@ class CatalogStage:
                 delay = min(5.0, delay * 2)
                 continue
             self.stats.inc("catalog.applied", len(facts))
+            self.stats.inc("catalog.removed", len(gone))
             break
         if self.ack is not None:
             for e in events:

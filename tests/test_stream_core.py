@@ -273,6 +273,14 @@ def test_catalog_records_read_during_a_redis_outage_are_kept(own_stack, make_set
     while r.hlen(key) < len(items) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert r.hlen(key) == len(items)
+    # A tombstone on the compacted catalog topic removes the item.
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    producer.send(settings.catalog_topic, None, key=b"c0").get(30)
+    producer.close()
+    deadline = time.monotonic() + 60
+    while r.hexists(key, "c0") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not r.hexists(key, "c0") and r.hlen(key) == len(items) - 1
 
 
 def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
