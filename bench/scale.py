@@ -1,8 +1,9 @@
 """Cost per event at realistic scale: one backlog, the no-op agent, 1/2/4 workers, a grocery.
 
-    .venv/bin/python -m bench.scale                  # default size: minutes on 2 cores
+    .venv/bin/python -m bench.scale                  # default size: 20k items, 30k shoppers,
+                                                     # 60k events
     .venv/bin/python -m bench.scale --full           # 50k items, 500k shoppers, 1M events
-    .venv/bin/python -m bench.scale --workers 1,2,4 --profile
+    .venv/bin/python -m bench.scale --workers 1 --profile
 
 One embedded broker and Redis (cartwise/embedded.py). The workload is
 `cartwise.simulator.RealisticShop` (Zipf-like popularity, categories with complements in
@@ -10,22 +11,31 @@ partner categories, interleaved sessions), produced once as a backlog with the p
 EventProducer (validated, larger producer batches); the produce rate is reported.
 
 1. Baseline: a no-op Faust agent (like bench/noop.py, plus a mark at every tenth) drains it.
-2. For each worker count in `--workers` (default 1,2,4) a fresh consumer group drains the same
-   backlog. While it runs, the bench polls the Redis checkpoints (`harness.progress`: events
-   through both stages) and the workers' CPU time (/proc/<pid>/stat) every `--poll` s, and
-   interpolates both at every tenth of the backlog: events/s and CPU us/event per tenth show
-   whether the cost of an event grows with the state the workers hold. Also: the whole backlog
-   (from the workers' own first/last batch stamps, as bench/throughput.py), peak RSS
-   (VmHWM) per worker, and Redis memory (INFO used_memory, before/after; per key kind).
+2. For each worker count in `--workers` (default 1,2,4) a fresh consumer group drains the
+   same backlog, the catalog already in Redis (a shop's catalog is there before its traffic;
+   `preload_catalog`). While it runs, the bench polls the Redis checkpoints
+   (`harness.progress`) and the workers' CPU time (/proc/<pid>/stat) every `--poll` s and
+   interpolates both at every tenth of the backlog (by stage 1's checkpoints; what stage 2
+   still does after stage 1 is done is the "tail"): events/s and CPU us/event per tenth show
+   whether the cost of an event grows with the state the workers hold. Also: the whole
+   backlog (the workers' own first/last batch stamps, as bench/throughput.py), peak RSS
+   (VmHWM) per worker, Redis memory (INFO used_memory; keys and bytes per key kind), Faust's
+   timer overruns from the worker logs, and events applied per backlog event (above 1: work
+   redone after partitions moved between workers).
 3. Freshness on the big state: after the backlog, the single worker gets a steady `--rate`
-   events/s for `--seconds` s (more returning shoppers than new); p50/p99 from event to the
-   shopper's list in Redis, from the worker's own samples (its last 20,000 events: keep
-   rate x seconds above that, so no backlog sample is left in them).
-4. `--profile`: another single-worker pass over the backlog under py-spy (sampling,
-   --nonblocking), so the measured runs are not slowed; top functions by self and total time.
+   events/s for `--seconds` s (mostly returning shoppers); the bench waits until stage 1 has
+   applied all of it (`caught_up_s`), then reads p50/p99 from event to the shopper's list in
+   Redis from the worker's own samples (its last 20,000 events: keep rate x seconds above
+   that, so that no backlog event is among them).
+4. `--profile`: one more single-worker pass over the backlog under py-spy (sampling,
+   --nonblocking), so the measured runs are not slowed: one window over the first fifth of
+   the backlog, one over the last, one over a steady `--rate` afterwards ("live"); top
+   functions by self and total time in each, and the functions whose cost per event grew
+   most from the first window to the last.
 5. Dense catalog: a grocery log (`RealisticShop(mode="dense")`: 300 items, baskets of 10-30)
-   replayed prequentially through the library (models.evaluation.Replay with CartwiseModel, what
-   `cartwise evaluate --events FILE --models cartwise` runs): ms per event, whole and per tenth.
+   replayed prequentially through the library (models.evaluation.Replay with CartwiseModel:
+   what `cartwise evaluate --events FILE --models cartwise` runs): ms per event, whole and per
+   tenth.
 
 Results: a printed table and bench/results/scale.json; worker logs, the grocery log and
 py-spy's raw samples in bench/results/logs/ (not committed).
@@ -51,8 +61,13 @@ import redis
 RESULTS = Path(__file__).parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FRESHNESS_SAMPLES = 20_000  # what a worker keeps (streams/stats.py)
+# py-spy windows of the --profile pass, by share of the backlog through stage 1: what an
+# event costs early (little state) against late (the most state).
+# The late one stops short of the end, where partitions go idle one by one and settle (every
+# list recomputed once): an end-of-backlog cost, not one per event.
+PROFILE_WINDOWS = (("early", 0.0, 0.2), ("late", 0.7, 0.9))
 
-DEFAULT = {"items": 20_000, "shoppers": 50_000, "events": 100_000, "dense_events": 3_000}
+DEFAULT = {"items": 20_000, "shoppers": 30_000, "events": 60_000, "dense_events": 2_000}
 FULL = {"items": 50_000, "shoppers": 500_000, "events": 1_000_000, "dense_events": 20_000}
 
 
@@ -239,13 +254,32 @@ def key_kinds(r: redis.Redis, prefix: str, sample: int = 200) -> dict[str, dict]
     counts: Counter[str] = Counter()
     sizes: dict[str, list[int]] = {}
     for key in r.scan_iter(f"{prefix}*", count=5000):
-        kind = key.decode().removeprefix(prefix).split(":", 1)[0]
+        parts = key.decode().removeprefix(prefix).split(":")
+        kind = ":".join(parts[:2]) if parts[0] == "state" and len(parts) > 2 else parts[0]
         counts[kind] += 1
         got = sizes.setdefault(kind, [])
         if len(got) < sample:
             got.append(r.memory_usage(key, samples=0) or 0)
     return {k: {"keys": n, "est_mb": round(n * sum(sizes[k]) / len(sizes[k]) / 2**20, 1)}
             for k, n in counts.most_common()}
+
+
+def preload_catalog(r: redis.Redis, prefix: str, shop: Any) -> None:
+    """The catalog facts the catalog stage would write (streams/catalog_stage.py), written
+    before the workers start: a shop's catalog is there before its traffic, and the workers'
+    catalog stage (reading the catalog topic beside the backlog) only rewrites the same."""
+    from cartwise.contract import validate_catalog
+    from streams.store import Keys
+
+    key = Keys(prefix).catalog
+    facts: dict[str, bytes] = {}
+    for item in shop.catalog():
+        facts[item["item_id"]] = orjson.dumps(validate_catalog(item).as_dict())
+        if len(facts) >= 5000:
+            r.hset(key, mapping=facts)
+            facts = {}
+    if facts:
+        r.hset(key, mapping=facts)
 
 
 def drop_prefix(r: redis.Redis, prefix: str) -> None:
@@ -260,7 +294,7 @@ def drop_prefix(r: redis.Redis, prefix: str) -> None:
 
 
 def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int, logs: Path,
-                poll: float, partitions: int, freshness: dict | None = None,
+                poll: float, partitions: int, shop: Any = None, freshness: dict | None = None,
                 profile: dict | None = None) -> dict:
     from cartwise.harness import progress, start_worker, stop_worker
 
@@ -268,22 +302,28 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
     r = redis.Redis.from_url(stack.redis_url)
     n = sum(e + 1 for e in ends.values())
     mem0 = r.info("memory")["used_memory"]
+    if shop is not None:
+        preload_catalog(r, settings.prefix, shop)
     procs = [start_worker(settings, logs / f"{name}-{i}.log", f"{name}-{i}") for i in range(k)]
-    spy = None
     samples: list[tuple[float, float, int, int]] = []
     out: dict[str, Any] = {"workers": k}
+    windows: list[dict] = []  # profiler windows: [start share, end share) of the backlog
+    if profile is not None:
+        windows = [{"name": w, "from": a, "to": b, "raw": logs / f"{name}-py-spy-{w}.txt"}
+                   for w, a, b in profile["windows"]]
     try:
-        if profile is not None:
-            spy = subprocess.Popen(
-                [profile["py_spy"], "record", "--pid", str(procs[0].pid), "--rate",
-                 str(profile["rate"]), "--nonblocking", "--format", "raw", "-o",
-                 str(profile["raw"])], stdout=open(logs / f"{name}-py-spy.log", "ab"),  # noqa: SIM115
-                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 6 * 3600
         while True:
             pr = progress(r, settings)
             ctx, graph = through_both(pr, ends)
             samples.append((time.time(), sum(cpu_s(p.pid) for p in procs), ctx, graph))
+            for w in windows:
+                if "spy" not in w and ctx > 0 and ctx >= w["from"] * n:
+                    w["spy"] = py_spy(profile, procs[0].pid, w["raw"], logs / f"{name}.py-spy.log")
+                    w["start"] = samples[-1]
+                elif "spy" in w and "stop" not in w and (ctx >= w["to"] * n):
+                    w["spy"].send_signal(signal.SIGINT)
+                    w["stop"] = samples[-1]
             if ctx == n and graph == n:
                 break
             for p in procs:
@@ -292,9 +332,9 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: {ctx}/{graph} of {n} after the deadline")
             time.sleep(poll)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(120)
+        for w in windows:
+            if "spy" in w:
+                w["spy"].wait(120)
         time.sleep(2.5)  # the stats timer publishes the last batch's stamps
         stats = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
                  if (v := r.get(key))]
@@ -330,21 +370,41 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
         for st in stats:
             counters.update(st.get("counters", {}))
         out["counters"] = dict(sorted(counters.items()))
+        # Events applied by stage 1 over the backlog: above 1 is work redone (a partition
+        # replayed from its checkpoint after it moved between workers).
+        applied = sum(v for c, v in counters.items() if c.startswith("applied.")
+                      or c.startswith("context.applied."))
+        out["applied_per_event"] = round(applied / n, 3)
         mem1 = r.info("memory")["used_memory"]
         out["redis"] = {"used_memory_mb": round(mem1 / 2**20, 1),
                         "run_mb": round((mem1 - mem0) / 2**20, 1),
                         "keys": key_kinds(r, settings.prefix)}
         out["state"] = [s.get("partitions") for s in stats]
         if freshness is not None:
+            live = None
+            if profile is not None:  # where the time goes at a steady rate, on the big state
+                live = {"name": "live", "raw": logs / f"{name}-py-spy-live.txt",
+                        "spy": py_spy(profile, procs[0].pid, logs / f"{name}-py-spy-live.txt",
+                                      logs / f"{name}.py-spy.log"),
+                        "start": (time.time(), cpu_s(procs[0].pid), 0, 0)}
+                windows.append(live)
             out["freshness"] = measure_freshness(settings, r, **freshness)
+            if live is not None:
+                live["spy"].send_signal(signal.SIGINT)
+                live["stop"] = (time.time(), cpu_s(procs[0].pid), out["freshness"]["sent"], 0)
+                live["spy"].wait(120)
             out["peak_rss_mb_after_freshness"] = [round(peak_rss_mb(p.pid), 1) for p in procs]
+        if windows:
+            out["profile"] = {w["name"]: window_profile(w) for w in windows if "stop" in w}
     finally:
-        if spy is not None and spy.poll() is None:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+        for w in windows:
+            spy = w.get("spy")
+            if spy is not None and spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(60)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
         for p in procs:
             stop_worker(p)
     drop_prefix(r, settings.prefix)
@@ -405,18 +465,53 @@ def measure_freshness(settings: Any, r: redis.Redis, shop: Any, rate: float, sec
             "user_p50_ms": ms["p50"], "user_p99_ms": ms["p99"], "user_max_ms": ms["max"],
             "user_recent_p99_ms": ms["recent_p99"], "samples": fresh["user"]["n"],
             "only_steady_samples": sent >= FRESHNESS_SAMPLES,
-            "item_p50_ms": round((fresh["item"]["p50"] or 0) * 1000, 1),
-            "item_p99_ms": round((fresh["item"]["p99"] or 0) * 1000, 1)}
+            # Item lists: the last 1,000 written (a worker keeps 20,000 samples, one per list
+            # written, and writes fewer than that during the steady phase: older ones would be
+            # the backlog's)
+            "item_recent_p50_ms": round((fresh["item"]["recent_p50"] or 0) * 1000, 1),
+            "item_recent_p99_ms": round((fresh["item"]["recent_p99"] or 0) * 1000, 1)}
 
 
 # -- profile ----------------------------------------------------------------------------------
 
 
+def py_spy(profile: dict, pid: int, raw: Path, log: Path) -> subprocess.Popen:
+    """py-spy sampling a running process until SIGINT (then it writes `raw`)."""
+    return subprocess.Popen(
+        [profile["py_spy"], "record", "--pid", str(pid), "--rate", str(profile["rate"]),
+         "--nonblocking", "--format", "raw", "-o", str(raw)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+
+
+def window_profile(w: dict) -> dict:
+    """One profiler window: its share of the backlog, the worker's CPU per event in it, and
+    the functions' shares of the samples (so share x CPU per event = us per event)."""
+    (t0, c0, e0, _), (t1, c1, e1, _) = w["start"], w["stop"]
+    us = 1e6 * (c1 - c0) / max(e1 - e0, 1)
+    return {"from_event": e0, "to_event": e1, "seconds": round(t1 - t0, 1),
+            "cpu_us_per_event": round(us, 1)} | top_functions(w["raw"])
+
+
+def growth(early: dict, late: dict, n: int = 15) -> list[tuple[str, float, float]]:
+    """Functions whose cost per event (total time: the function and what it calls) grew most
+    from the early to the late window: (function, us/event early, us/event late)."""
+    ue, ul = early["cpu_us_per_event"] / 100, late["cpu_us_per_event"] / 100
+    te, tl = dict(early["all_total"]), dict(late["all_total"])
+    generic = ("(asyncio/", "(<frozen", "(mode/", "(cartwise/", "(threading", "(faust/",
+               "(python3", "(lib/")
+    rows = [(f, round(te.get(f, 0.0) * ue, 1), round(tl.get(f, 0.0) * ul, 1))
+            for f in set(te) | set(tl) if not any(g in f for g in generic)]
+    return sorted(rows, key=lambda r: r[1] - r[2])[:n]
+
+
 def top_functions(raw: Path, n: int = 15) -> dict:
-    """Self and total share of samples per function from py-spy's raw (collapsed) output."""
+    """Self and total share of samples (%) per function from py-spy's raw (collapsed)
+    output; `all_total`: every function with at least 0.5%."""
     self_: Counter[str] = Counter()
     total: Counter[str] = Counter()
     samples = 0
+    if not raw.exists():
+        return {"samples": 0, "self": [], "total": [], "all_total": []}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -433,9 +528,12 @@ def top_functions(raw: Path, n: int = 15) -> dict:
         self_[frames[-1]] += c
         for f in set(frames):
             total[f] += c
+    samples = max(samples, 1)
     return {"samples": samples,
             "self": [(f, round(100 * c / samples, 1)) for f, c in self_.most_common(n)],
-            "total": [(f, round(100 * c / samples, 1)) for f, c in total.most_common(n + 10)]}
+            "total": [(f, round(100 * c / samples, 1)) for f, c in total.most_common(n + 10)],
+            "all_total": [(f, round(100 * c / samples, 2)) for f, c in total.most_common()
+                          if c / samples >= 0.005]}
 
 
 # -- dense catalog replay ---------------------------------------------------------------------
@@ -504,22 +602,29 @@ def table(res: dict) -> str:
                      f"(this run {one['redis']['run_mb']} MB)")
         f = one.get("freshness")
         if f:
-            lines.append(f"freshness at {f['achieved_rate']:.0f} ev/s on the big state: shopper "
-                         f"list p50 {f['user_p50_ms']} ms, p99 {f['user_p99_ms']} ms; item lists "
-                         f"p50 {f['item_p50_ms']} ms, p99 {f['item_p99_ms']} ms")
+            lines.append(f"freshness at {f['achieved_rate']:.0f} ev/s for {f['seconds']:.0f} s on "
+                         f"the big state: shopper list p50 {f['user_p50_ms']} ms, p99 "
+                         f"{f['user_p99_ms']} ms; last 1,000 item lists p50 "
+                         f"{f['item_recent_p50_ms']} ms, p99 {f['item_recent_p99_ms']} ms; "
+                         f"caught up {f['caught_up_s']} s after the last event was sent")
     if len(res["workers"]) > 1 and one:
         base = one["events_per_s"]
         lines.append("scale-out: " + ", ".join(
-            f"{k}: {d['events_per_s'] / base:.2f}x ({d['cpu_us_per_event']:.0f} us/ev CPU)"
+            f"{k}: {d['events_per_s'] / base:.2f}x ({d['cpu_us_per_event']:.0f} us/ev CPU, "
+            f"{d['applied_per_event']} applied/ev)"
             for k, d in res["workers"].items()) + f" on {os.cpu_count()} cores")
     d = res.get("dense")
     if d:
         lines.append(f"dense replay: {d['events']} events, {d['items']} items: "
                      f"{d['ms_per_event']} ms/event; per tenth {d['ms_per_event_by_tenth']}")
     p = res.get("profile")
-    if p:
-        lines.append(f"profile ({p['samples']} samples), top self: " +
-                     "; ".join(f"{f} {s}%" for f, s in p["self"][:8]))
+    for name, w in (p or {}).get("windows", {}).items():
+        lines.append(f"profile {name} (events {w['from_event']}-{w['to_event']}, "
+                     f"{w['cpu_us_per_event']:.0f} us/event, {w['samples']} samples), top self: "
+                     + "; ".join(f"{f} {s}%" for f, s in w["self"][:6]))
+    if p and p.get("growth"):
+        lines.append("grew most (us/event early -> late, incl. callees): " + "; ".join(
+            f"{f} {a:.0f}->{b:.0f}" for f, a, b in p["growth"][:8]))
     return "\n".join(lines)
 
 
@@ -535,10 +640,12 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
     ap.add_argument("--rate", type=float, default=1000.0, help="freshness: events/s")
-    ap.add_argument("--seconds", type=float, default=30.0, help="freshness: how long")
+    ap.add_argument("--seconds", type=float, default=25.0,
+                    help="freshness: how long (0: skip); rate x seconds > 20,000 keeps backlog "
+                    "events out of the worker's samples")
     ap.add_argument("--poll", type=float, default=0.5, help="progress polling interval, s")
     ap.add_argument("--profile", action="store_true", help="an extra 1-worker pass under py-spy")
-    ap.add_argument("--profile-rate", type=int, default=50)
+    ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     ap.add_argument("--skip-noop", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     # internal: the no-op agent subprocess
@@ -561,8 +668,8 @@ def main() -> None:
         if getattr(args, k) is not None:
             size[k] = getattr(args, k)
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if args.profile and not Path(py_spy).exists():
+    py_spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if args.profile and not Path(py_spy_bin).exists():
         sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
     RESULTS.mkdir(exist_ok=True)
     logs = RESULTS / "logs"
@@ -587,15 +694,18 @@ def main() -> None:
                                    logs / f"{run}noop.log")
             print(f"no-op: {res['noop']['events_per_s']:.0f} ev/s, "
                   f"{res['noop']['cpu_us_per_event']:.0f} us/event", flush=True)
+        def fresh_args(k: int) -> dict | None:
+            if k != 1 or args.seconds <= 0:
+                return None
+            # A quarter as many new shoppers per event as in the backlog: mostly returning.
+            return {"shop": shop, "rate": args.rate, "seconds": args.seconds,
+                    "known_shoppers": shop.shoppers,
+                    "new_share": shop.shoppers / size["events"] / 4}
+
         res["workers"] = {}
         for k in counts:
-            fresh = None
-            if k == 1 and args.seconds > 0:
-                fresh = {"shop": shop, "rate": args.rate, "seconds": args.seconds,
-                         "known_shoppers": shop.shoppers,
-                         "new_share": shop.shoppers / size["events"] / 4}
             d = run_workers(stack, topics, f"{run}w{k}", ends, k, logs, args.poll,
-                            args.partitions, freshness=fresh)
+                            args.partitions, shop=shop, freshness=fresh_args(k))
             res["workers"][str(k)] = d
             print(f"{k} worker(s): {d['events_per_s']:.0f} ev/s, {d['cpu_us_per_event']:.0f} "
                   f"us/event; per tenth us/event "
@@ -603,14 +713,18 @@ def main() -> None:
             if d.get("freshness"):
                 print(f"  freshness: {d['freshness']}", flush=True)
         if args.profile:
-            raw = logs / "scale-profile.txt"
             d = run_workers(stack, topics, f"{run}prof", ends, 1, logs, args.poll,
-                            args.partitions,
-                            profile={"py_spy": py_spy, "rate": args.profile_rate, "raw": raw})
-            res["profile"] = top_functions(raw) | {
-                "raw": raw.name, "rate_hz": args.profile_rate,
-                "events_per_s_under_profiler": d["events_per_s"],
-                "tenths_us_per_event": [t["cpu_us_per_event"] for t in d["tenths"]]}
+                            args.partitions, shop=shop, freshness=fresh_args(1),
+                            profile={"py_spy": py_spy_bin, "rate": args.profile_rate,
+                                     "windows": PROFILE_WINDOWS})
+            prof = d.get("profile", {})
+            res["profile"] = {"rate_hz": args.profile_rate, "windows": prof,
+                              "freshness_under_profiler": d.get("freshness"),
+                              "events_per_s_under_profiler": d["events_per_s"],
+                              "tenths_us_per_event": [t["cpu_us_per_event"]
+                                                      for t in d["tenths"]]}
+            if "early" in prof and "late" in prof:
+                res["profile"]["growth"] = growth(prof["early"], prof["late"])
     if size["dense_events"]:
         print("dense replay ...", flush=True)
         res["dense"] = dense_replay(size["dense_events"], args.seed, logs / "dense.jsonl")

@@ -164,8 +164,9 @@ _AISLES = ("produce", "dairy", "bakery", "meat", "frozen", "pantry", "snacks", "
            "breakfast", "household", "personal-care", "pets")
 _MODES = {
     # mode: (items, categories, shoppers, popularity exponent, concurrent sessions, mean gap s)
-    "wide": (50_000, 400, 500_000, 0.9, 500, 0.002),
-    "dense": (300, len(_AISLES), 500, 0.6, 20, 20.0),
+    # wide: 500 events/s, a session's events ~30 s apart; dense: a basket's ~30 s apart.
+    "wide": (50_000, 400, 500_000, 0.9, 15_000, 0.002),
+    "dense": (300, len(_AISLES), 500, 0.6, 5, 6.0),
 }
 
 
@@ -203,8 +204,10 @@ class RealisticShop:
     Shoppers: `events(n)` introduces `new_shoppers` (default: `shoppers`) new shoppers at an
     even pace over its n events; a session is a new shopper's whenever the pace is behind,
     otherwise a returning shopper's (drawn with a Zipf-like bias to the earliest, loyal ones).
-    `concurrent` sessions are open at once and interleave, as on a real site; times advance by
-    exponential gaps of mean `mean_gap_s` (events/s of the shop = 1 / mean_gap_s).
+    `concurrent` sessions are open at once and interleave, as on a real site (at most one per
+    40 events of the call, so a short run is not all session starts); times advance by
+    exponential gaps of mean `mean_gap_s` (events/s of the shop = 1 / mean_gap_s; a session's
+    events are about concurrent x mean_gap_s apart).
 
     Deterministic for a given seed and knobs: `catalog()` and each `events()` call draw from
     their own generators, so they repeat exactly whatever was drawn before. Pure Python
@@ -368,8 +371,10 @@ class RealisticShop:
         emitted = 0
         tag = f"r{self.seed}.{part}"
         staples: dict[int, list[int]] = {}
+        concurrent = max(1, min(self.concurrent, n_events // 40))
         while emitted < n_events:
-            while len(open_) < self.concurrent:
+            opened = len(open_) < concurrent
+            while len(open_) < concurrent:
                 due = known_shoppers + new_total * (emitted + len(open_) + 1) / n_events
                 if created < known_shoppers + new_total and (created < due or created == 0):
                     u = created
@@ -387,7 +392,9 @@ class RealisticShop:
                         staples[u] = self._staples(u)
                     plan = self._basket(rng, staples[u])
                 open_.append([f"u{u:07d}", f"u{u:07d}-{part}.{v}", plan, 0])
-            k = rng.randrange(len(open_))
+            # A session starts with its first event (so every shopper introduced shows up);
+            # then its events interleave with the other open sessions'.
+            k = len(open_) - 1 if opened else rng.randrange(len(open_))
             sess = open_[k]
             etype, payload = sess[2][sess[3]]
             sess[3] += 1
