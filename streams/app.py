@@ -99,6 +99,11 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     context = ContextStage(store, config, stats, send, settings)
     graph = GraphStage(store, config, stats, send, settings)
     catalog = CatalogStage(store, stats, send, settings)
+    def catalog_changed(items: set[str]) -> None:
+        for cache in (context.catalog_cache, graph.catalog_cache):
+            cache.forget(items)
+
+    catalog.on_change = catalog_changed
     app.cartwise = {"context": context, "cooccurrence": graph, "catalog": catalog,
                     "stats": stats, "store": store}
 

@@ -28,6 +28,9 @@ class CatalogStage:
         self.store, self.stats, self.send, self.settings = store, stats, send, settings
         self.ack: Callable[[Any], Awaitable[Any]] | None = None
         self.assigned: set[int] = set()
+        # Told which items changed once Redis has them: the worker's read caches drop them,
+        # so the next ranking here reads the new facts (other workers' caches age out).
+        self.on_change: Callable[[set[str]], None] | None = None
 
     def revoke(self, partitions: set[int]) -> None:
         self.assigned -= partitions
@@ -83,6 +86,8 @@ class CatalogStage:
                 continue
             self.stats.inc("catalog.applied", len(facts))
             self.stats.inc("catalog.removed", len(gone))
+            if self.on_change is not None:
+                self.on_change(set(facts) | gone)
             break
         if self.ack is not None:
             for e in events:

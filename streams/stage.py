@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -67,6 +67,11 @@ class ReadCache:
         self.max_age = max_age
         self.max_size = max_size
         self.docs: dict[str, tuple[float, Any]] = {}
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop copies known to be stale (this process just changed them in Redis)."""
+        for k in keys:
+            self.docs.pop(k, None)
 
     async def get_many(self, keys: list[str], fetch: Callable[[list[str]], Awaitable[dict]],
                        fresh: bool = False) -> dict[str, Any]:
