@@ -245,12 +245,11 @@ class ItemGraph:
         weighed.sort(key=lambda t: (-t[0], t[1]))
         for _, k in weighed[self.config.max_neighbours * 3 // 4:]:
             if k in has_open:
-                rest: list[float] = [0.0] * len(row[k])
+                rest: dict[str, list[float]] = {}
                 for o in opens:
                     if o is not None and (w := o.get(k)) is not None:
-                        for n in range(len(w)):
-                            rest[n] += w[n]
-                row[k] = rest
+                        _add_entry(rest, k, w)
+                row[k] = rest[k]
             else:
                 del row[k]
         self.dirty.add(item)
@@ -264,33 +263,15 @@ class ItemGraph:
         for item in victims:
             del self.seen_epoch[item]
             self.dirty_seen.add(item)
-            opens = [m.get(item) for m in self.open_marg.values()]
-            rest = [o for o in opens if o is not None]
-            if rest:
-                m = [sum(o[0] for o in rest), sum(o[1] for o in rest), max(o[2] for o in rest),
-                     sum(o[3] for o in rest)]
-                self.marg[item] = m
-                self.dirty_marg.add(item)
-            else:
-                self.marg.pop(item, None)
-                self.dirty_marg.discard(item)
-                self.marg_touched.discard(item)
-                self.dropped_marg.add(item)
-            orows = [r.get(item) for r in self.open_rows.values()]
-            left: dict[str, list[float]] = {}
-            for orow in orows:
-                for k, v in (orow or {}).items():
-                    _add_entry(left, k, v)
-            if left:
-                self.rows[item] = left
-                self.dirty.add(item)
-            elif self.rows.pop(item, None) is not None:
-                self.dirty.discard(item)
-                self.touched.discard(item)
-                self.dropped.add(item)
-            if self.cycles.pop(item, None) is not None:
-                self.dirty_cycles.discard(item)
-                self.dropped.add(item)
+            open_marg: dict[str, list[float]] = {}
+            for margs in self.open_marg.values():
+                if (m := margs.get(item)) is not None:
+                    _add_marg(open_marg, item, m)
+            open_row: dict[str, list[float]] = {}
+            for rows in self.open_rows.values():
+                for k, v in (rows.get(item) or {}).items():
+                    _add_entry(open_row, k, v)
+            self._forget(item, open_marg.get(item), open_row)
 
     def advance(self, ts: float, src: int = 0, clock: float | None = None) -> None:
         """Move "now" to event time `ts` without evidence (an event that changed no count
@@ -309,17 +290,29 @@ class ItemGraph:
         n = len(self.marg) - self.config.max_items * 3 // 4
         victims = sorted(self.marg, key=lambda k: (self.marg[k][2], k))[:n]
         for item in victims:
-            del self.marg[item]
+            self._forget(item)
+
+    def _forget(self, item: str, marg: list[float] | None = None,
+                row: dict[str, list[float]] | None = None) -> None:
+        """Forget an item's totals, row and repurchase cycles; `marg` and `row`, where given,
+        are what stays of them (evidence of epochs still open)."""
+        if marg:
+            self.marg[item] = marg
+            self.dirty_marg.add(item)
+        elif self.marg.pop(item, None) is not None:
             self.dropped_marg.add(item)
             self.dirty_marg.discard(item)
             self.marg_touched.discard(item)
-            if self.rows.pop(item, None) is not None:
-                self.dirty.discard(item)
-                self.touched.discard(item)
-                self.dropped.add(item)
-            if self.cycles.pop(item, None) is not None:
-                self.dirty_cycles.discard(item)
-                self.dropped.add(item)
+        if row:
+            self.rows[item] = row
+            self.dirty.add(item)
+        elif self.rows.pop(item, None) is not None:
+            self.dirty.discard(item)
+            self.touched.discard(item)
+            self.dropped.add(item)
+        if self.cycles.pop(item, None) is not None:
+            self.dirty_cycles.discard(item)
+            self.dropped.add(item)
 
     def repeat(self, item: str, interval_s: float) -> None:
         """A shopper bought `item` again after `interval_s` (models/repurchase.py)."""
