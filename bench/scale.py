@@ -83,16 +83,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def settings_for(stack: Any, name: str, partitions: int, topics: Any = None) -> Any:
     from cartwise.settings import Settings
     from streams.topics import ensure_topics
@@ -176,17 +166,9 @@ def run_noop(stack: Any, topic: str, n: int, name: str, log: Path) -> dict:
         [sys.executable, "-m", "bench.scale", "--noop-agent", "--broker", stack.broker,
          "--redis-url", stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
-    r = redis.Redis.from_url(stack.redis_url)
-    try:
-        deadline = time.monotonic() + 3600
-        while (raw := r.get(f"bench:{name}")) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no-op agent failed; see {log}")
-            time.sleep(0.2)
-        rss = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    from bench.throughput import await_result
+
+    raw, rss = await_result(proc, stack.redis_url, f"bench:{name}", log, 3600, 0.2)
     marks = orjson.loads(raw)  # (count, time, cpu) at the first event and every tenth
     (c0, t0, cpu0), (cn, tn, cpun) = marks[0], marks[-1]
     tenths = [tenth(a[0], b[0], a[1], b[1], a[2], b[2]) for a, b in zip(marks, marks[1:],
@@ -296,6 +278,7 @@ def drop_prefix(r: redis.Redis, prefix: str) -> None:
 def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int, logs: Path,
                 poll: float, partitions: int, shop: Any = None, freshness: dict | None = None,
                 profile: dict | None = None) -> dict:
+    from bench.throughput import peak_rss_mb
     from cartwise.harness import progress, start_worker, stop_worker
 
     settings = settings_for(stack, name, partitions, topics)

@@ -38,10 +38,34 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    """Peak resident memory (VmHWM) of a process; NaN once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
+
+
+def await_result(proc: subprocess.Popen, redis_url: str, key: str, log: Path,
+                 timeout: float, poll: float) -> tuple[bytes, float]:
+    """Wait for a no-op agent subprocess to publish its result under `key`, then stop it.
+
+    Returns the result and the agent's peak RSS in MB.
+    """
+    r = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while (raw := r.get(key)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no-op agent failed; see {log}")
+            time.sleep(poll)
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return raw, rss
 
 
 def settings_for(stack: EmbeddedStack, name: str, topics: Settings | None = None,
@@ -62,17 +86,7 @@ def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path,
         [sys.executable, "-m", "bench.noop", "--broker", stack.broker, "--redis-url",
          stack.redis_url, "--topic", topic, "--app-id", name, "--n", str(n), "--mode", mode],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    r = redis.Redis.from_url(stack.redis_url)
-    try:
-        deadline = time.monotonic() + 600
-        while (raw := r.get(f"bench:{name}")) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no-op agent failed; see {log}")
-            time.sleep(0.05)
-        rss = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    raw, rss = await_result(proc, stack.redis_url, f"bench:{name}", log, 600, 0.05)
     d = orjson.loads(raw)
     return {"events_per_s": (d["n"] - 1) / (d["last"] - d["first"]), "peak_rss_mb": rss,
             "cpu_us_per_event": 1e6 * d["cpu_s"] / d["n"]}
