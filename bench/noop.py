@@ -6,6 +6,7 @@ Run as a subprocess by bench/throughput.py on the same broker and backlog as the
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import faust
@@ -26,7 +27,8 @@ def main() -> None:
     app = faust.App(args.app_id, broker=f"kafka://{args.broker}", value_serializer="raw",
                     web_enabled=False, consumer_auto_offset_reset="earliest",
                     broker_session_timeout=6.0, broker_rebalance_timeout=6.0,
-                    broker_heartbeat_interval=1.0)
+                    broker_heartbeat_interval=1.0,
+                    datadir=tempfile.mkdtemp(prefix="cartwise-noop-"))  # not the cwd
     topic = app.topic(args.topic, value_type=bytes, internal=False)
     seen = {"n": 0, "first": 0.0, "cpu": 0.0}
 

@@ -50,6 +50,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -140,7 +141,8 @@ def noop_agent(args: argparse.Namespace) -> None:
     app = faust.App(args.app_id, broker=f"kafka://{args.broker}", value_serializer="raw",
                     web_enabled=False, consumer_auto_offset_reset="earliest",
                     broker_session_timeout=6.0, broker_rebalance_timeout=6.0,
-                    broker_heartbeat_interval=1.0)
+                    broker_heartbeat_interval=1.0,
+                    datadir=tempfile.mkdtemp(prefix="cartwise-noop-"))  # not the cwd
     topic = app.topic(args.topic, value_type=bytes, internal=False)
     n = args.n
     bounds = {round(k * n / 10) for k in range(1, 11)}
