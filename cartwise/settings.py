@@ -51,6 +51,9 @@ class Settings:
     checkpoint_interval_s: float = 1.0
     lists_interval_s: float = 0.2  # how often changed item lists are published
     lists_min_interval_s: float = 1.0  # one item's list is recomputed at most this often
+    # Share of each `lists_interval_s` tick that building lists may take, over all partitions:
+    # under load lists wait (oldest evidence first) instead of stalling shoppers' lists.
+    lists_budget: float = 0.3
     settle_idle_s: float = 1.0  # idle time after which a partition recomputes all its lists
     refresh_interval_s: float = 10.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import orjson
 
 from models.graph import KINDS, ItemGraph
 from streams.routing import item_partition
-from streams.stage import MODEL_VERSION, YIELD_EVERY, ReadCache, Record, Stage, list_digest
+from streams.stage import MODEL_VERSION, ReadCache, Record, Stage, list_digest
 from streams.store import Ops
 
 log = logging.getLogger("cartwise.cooccurrence")
@@ -38,6 +38,10 @@ class GraphPartition:
     # Rows and totals forgotten by the bounds: their lists and trending scores are removed.
     gone: set[str] = field(default_factory=set)
     gone_marg: set[str] = field(default_factory=set)
+    # A settle pass in progress: rows still to recompute (popped from the end), and the
+    # checkpoint it is for (None: no pass).
+    settle_queue: list[str] = field(default_factory=list)
+    settle_offset: int | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -57,6 +61,7 @@ class GraphStage(Stage):
         super().__init__(*args, **kwargs)
         self.topic = self.settings.pairs_topic
         self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25)
+        self._rotation = 0  # which partition publishes first next tick
 
     async def load(self, partition: int) -> GraphPartition:
         graph = ItemGraph(self.config, sources=self.settings.partitions)
@@ -175,18 +180,24 @@ class GraphStage(Stage):
         g.dropped_open.clear()
         g.dirty_seen.clear()
 
-    async def _item_lists(self, st: GraphPartition, items: list[str],
-                          pipe: Any) -> dict[str, int]:
-        """Queue the lists of `items` that changed since last written.
+    async def _item_lists(self, st: GraphPartition, todo: Iterable[str], pipe: Any,
+                          deadline: float) -> tuple[list[str], dict[str, int], bool]:
+        """Queue the lists of `todo` that changed since last written, until `deadline`.
 
-        Returns their digests, to record in `st.written` once the pipeline has succeeded.
+        Returns the items computed (at least one), the digests of those queued, to record in
+        `st.written` once the pipeline has succeeded, and whether the deadline cut it short.
         """
         g = st.graph
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
-        for n, item in enumerate(items):
-            if n % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # a settle of many rows must not stall the event loop
+        done: list[str] = []
+        clock = time.perf_counter
+        cut = False
+        for item in todo:
+            if done and clock() >= deadline:
+                cut = True
+                break
+            done.append(item)
             payload: dict[str, Any] = {"item_id": item, **g.lists(item),
                                        "repurchase": g.repurchase(item)}
             digest = list_digest(payload, (*KINDS, "repurchase"))
@@ -197,7 +208,7 @@ class GraphStage(Stage):
             docs[self.keys.item(item)] = orjson.dumps(payload)
         if docs:
             pipe.mset(docs)
-        return digests
+        return done, digests, cut
 
     async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> list[str]:
         """Queue trending scores of the items this partition owns whose totals moved.
@@ -233,70 +244,98 @@ class GraphStage(Stage):
         return mine
 
     async def publish_lists(self) -> None:
-        """Write changed lists; once a partition is idle, recompute all of them.
+        """Write changed lists within a time budget; once a partition is idle, all of them.
 
         Scoring a row costs a look at every neighbour, and a hot item changes in every batch:
-        a row's list is recomputed at most every `lists_min_interval_s`, so the cost is bounded
-        by the number of items, not by the traffic. Quiet items are published within one tick.
+        a row's list is recomputed at most every `lists_min_interval_s`, and one tick spends
+        at most `lists_budget` of `lists_interval_s` on lists, over all partitions, oldest
+        evidence first, starting with a different partition each tick. Under load lists wait
+        instead of the shoppers' lists, which share this event loop; the cost of a tick no
+        longer grows with the number of rows a worker owns.
 
         A row's list also depends on other items' totals, which keep moving. Once a partition
-        goes quiet (`settle_idle_s`), one pass over all its rows makes every list a function
-        of the counts alone, so two runs over the same events end with the same lists.
+        goes quiet (`settle_idle_s`) and is checkpointed, a settle pass recomputes every row
+        (in budgeted slices, restarted if evidence arrives meanwhile) and then writes the
+        settled mark: two runs over the same events end with the same lists.
         """
-        idle = self.settings.settle_idle_s
-        min_interval = self.settings.lists_min_interval_s
-        for p in list(self.parts):
+        s = self.settings
+        deadline = time.perf_counter() + s.lists_budget * s.lists_interval_s
+        parts = sorted(p for p in self.parts if p in self.assigned)
+        if parts:
+            k = self._rotation % len(parts)
+            self._rotation += 1
+            parts = parts[k:] + parts[:k]
+        for p in parts:
             async with self.locks[p]:
                 st = self.parts.get(p)
-                if st is None or p not in self.assigned:
-                    continue
-                # Settle only what is checkpointed, so the settled mark means "final".
-                settle = (st.unsettled and time.monotonic() - st.last_batch >= idle
-                          and st.offset == st.applied)
-                if (not settle and not st.pending and not st.graph.marg_touched
-                        and not st.gone and not st.gone_marg):
-                    continue
-                now_m = time.monotonic()
-                if settle:
-                    items = sorted(st.graph.rows)
-                else:
-                    items = sorted(i for i in st.pending
-                                   if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
-                    if not items and not st.graph.marg_touched and not st.gone \
-                            and not st.gone_marg:
-                        continue
-                pipe = self.store.redis.pipeline(transaction=True)
-                scored = await self._trending(p, st, pipe)
-                digests = await self._item_lists(st, items, pipe)
-                gone = sorted(st.gone)
-                if gone:  # the library has no list for a forgotten row either
-                    pipe.delete(*(self.keys.item(i) for i in gone))
-                gone_marg = set(st.gone_marg)
-                changed = len(digests) + len(gone)
-                if changed:
-                    pipe.incr(self.keys.lists_version)
-                if settle:
-                    pipe.set(self.keys.settled(p), orjson.dumps(
-                        {"offset": st.offset, "at": time.time(), "rewritten": changed}))
-                try:
-                    with self.stats.redis_write("item_lists"):
-                        await pipe.execute()
-                except Exception:
-                    st.graph.marg_touched.update(scored)  # to score again next tick
-                    raise
-                st.written.update(digests)
-                for item in gone:
-                    st.written.pop(item, None)
-                st.gone.difference_update(gone)
-                st.gone_marg.difference_update(gone_marg)
-                now = time.time()
-                for item in items:
-                    t = st.pending.pop(item, None)
-                    if t is not None:
-                        self.stats.observe("item", now - t)
-                    st.computed_at[item] = now_m
-                self.stats.inc("cooccurrence.lists_written", changed)
-                if settle:
-                    st.unsettled = False
+                if st is not None and p in self.assigned:
+                    await self._publish(p, st, deadline)
+            await asyncio.sleep(0)  # let batches in between partitions
 
-
+    async def _publish(self, p: int, st: GraphPartition, deadline: float) -> None:
+        s = self.settings
+        now_m = time.monotonic()
+        if st.settle_offset is not None and st.settle_offset != st.offset:
+            st.settle_queue, st.settle_offset = [], None  # new evidence: settle again later
+        # Settle only what is checkpointed, so the settled mark means "final".
+        if (st.unsettled and st.settle_offset is None and st.offset == st.applied
+                and now_m - st.last_batch >= s.settle_idle_s):
+            st.settle_queue = sorted(st.graph.rows, reverse=True)  # popped from the end
+            st.settle_offset = st.offset
+        settling = st.settle_offset is not None
+        if (not settling and not st.pending and not st.graph.marg_touched and not st.gone
+                and not st.gone_marg):
+            return
+        pipe = self.store.redis.pipeline(transaction=True)
+        scored = await self._trending(p, st, pipe)
+        todo: Iterator[str]
+        if settling:
+            todo = reversed(st.settle_queue)
+        else:
+            # `pending` is in order of first evidence since the last write: oldest first;
+            # rows written within `lists_min_interval_s` are at its end, so few are skipped.
+            min_interval = s.lists_min_interval_s
+            todo = (i for i in st.pending
+                    if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
+        items: list[str] = []
+        digests: dict[str, int] = {}
+        if time.perf_counter() < deadline:  # the loop has no await: `pending` holds still
+            items, digests, cut = await self._item_lists(st, todo, pipe, deadline)
+        else:
+            cut = next(todo, None) is not None
+        if cut:  # lists left for the next tick: the budget, not the rows, set the pace
+            self.stats.inc("cooccurrence.lists_deferred")
+        gone = sorted(st.gone)
+        if gone:  # the library has no list for a forgotten row either
+            pipe.delete(*(self.keys.item(i) for i in gone))
+        gone_marg = set(st.gone_marg)
+        changed = len(digests) + len(gone)
+        if changed:
+            pipe.incr(self.keys.lists_version)
+        if settling and len(items) == len(st.settle_queue):
+            pipe.set(self.keys.settled(p), orjson.dumps(
+                {"offset": st.offset, "at": time.time(), "rewritten": changed}))
+        if not len(pipe) and not items:
+            return
+        try:
+            with self.stats.redis_write("item_lists"):
+                await pipe.execute()
+        except Exception:
+            st.graph.marg_touched.update(scored)  # to score again next tick
+            raise
+        st.written.update(digests)
+        for item in gone:
+            st.written.pop(item, None)
+        st.gone.difference_update(gone)
+        st.gone_marg.difference_update(gone_marg)
+        now = time.time()
+        for item in items:
+            t = st.pending.pop(item, None)
+            if t is not None:
+                self.stats.observe("item", now - t)
+            st.computed_at[item] = now_m
+        self.stats.inc("cooccurrence.lists_written", changed)
+        if settling:
+            del st.settle_queue[len(st.settle_queue) - len(items):]
+            if not st.settle_queue:
+                st.unsettled, st.settle_offset = False, None
