@@ -58,6 +58,9 @@ class Settings:
     refresh_interval_s: float = 10.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time
     refresh_max_users: int = 200  # per partition per refresh: bounds its cost under load
+    # Share of each `refresh_interval_s` that refreshing may take, over all partitions; a pass
+    # that needs more goes on at the next tick (docs/architecture.md).
+    refresh_budget: float = 0.05
     trending_size: int = 500  # items kept in each trending set (shop-wide and per category)
     # Group membership: a killed worker's partitions move after `session_timeout_s`.
     session_timeout_s: float = 30.0

@@ -64,6 +64,13 @@ class ContextPartition:
     # (event time to settle at, user): shoppers with unlabelled impressions, soonest first
     settle_heap: list[tuple[float, str]] = field(default_factory=list)
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
+    # A refresh pass in progress: shoppers still to re-rank (most recent last), the
+    # lists_version it ranks against, when it began, and whether no hot-path write came since.
+    refresh_queue: list[str] = field(default_factory=list)
+    refresh_version: int | None = None
+    refresh_started: float = 0.0
+    refresh_clean: bool = False
+    refresh_rewritten: int = 0
     # The partition's clock: the newest event time of a shop event applied (models/graph.py)
     clock: float | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)  # sends to settle before checkpoint
@@ -85,6 +92,7 @@ class ContextStage(Stage):
                                        self.config, self.catalog_cache, self.list_cache)
         self.audience = AudienceIndex(self.store, self.stats, self.settings)
         self.profiles = Profiles(self.keys)
+        self._refresh_rotation = 0  # which partition refreshes first next tick
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -310,6 +318,7 @@ class ContextStage(Stage):
             # Ranked against cached item lists, possibly older than the last refresh: the
             # partition needs refreshing again, and must not look refreshed meanwhile.
             st.refreshed_version = None
+            st.refresh_clean = False
             docs[self.keys.refreshed(partition)] = orjson.dumps({"version": -1})
         if docs:
             with self.stats.redis_write("user_lists"):
@@ -330,31 +339,60 @@ class ContextStage(Stage):
         }
 
     async def refresh(self) -> None:
-        """Re-rank recently active shoppers so their lists follow newer item lists."""
+        """Re-rank recently active shoppers so their lists follow newer item lists.
+
+        A pass re-ranks a partition's `refresh_max_users` most recent shoppers; one tick
+        spends at most `refresh_budget` of `refresh_interval_s` on passes, over all partitions,
+        and a pass cut short goes on at the next tick. The refreshed mark (what `cartwise lag`
+        and the tests wait for) is written once a pass ends with no shopper list written
+        meanwhile from possibly older cached lists; otherwise the next pass starts over.
+        """
         s = self.settings
-        started = time.time()
+        deadline = time.perf_counter() + s.refresh_budget * s.refresh_interval_s
         # Read the version before any list: lists read afterwards are at least this new.
         version = int(await self.store.redis.get(self.keys.lists_version) or 0)
+        parts = sorted(self.assigned)
+        if parts:
+            k = self._refresh_rotation % len(parts)
+            self._refresh_rotation += 1
+            parts = parts[k:] + parts[:k]
         # Assigned partitions too, loaded if need be: one taken over after a rebalance may
         # get no new events, yet its shoppers' lists must follow the newer item lists.
-        for p in sorted(self.assigned):
+        for p in parts:
+            if time.perf_counter() >= deadline:
+                break
             async with self.locks[p]:
                 st = self.parts.get(p)
                 if st is None:
                     st = await self._catch_up(p)
-                if st is None or st.refreshed_version == version:
+                if st is None:
                     continue
-                users = st.book.users
-                horizon = max((c.last_ts for c in users.values()), default=0) - s.refresh_window_s
-                recent = sorted((u for u, c in users.items() if c.last_ts >= horizon),
-                                key=lambda u: (-users[u].last_ts, u))[: s.refresh_max_users]
-                n = await self.user_lists(p, st, recent, only_changed=True)
-                self.stats.inc("context.refreshed_users", n)
-                with self.stats.redis_write("refreshed"):
-                    await self.store.redis.set(
-                        self.keys.refreshed(p),
-                        orjson.dumps({"version": version, "started": started, "rewritten": n}))
-                # Only once the mark is written: a failed write must be retried next tick.
-                st.refreshed_version = version
-
-
+                if st.refresh_version is None:
+                    if st.refreshed_version == version:
+                        continue
+                    users = st.book.users
+                    horizon = (max((c.last_ts for c in users.values()), default=0)
+                               - s.refresh_window_s)
+                    recent = sorted((u for u, c in users.items() if c.last_ts >= horizon),
+                                    key=lambda u: (-users[u].last_ts, u))[: s.refresh_max_users]
+                    recent.reverse()  # popped from the end: the most recent first
+                    st.refresh_queue, st.refresh_version = recent, version
+                    st.refresh_started, st.refresh_clean = time.time(), True
+                    st.refresh_rewritten = 0
+                while st.refresh_queue and time.perf_counter() < deadline:
+                    chunk = st.refresh_queue[-YIELD_EVERY:][::-1]
+                    n = await self.user_lists(p, st, chunk, only_changed=True)
+                    del st.refresh_queue[-len(chunk):]
+                    st.refresh_rewritten += n
+                    self.stats.inc("context.refreshed_users", n)
+                if st.refresh_queue:  # the rest of the pass waits for the next tick
+                    self.stats.inc("context.refresh_deferred")
+                    continue
+                if st.refresh_clean:
+                    with self.stats.redis_write("refreshed"):
+                        await self.store.redis.set(self.keys.refreshed(p), orjson.dumps(
+                            {"version": st.refresh_version, "started": st.refresh_started,
+                             "rewritten": st.refresh_rewritten}))
+                    # Only once the mark is written: a failed write is retried next tick.
+                    st.refreshed_version = st.refresh_version
+                st.refresh_version = None

@@ -132,6 +132,8 @@ def make_settings(stack: EmbeddedStack) -> Callable[..., Settings]:
             session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
             settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
             refresh_max_users=1_000_000,
+            # Tests wait for every shopper to be refreshed; slices are tested in test_pipeline.
+            refresh_budget=1.0,
         )
         values.update(overrides)
         return Settings(**values)

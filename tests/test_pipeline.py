@@ -41,9 +41,9 @@ def traffic() -> tuple[list, list]:
 
 def test_events_become_suggestions_that_match_the_library(make_settings, workers, traffic):
     events, catalog = traffic
-    # A list budget of 1 ms a tick: lists are built in slices over many ticks (and settled
-    # in slices), and must still end up equal to the library's.
-    settings = make_settings("e2e", lists_budget=0.005)
+    # Budgets of 1 ms a tick for item lists and 5 ms for refreshes: both are built in slices
+    # over many ticks, and must still end up equal to the library's.
+    settings = make_settings("e2e", lists_budget=0.005, refresh_budget=0.01)
     ensure_topics(settings)
     ends = produce(settings, events, catalog)
     w = workers(settings)
@@ -104,7 +104,8 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
     assert counters.get("duplicate", 0) == len(valid) - len(unique) > 0
     bad = [e for e in events if isinstance(e, bytes)]
     assert sum(v for k, v in counters.items() if k.startswith("dlq.")) == len(bad) > 0
-    assert counters.get("cooccurrence.lists_deferred", 0) > 0  # the budget did cut ticks short
+    assert counters.get("cooccurrence.lists_deferred", 0) > 0  # the budgets did cut ticks short
+    assert counters.get("context.refresh_deferred", 0) > 0
 
 
 def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settings, workers):
