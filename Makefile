@@ -52,8 +52,12 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Speed and memory as ratios against a baseline in the same run (each module's docstring says
+# how). bench.scale runs its default size here; `python -m bench.scale --full` is the
+# real-shop size (50k items, 500k shoppers, 1M events).
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.api_latency
 
 # The full prequential replay of the shared logs (docs/quality-protocol.md); writes docs/quality.md.
