@@ -337,13 +337,14 @@ def test_bounded_state_is_the_same_however_it_is_run(make_settings, workers):
     topics = make_settings("bounds", model=BOUNDS)
     ensure_topics(topics)
     ends = produce(topics, events, shop.catalog)
-    snaps = []
+    snaps, runs = [], []
     for n_workers in (1, 2):
         settings = make_settings(f"bounds-{n_workers}", topics_from=topics, model=BOUNDS)
         ensure_topics(settings)
         procs = [workers(settings, f"w{n_workers}-{i}") for i in range(n_workers)]
         wait_complete(settings, ends, procs=procs, timeout=240)
         snaps.append(snapshot(settings))
+        runs.append(settings)
     one, two = snaps
     cfg = ModelConfig(max_neighbours=12, max_items=60, max_users=40)
     ref = oracle(events, shop.catalog, config=cfg)
@@ -362,3 +363,12 @@ def test_bounded_state_is_the_same_however_it_is_run(make_settings, workers):
             assert got[kind] == want[kind], (item, kind)
     for user in ref.contexts.users:
         assert one["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+    # Redis holds no more per-shopper documents than the workers hold shoppers: the lists and
+    # profiles of evicted shoppers are gone, so Redis memory follows `max_users`.
+    kept = set(ref.contexts.users)
+    r = redis.Redis.from_url(topics.redis_url)
+    for settings, snap in zip(runs, snaps, strict=True):
+        assert {k.removeprefix("user:") for k in snap["users"]} == kept
+        profiles = {k.decode().removeprefix(Keys(settings.prefix).profile(""))
+                    for k in r.scan_iter(Keys(settings.prefix).profile("*"), count=1000)}
+        assert profiles and profiles <= kept
