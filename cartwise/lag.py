@@ -45,11 +45,17 @@ def lag_of(end: int, committed: int | None, checkpoint: int | None) -> int:
     return max(0, end - (done or 0))
 
 
+# An operator asking about lag hears within 5 s that the broker is down (the client's default
+# is 30 s).
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+
 def high_watermarks(bootstrap: list[str], tps: list[TopicPartition],
                     timeout: float = 10.0) -> dict[TopicPartition, int]:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              group_id=None, fetch_max_wait_ms=50,
-                             max_partition_fetch_bytes=65536)
+                             max_partition_fetch_bytes=65536,
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         listed = consumer.end_offsets(tps)  # a lower bound on Tansu 0.6, exact on Kafka
         out: dict[TopicPartition, int] = {}
@@ -81,7 +87,8 @@ def group_offsets(bootstrap: str | list[str], group: str, timeout: float = 15.0)
     """
     deadline = time.monotonic() + timeout
     while True:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap,
+                                 bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
         try:
             return admin.list_group_offsets(group).get(group, {})
         except KafkaError as exc:
@@ -96,7 +103,8 @@ def collect(settings: Settings) -> list[PartitionLag]:
     """Lag of every partition the worker group reads."""
     stages = {settings.events_topic: "context", settings.pairs_topic: "cooccurrence",
               settings.catalog_topic: None}
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         tps = [TopicPartition(t, p) for t in stages
                for p in sorted(consumer.partitions_for_topic(t) or ())]
