@@ -83,17 +83,20 @@ class TokenBucket:
 
 @dataclass
 class RateLimiter:
-    """One bucket per (key, role); rates per role. In memory: limits are per API process."""
+    """One bucket per `who` (a key, or a key's events); rates per kind of bucket (a role, or
+    "events"), bursts of twice the rate and at least `min_burst` (a whole batch must fit).
+    In memory: limits are per API process."""
 
     rates: dict[str, float]
+    min_burst: dict[str, float] = field(default_factory=dict)
     max_keys: int = 100_000
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
 
-    def take(self, who: str, role: str, now: float, cost: float = 1.0) -> float:
+    def take(self, who: str, kind: str, now: float, cost: float = 1.0) -> float:
         b = self.buckets.get(who)
         if b is None:
             if len(self.buckets) >= self.max_keys:
                 self.buckets.clear()
-            rate = self.rates[role]
-            b = self.buckets[who] = TokenBucket(rate, 2 * rate)
+            rate = self.rates[kind]
+            b = self.buckets[who] = TokenBucket(rate, max(2 * rate, self.min_burst.get(kind, 0)))
         return b.take(now, cost)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one API process (served at /metrics; names in docs/operations.md)."""
+"""Prometheus metrics of one API process (/metrics, on CARTWISE_METRICS_PORT when set; names
+in docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class ApiMetrics:
         self.served_lost = Counter("cartwise_api_served_lost", "Served documents (re-ranker "
                                    "features of an answer) not written: that answer's "
                                    "feedback cannot train", registry=self.registry)
+        self.served_skipped = Counter("cartwise_api_served_skipped", "Answers served without "
+                                      "a served record: over CARTWISE_SERVED_RATE",
+                                      registry=self.registry)
         self.answers = Counter("cartwise_api_answers", "Suggestion answers by experiment "
                                "variant and ranking used", ["experiment", "variant", "ranking"],
                                registry=self.registry)

@@ -22,6 +22,20 @@ def _flag(name: str, raw: str) -> bool:
     raise ValueError(f"CARTWISE_{name.upper()} must be true or false, not {raw!r}")
 
 
+DEFAULT_PASSWORDS = frozenset({"change-me"})  # placeholders of the deploy examples
+
+
+def _password(url: str) -> str | None:
+    """The password of a redis://[user:password@]host URL, if it has one."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        given = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(given) if given is not None else None
+
+
 @dataclass(frozen=True)
 class Settings:
     broker: str = "kafka://127.0.0.1:9092"  # comma-separated host:port list, kafka:// optional
@@ -66,8 +80,9 @@ class Settings:
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 30.0
     heartbeat_interval_s: float = 3.0
-    # Prometheus /metrics of a worker on this port; 0 turns it off (several workers on one
-    # host need different ports). The API serves its metrics on its own port.
+    # Prometheus /metrics on this port. A worker: 0 turns it off (several workers on one host
+    # need different ports). The API: 0 serves /metrics on its public port (the demo, local
+    # runs); any other port moves it there, off the public one (production, docs/api.md).
     metrics_port: int = 0
     # HTTP API (docs/api.md).
     api_host: str = "127.0.0.1"
@@ -83,6 +98,23 @@ class Settings:
     rate_read: float = 2000.0
     rate_ingest: float = 500.0
     rate_admin: float = 50.0
+    # Events per second per API key through POST /v1/events (bursts of twice as many, and at
+    # least one full batch), per API process: the ingest limit counts events, not requests.
+    rate_events: float = 1000.0
+    # Slow senders (docs/api.md, "Limits"): a request's headers must arrive within
+    # `header_timeout_s` of its first byte (or of the connection), its body within
+    # `body_timeout_s` of the headers; else the connection is closed (408).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # Request body bytes one API process holds at once, all requests together; bodies beyond
+    # it are refused (503 server_busy): memory stays bounded under many slow or large bodies.
+    body_buffer_bytes: int = 64 * 1_048_576
+    # Open connections per API process; more are answered 503 and closed at once.
+    max_connections: int = 2048
+    # Served records (re-ranker features of an answer, docs/experiments.md) written per
+    # second per API process; answers beyond it go out without one. With `served_ttl_s` it
+    # bounds the records Redis holds: served_rate x served_ttl_s per process.
+    served_rate: float = 500.0
     # The API checks the workers' progress this often; a partition whose checkpoint has not
     # moved for `stall_after_s` while records wait is reported stalled (/ready, metrics).
     stall_check_s: float = 15.0
@@ -124,6 +156,12 @@ class Settings:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:
+        # The compose file and the Kubernetes example ship `change-me` as a placeholder: a
+        # service must not run on a password everyone knows (docs/production.md).
+        if _password(self.redis_url) in DEFAULT_PASSWORDS:
+            raise ValueError("CARTWISE_REDIS_URL uses the placeholder password 'change-me': "
+                             "set a real one (REDIS_PASSWORD in docker-compose, the "
+                             "cartwise-secrets Secret in Kubernetes)")
         # Apache Kafka refuses a group session outside its broker limits (6 s to 30 min by
         # default) and the worker would then idle without consuming: say so up front.
         if not 6.0 <= self.session_timeout_s <= 1800.0:

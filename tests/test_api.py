@@ -362,3 +362,83 @@ def test_catalog_changes_apply_to_answers_within_seconds(served):
             time.sleep(0.2)
     finally:
         served.post("/v1/catalog", facts, key="admin")
+
+
+# -- pages, docs, metrics port, settings --------------------------------------------------------
+
+def test_index_links_the_pages_and_docs_work_offline(served):
+    index = httpx.get(served.base + "/", timeout=10)
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    for link in ('href="/demo/"', 'href="/docs"', 'href="/experiments/"', 'href="/inspect/"'):
+        assert link in index.text
+    docs = httpx.get(served.base + "/docs", timeout=10).text
+    # Every asset of the page comes from this server: nothing from a CDN.
+    assets = [a for a in docs.split('"') if a.endswith((".js", ".css"))]
+    assert assets and all(a.startswith("/docs-assets/") for a in assets), assets
+    for asset in assets:
+        got = httpx.get(served.base + asset, timeout=10)
+        assert got.status_code == 200 and len(got.content) > 10_000, asset
+    for page in ("/inspect/", "/widget/cartwise.js"):
+        assert httpx.get(served.base + page, timeout=10).status_code == 200, page
+
+
+def test_openapi_states_the_role_each_route_needs(served):
+    spec = httpx.get(served.base + "/openapi.json", timeout=10).json()
+    assert set(spec["components"]["securitySchemes"]) == {"ReadKey", "IngestKey", "AdminKey"}
+
+    def role(path: str, method: str) -> list:
+        return spec["paths"][path][method]["security"]
+
+    assert role("/v1/items/{item_id}/suggestions", "get") == [{"ReadKey": []}]
+    assert role("/v1/events", "post") == [{"IngestKey": []}]
+    for path, method in (("/v1/catalog", "post"), ("/v1/rules", "put"),
+                         ("/v1/users/{user_id}/profile", "get"), ("/v1/reranker", "get")):
+        assert role(path, method) == [{"AdminKey": []}], path
+    assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_metrics_move_to_their_own_port_when_one_is_set(make_settings):
+    key, entry = new_key("read")
+    settings = make_settings("metricsport", api_keys=entry, metrics_port=free_port())
+
+    async def run() -> tuple[int, str]:
+        async with in_process(settings) as c:
+            public = (await c.get("/metrics")).status_code
+            async with httpx.AsyncClient() as direct:
+                own = await direct.get(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+            return public, own.text
+
+    public, text = asyncio.run(run())
+    assert public == 404
+    assert "cartwise_api_requests_total" in text
+
+
+def test_placeholder_passwords_are_refused():
+    with pytest.raises(ValueError, match="placeholder password 'change-me'"):
+        Settings(redis_url="redis://:change-me@redis:6379/0")
+    Settings(redis_url="redis://:s3cret@redis:6379/0")  # a real one is fine
+
+
+def test_inspect_routes_show_the_stored_documents(served):
+    item = hero_with_lists(served)
+    stored = served.doc("item", item)
+    lists = served.get(f"/v1/items/{item}/lists", key="admin").json()
+    assert lists["known"] and lists["cross_sell"] == stored["cross_sell"]
+    assert {"support", "confidence", "lift", "llr"} <= set(lists["cross_sell"][0])
+    assert lists["generated_at"] == stored["generated_at"]
+    unknown = served.get("/v1/items/never-seen/lists", key="admin").json()
+    assert (unknown["known"], unknown["cross_sell"], unknown["generated_at"]) == (
+        False, [], None)
+    assert served.get(f"/v1/items/{item}/lists").status_code == 403  # read key: not admin
+
+    user = next(k.decode().rsplit(":", 1)[1]
+                for k in served.r.scan_iter(f"{served.settings.prefix}user:*"))
+    ctx = served.get(f"/v1/users/{user}/context", key="admin").json()
+    assert ctx["known"] and ctx["context"] == served.doc("user", user)["context"]
+
+    name = next(c["name"] for c in served.shop.catalog if c["item_id"] == "pho-000")
+    found = served.get("/v1/catalog/search", key="admin", q=name.upper()).json()
+    assert found["items"][0]["item_id"] == "pho-000" and found["complete"]
+    by_prefix = served.get("/v1/catalog/search", key="admin", q="pho-", k=5).json()
+    assert len(by_prefix["items"]) == 5 and by_prefix["matches"] > 5
+    assert all(i["item_id"].startswith("pho-") for i in by_prefix["items"])

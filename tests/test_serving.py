@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from api.app import FastPath
+from api.fastpath import FastPath
 from api.auth import KeyConfigError, KeyRing, RateLimiter, TokenBucket, allows, new_key
 from models import serving
 from models.config import ModelConfig
