@@ -33,6 +33,7 @@ from models.config import ModelConfig
 from models.repurchase import DAY, KEEP_PER_ITEM, crowd_cycle, observe
 from models.scoring import confidence_lift, pair_llr, round_sig, top_rounded
 from models.trending import trending_score
+from models.wording import evidence_fields, render
 
 KINDS = ("cross_sell", "alternatives", "next")
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
@@ -349,23 +350,33 @@ class ItemGraph:
         # its lift and G² (of the all channel) are only shown, never tested.
         next_total = sum(v[4] for v in row.values())
         nexts = []
+        cross, alts = found["cross_sell"], found["alternatives"]
+        # confidence_lift inlined (the same arithmetic): this loop is the cost of a list.
         for other, (a, b, na, nb, dn) in row.items():
-            if dn > 0 and na * s >= min_support and other in marg:
-                nexts.append((dn / next_total, other, a * s, ni_a, marg[other][0] * s, tot_a,
-                              na * s))
+            mj = marg.get(other)
+            if mj is None:
+                continue
+            na_s = na * s
+            if dn > 0 and na_s >= min_support:
+                nexts.append((dn / next_total, other, a * s, ni_a, mj[0] * s, tot_a, na_s))
             # Support is counted in shopper contexts, not weights: one keen shopper is noise.
             # G² is only computed here when it filters; otherwise for the kept entries below.
-            if nb * s >= min_support and ni_b > 0 and (mj := marg.get(other)) is not None:
-                args = (b * s, ni_b, mj[1] * s, tot_b)
-                conf, lift = confidence_lift(*args)
-                if lift > 1.0 and (llr_min <= 0 or pair_llr(*args) >= llr_min):
-                    found["cross_sell"].append((conf, other, *args, nb * s))
-                    continue
-            if na * s >= min_support and b <= share * a and (mj := marg.get(other)) is not None:
-                args = (a * s, ni_a, mj[0] * s, tot_a)
-                conf, lift = confidence_lift(*args)
-                if lift > 1.0 and (llr_min <= 0 or pair_llr(*args) >= llr_min):
-                    found["alternatives"].append((conf, other, *args, na * s))
+            nb_s = nb * s
+            if nb_s >= min_support and ni_b > 0:
+                pair, nj = b * s, mj[1] * s
+                if nj > 0 and tot_b > 0:
+                    conf = min(1.0, pair / ni_b)
+                    if conf / min(1.0, nj / tot_b) > 1.0 and (
+                            llr_min <= 0 or pair_llr(pair, ni_b, nj, tot_b) >= llr_min):
+                        cross.append((conf, other, pair, ni_b, nj, tot_b, nb_s))
+                        continue
+            if na_s >= min_support and b <= share * a and ni_a > 0:
+                pair, nj = a * s, mj[0] * s
+                if nj > 0 and tot_a > 0:
+                    conf = min(1.0, pair / ni_a)
+                    if conf / min(1.0, nj / tot_a) > 1.0 and (
+                            llr_min <= 0 or pair_llr(pair, ni_a, nj, tot_a) >= llr_min):
+                        alts.append((conf, other, pair, ni_a, nj, tot_a, na_s))
         found["next"] = nexts
         digits = cfg.score_digits
         out: dict[str, list[dict[str, Any]]] = {}
@@ -470,11 +481,9 @@ def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> boo
     return False
 
 
-_REASONS = {
-    "cross_sell": "bought together by {:.0%} of {}'s buyers",
-    "alternatives": "viewed together by {:.0%} of {}'s viewers",
-    "next": "{:.0%} of picks right after {}",
-}
+# No names here: the text shown to shoppers is rendered again at read time, with them
+# (models/wording.py); this one, without the anchor, serves readers that do not render.
+_REASONS = {kind: render({"kind": kind}, {}) for kind in KINDS}
 
 
 def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[str, Any]:
@@ -485,7 +494,9 @@ def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[
         "item_id": item,
         "score": score,
         "kind": kind,
-        "reason": _REASONS[kind].format(conf, anchor),
+        "anchor": anchor,
+        "evidence": evidence_fields(kind, score, round_sig(support, digits), digits),
+        "reason": _REASONS[kind],
         "confidence": score,
         "lift": round_sig(lift, digits),
         # Absolute, not significant, digits: near independence G² is a difference of nearly

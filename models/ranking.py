@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -10,10 +11,16 @@ from models.context import ShopperContext
 from models.graph import KINDS
 from models.repurchase import DAY, predict
 from models.scoring import top_rounded
+from models.wording import WORDING
 
 _DEFAULT = ModelConfig()
-REVISIT_REASON = "you looked at it recently"
-REBUY_REASON = "you bought it before"
+REVISIT_REASON = WORDING["revisit"]
+REBUY_REASON = WORDING["rebuy"]
+Revisit = tuple[float, str, dict[str, Any] | None]  # score, reason, evidence
+# A suggestion that shares a cart item's category completes the cart (is no substitute) when
+# at least this share of the cart item's buyers bought it too, at 95% confidence: yogurt
+# with milk. Two of twenty buyers who bought a second phone are not that evidence.
+TOGETHER_MIN_SHARE = 0.1
 
 
 def anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
@@ -37,11 +44,12 @@ def rank_for_user(
     """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
-    revisit: dict[str, tuple[float, str]] = {}
+    revisit: dict[str, Revisit] = {}
     if config.revisit_weight > 0:
         for rank, (a, committed) in enumerate(seeds):
             if not committed and a not in exclude:
-                revisit[a] = (config.revisit_weight * config.anchor_decay**rank, REVISIT_REASON)
+                revisit[a] = (config.revisit_weight * config.anchor_decay**rank, REVISIT_REASON,
+                              None)
         exclude |= {i for i in ctx.items if i not in revisit}
     else:
         exclude |= set(ctx.items)
@@ -55,7 +63,8 @@ def rank_for_user(
             times = 1 + len(ctx.repeats.get(j, ()))
             age = max(0.0, ctx.last_ts - ctx.bought[j])
             revisit[j] = (config.rebuy_weight * times
-                          * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON)
+                          * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON,
+                          {"bought": times})
     return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, late)
 
 
@@ -124,9 +133,119 @@ def rank_for_cart(
     exclude: set[str] | None = None,
     config: ModelConfig = _DEFAULT,
 ) -> list[dict[str, Any]]:
-    """An anonymous cart, newest item last, ranked as a shopper who carted those items."""
+    """An anonymous cart, newest item last, ranked as a shopper who carted those items, with
+    what completes the cart first (as `complete_cart` orders them, over every candidate, not
+    only the first k). `catalog` must hold the categories of the cart's items and of the
+    candidates (`listed`)."""
     seeds = [(a, True) for a in reversed(list(dict.fromkeys(cart)))][: config.max_anchors]
-    return blend(seeds, item_lists, catalog, k, set(cart) | (exclude or set()), set(), config)
+    kept, best = _scored(seeds, item_lists, catalog, set(cart) | (exclude or set()), set(),
+                         config, None, None)
+    head = _cut(kept, best, {}, k, config)
+    together, alternatives, categories = _cart_basis(cart, item_lists, catalog, config)
+    swap = {j for _, j in kept if j not in together and (
+        j in alternatives or (catalog.get(j) or {}).get("category") in categories)}
+    if not any(e["item_id"] in swap for e in head):
+        return head
+    # Complements below the first k take the substitutes' places; the places keep their
+    # scores (`complete_cart`).
+    first = _cut([c for c in kept if c[1] not in swap], best, {}, k, config)
+    rest = _cut([c for c in kept if c[1] in swap], best, {}, k - len(first), config) \
+        if len(first) < k else []
+    return [dict(e, score=h["score"]) for e, h in zip(first + rest, head, strict=True)]
+
+
+def _cart_basis(cart: Iterable[str], item_lists: Mapping[str, Mapping[str, Any] | None] | None,
+                catalog: Mapping[str, Mapping[str, Any] | None], config: ModelConfig
+                ) -> tuple[set[str], set[str], set[Any]]:
+    """What `substitutes` reads from the cart items' lists and facts: the items enough of
+    their buyers bought with them, their alternatives, and their categories."""
+    together: set[str] = set()
+    alternatives: set[str] = set()
+    for a in cart:
+        doc = (item_lists or {}).get(a) or {}
+        together |= {e["item_id"]
+                     for e in doc.get("cross_sell", ())[: config.per_anchor("cross_sell")]
+                     if _share(e) >= TOGETHER_MIN_SHARE}
+        alternatives |= {e["item_id"] for e in
+                         doc.get("alternatives", ())[: config.per_anchor("alternatives")]}
+    categories = {c for a in cart if (c := (catalog.get(a) or {}).get("category")) is not None}
+    return together, alternatives, categories
+
+
+def substitutes(
+    entries: Iterable[Mapping[str, Any]],
+    cart: Iterable[str],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    item_lists: Mapping[str, Mapping[str, Any] | None] | None = None,
+    config: ModelConfig = _DEFAULT,
+) -> set[str]:
+    """Suggested items that would replace an item in the cart rather than complete it.
+
+    A substitute of a cart item shares its catalog category, or is one of its alternatives
+    (viewed together, not bought together), unless enough of the cart item's buyers bought
+    the two together (`TOGETHER_MIN_SHARE`): that says it completes the cart (a second dairy
+    item in a grocery basket). "Bought together" comes from the cart items' cross-sell lists
+    in `item_lists` when given, and from the entries themselves (kind cross_sell, anchored on
+    the cart item) always.
+    """
+    cart = list(dict.fromkeys(cart))
+    entries = list(entries)
+    together, alternatives, categories = _cart_basis(cart, item_lists, catalog, config)
+    in_cart = set(cart)
+    for e in entries:
+        if e.get("anchor") in in_cart:
+            if e.get("kind") == "cross_sell":
+                if e["item_id"] not in together and _share(e) >= TOGETHER_MIN_SHARE:
+                    together.add(e["item_id"])
+            elif e.get("kind") == "alternatives":
+                alternatives.add(e["item_id"])
+    out = set()
+    for e in entries:
+        j = e["item_id"]
+        if j in together:
+            continue
+        if j in alternatives or (catalog.get(j) or {}).get("category") in categories:
+            out.add(j)
+    return out
+
+
+def _share(entry: Mapping[str, Any]) -> float:
+    """A cross-sell entry's share of the anchor's buyers, as low as 95% confidence allows
+    (Wilson's lower bound over `evidence.out_of` shoppers); the plain share without it."""
+    evidence = entry.get("evidence") or {}
+    p = evidence.get("share")
+    if p is None:
+        return float(entry.get("confidence", entry["score"]))
+    n = evidence.get("out_of")
+    if not n or n <= 0 or p < TOGETHER_MIN_SHARE:  # the bound is below the share
+        return float(p)
+    z2 = 1.96**2
+    centre = p + z2 / (2 * n)
+    spread = 1.96 * math.sqrt(max(0.0, p * (1 - p)) / n + z2 / (4 * n * n))
+    return (centre - spread) / (1 + z2 / n)
+
+
+def complete_cart(
+    entries: list[dict[str, Any]],
+    cart: Iterable[str],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    item_lists: Mapping[str, Mapping[str, Any] | None] | None = None,
+    config: ModelConfig = _DEFAULT,
+) -> list[dict[str, Any]]:
+    """Ranked entries with the cart's complements first, each part in its own order.
+
+    Substitutes of a cart item (`substitutes`) only fill what complements leave: a shopper
+    who carted a phone needs its case, not three other phones. They are kept, after the
+    rest, because an item the shop has evidence for still beats a popular filler. Scores
+    are reassigned in the new order (the same multiset), so they stay non-increasing.
+    """
+    swap = substitutes(entries, cart, catalog, item_lists, config)
+    if not swap:
+        return entries
+    ordered = [e for e in entries if e["item_id"] not in swap] + \
+              [e for e in entries if e["item_id"] in swap]
+    scores = [e["score"] for e in entries]
+    return [dict(e, score=sc) for e, sc in zip(ordered, scores, strict=True)]
 
 
 def blend(
@@ -137,7 +256,7 @@ def blend(
     exclude: set[str],
     bought: set[str],
     config: ModelConfig = _DEFAULT,
-    revisit: Mapping[str, tuple[float, str]] | None = None,
+    revisit: Mapping[str, Revisit] | None = None,
     late: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
@@ -146,13 +265,31 @@ def blend(
     items merely viewed: once a shopper commits to an item, substitutes are noise. `revisit`
     adds the shopper's own items (viewed lately, or bought and bought again by shoppers) with
     their own score and reason, always of kind "revisit". Items in `late` (rebuyable, not
-    yet due) keep `not_due_weight` of their score.
+    yet due) keep `not_due_weight` of their score. An entry keeps the `anchor` and `evidence`
+    of its largest contribution, so it can be worded at read time (models/wording.py).
     """
+    kept, best = _scored(seeds, item_lists, catalog, exclude, bought, config, revisit, late)
+    return _cut(kept, best, revisit or {}, k, config)
+
+
+Best = dict[str, tuple[float, str, Mapping[str, Any]]]  # item: its largest contribution
+
+
+def _scored(
+    seeds: list[tuple[str, bool]],
+    item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    exclude: set[str],
+    bought: set[str],
+    config: ModelConfig,
+    revisit: Mapping[str, Revisit] | None,
+    late: set[str] | None,
+) -> tuple[list[tuple[float, str]], Best]:
+    """`blend`'s candidates, (score, item), and each one's largest contribution, uncut."""
     scores: dict[str, float] = {}
-    best: dict[str, tuple[float, str, str]] = {}
-    for j, (c, why) in (revisit or {}).items():
+    best: Best = {}
+    for j, (c, _, _) in (revisit or {}).items():
         scores[j] = c
-        best[j] = (c, "revisit", why)
     for rank, (anchor, committed) in enumerate(seeds):
         lists = item_lists.get(anchor)
         if not lists:
@@ -169,11 +306,12 @@ def blend(
                 old = scores.get(j)
                 if old is None:
                     scores[j] = c
-                    best[j] = (c, kind, e["reason"])
+                    best[j] = (c, kind, e)
+                elif j not in best or c > best[j][0]:
+                    scores[j] = old + c
+                    best[j] = (c, kind, e)
                 else:
                     scores[j] = old + c
-                    if c > best[j][0]:
-                        best[j] = (c, kind, e["reason"])
     kept = []
     for j, score in scores.items():
         if j in exclude:
@@ -186,10 +324,25 @@ def blend(
         if late and j in late:
             score *= config.not_due_weight
         kept.append((score, j))
+    return kept, best
+
+
+def _cut(kept: list[tuple[float, str]], best: Best, revisit: Mapping[str, Revisit], k: int,
+         config: ModelConfig) -> list[dict[str, Any]]:
+    """The top k of `_scored` candidates as list entries."""
     out = []
-    revisit = revisit or {}
     for score, (_, j) in top_rounded(kept, k, config.score_digits):
         # A context item is shown as one the shopper looked at, whatever else points to it.
-        kind, reason = ("revisit", revisit[j][1]) if j in revisit else best[j][1:]
-        out.append({"item_id": j, "score": score, "kind": kind, "reason": reason})
+        if j in revisit:
+            _, reason, evidence = revisit[j]
+            entry = {"item_id": j, "score": score, "kind": "revisit", "reason": reason}
+            if evidence:
+                entry["evidence"] = evidence
+        else:
+            _, kind, e = best[j]
+            entry = {"item_id": j, "score": score, "kind": kind, "reason": e["reason"]}
+            if "anchor" in e:
+                entry["anchor"] = e["anchor"]
+                entry["evidence"] = e.get("evidence") or {}
+        out.append(entry)
     return out

@@ -249,9 +249,7 @@ def apply(entries: list[dict[str, Any]], rules: Rules, catalog: Catalog, k: int,
     score, so scores stay non-increasing; boosted items take the last `boost_slots` places,
     so strong evidence keeps the top.
     """
-    barred = set(exclude)
-    if rules.frequency_cap and shown:
-        barred |= {i for i, n in shown.items() if n >= rules.frequency_cap}
+    barred = set(exclude) | capped(rules, shown)
     organic: list[dict[str, Any]] = []
     seen: set[str] = set()
     for e in entries:
@@ -316,3 +314,84 @@ def order_by_price(entries: list[dict[str, Any]], step: LadderStep | None,
     scores = [e["score"] for e in middle]
     middle = [dict(e, score=sc) for e, sc in zip(by_price, scores, strict=True)]
     return head + middle + tail
+
+
+# -- frequency cap: what shoppers saw ---------------------------------------------------------
+#
+# The cap counts impressions (the storefront's "impression" events: the list a shopper saw),
+# not answers: a page that polls every second asks often and shows the same list once.
+# Counts are per shopper per UTC day of the event's time, so a replay counts the same day.
+
+def utc_day(ts: float) -> str:
+    """The day (YYYYMMDD, UTC) a time falls in: the key of a shopper's shown counts."""
+    return time.strftime("%Y%m%d", time.gmtime(ts))
+
+
+def impression_counts(impressions: Iterable[tuple[str, float, Iterable[str]]]
+                      ) -> dict[tuple[str, str], dict[str, int]]:
+    """Increments to the shown counts from (user_id, ts, items shown) impressions.
+
+    Each impression adds 1 to each distinct item it lists, under (user_id, UTC day of ts).
+    Impressions must be deduplicated by event id before (a retried event is one showing).
+    """
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for user, ts, items in impressions:
+        counts = out.setdefault((user, utc_day(ts)), {})
+        for i in dict.fromkeys(items):
+            counts[i] = counts.get(i, 0) + 1
+    return out
+
+
+def capped(rules: Rules, shown: Mapping[str, int] | None) -> set[str]:
+    """Items this shopper saw `frequency_cap` times today: not shown again today."""
+    if not rules.frequency_cap or not shown:
+        return set()
+    return {i for i, n in shown.items() if n >= rules.frequency_cap}
+
+
+# -- what happened to a short answer ----------------------------------------------------------
+
+# Why an evidence-based item did not reach the answer, in the order causes are checked.
+DROP_CAUSES = ("held", "out_of_stock", "rules", "frequency_cap")
+
+
+def dropped(entries: Iterable[Mapping[str, Any]], served: Iterable[str], rules: Rules,
+            catalog: Catalog, held: set[str] | frozenset[str] = frozenset(),
+            shown: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Count the evidence-based entries left out of the answer, by cause (`DROP_CAUSES`).
+
+    `entries`: what the evidence offered, before rules; `served`: the item ids answered;
+    `held`: items the shopper holds or owns. Entries left out for none of these reasons
+    were cut by k and are not counted.
+    """
+    out: dict[str, int] = {}
+    taken = set(served)
+    over = capped(rules, shown)
+    for e in entries:
+        i = e["item_id"]
+        if i in taken:
+            continue
+        facts = catalog.get(i)
+        cause = ("held" if i in held
+                 else "out_of_stock" if (facts or {}).get("in_stock") is False
+                 else "rules" if not rules.permits(i, facts)
+                 else "frequency_cap" if i in over else None)
+        if cause:
+            out[cause] = out.get(cause, 0) + 1
+    return out
+
+
+def shortfall(evidence: int, served_evidence: int,
+              dropped_by: Mapping[str, int]) -> str | None:
+    """Why an answer has fewer evidence-based items than it could, as a code for
+    `models.wording.note`; None when nothing needs saying.
+
+    `evidence`: evidence-based entries there were before rules and filters;
+    `served_evidence`: how many of them the answer kept. "no_evidence" only when there was
+    none: a list emptied by a rule says which rule, never that nothing was known.
+    """
+    if evidence == 0:
+        return "no_evidence"
+    if not any(dropped_by.values()):
+        return None if served_evidence else "no_evidence"
+    return max(DROP_CAUSES, key=lambda c: (dropped_by.get(c, 0), -DROP_CAUSES.index(c)))

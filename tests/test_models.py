@@ -71,7 +71,8 @@ def test_next_list_is_the_share_of_picks_right_after_an_item():
     nxt = g.lists("A")["next"]
     assert [e["item_id"] for e in nxt] == ["B", "C"]
     assert [e["score"] for e in nxt] == pytest.approx([1 / 1.5, 0.5 / 1.5])
-    assert nxt[0]["reason"] == "67% of picks right after A"
+    assert nxt[0]["reason"] == "a popular next pick"
+    assert nxt[0]["anchor"] == "A" and nxt[0]["evidence"]["share"] == pytest.approx(1 / 1.5)
     assert g.lists("B")["next"] == []
     # Evidence and checkpoints written before "next" existed still load, with no next count.
     g.apply(T0, [], [("B", "C", 1, 0, 1, 0)])
@@ -195,7 +196,8 @@ def test_complements_and_alternatives_are_told_apart():
     cross = rec.related("phone", "cross_sell")
     assert [e["item_id"] for e in cross] == ["case"]
     assert cross[0]["kind"] == "cross_sell" and cross[0]["lift"] > 1 and cross[0]["llr"] > 3.84
-    assert "100% of phone's buyers" in cross[0]["reason"]
+    assert cross[0]["anchor"] == "phone" and cross[0]["evidence"]["share"] == pytest.approx(1.0)
+    assert cross[0]["reason"] == "often bought together"
     assert rec.related("phone", "alternatives") == []  # bought together: not an alternative
     alts = rec.related("laptopA", "alternatives")
     assert [e["item_id"] for e in alts] == ["laptopB"]

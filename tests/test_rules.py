@@ -15,8 +15,13 @@ from models.rules import (
     Rules,
     RulesError,
     apply,
+    capped,
+    dropped,
+    impression_counts,
     ladder,
     order_by_price,
+    shortfall,
+    utc_day,
 )
 from tests.conftest import Served
 
@@ -118,6 +123,46 @@ def test_frequency_cap_hides_items_shown_often_enough_today():
     assert ids(got) == ["paper", "cable", "case"]
     off = Rules.parse({"block": ["zzz"]})
     assert ids(apply(LIST, off, CATALOG, 1, shown={"ink": 99})) == ["ink"]
+
+
+def test_the_cap_counts_impressions_per_shopper_and_day():
+    day1 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+    shown = [("ann", day1 + 10, ["ink", "paper", "ink"]),  # one showing lists ink once
+             ("ann", day1 + 20, ["ink"]),
+             ("bob", day1 + 30, ["ink"]),
+             ("ann", day1 + 86_400 - 1, ["paper"]),
+             ("ann", day1 + 86_400, ["ink"])]  # the next UTC day starts afresh
+    got = impression_counts(shown)
+    assert got == {("ann", "20260101"): {"ink": 2, "paper": 2},
+                   ("bob", "20260101"): {"ink": 1},
+                   ("ann", "20260102"): {"ink": 1}}
+    assert utc_day(day1) == "20260101"
+    cap = Rules.parse({"frequency_cap": 2})
+    assert capped(cap, got[("ann", "20260101")]) == {"ink", "paper"}
+    assert capped(cap, got[("bob", "20260101")]) == set()
+    assert capped(Rules(), {"ink": 99}) == set()
+    # Answers asked for and not shown count nothing: a page polling every second keeps its
+    # list until the shopper has seen it `frequency_cap` times.
+    assert ids(apply(LIST, cap, CATALOG, 2, shown=got[("bob", "20260101")])) == ["ink", "paper"]
+
+
+def test_a_list_emptied_by_a_rule_says_which_rule():
+    cap = Rules.parse({"frequency_cap": 1, "block": ["cable"]})
+    shown = {"ink": 1, "paper": 3}
+    served = apply(LIST, cap, CATALOG, 4, shown=shown, exclude={"case"})
+    assert ids(served) == []
+    why = dropped(LIST, ids(served), cap, CATALOG, held={"case"}, shown=shown)
+    assert why == {"frequency_cap": 2, "rules": 1, "held": 1}
+    assert shortfall(len(LIST), 0, why) == "frequency_cap"
+    # Out of stock and held items are told apart from rules; ties go to the first cause.
+    stock = dropped([entry("old", 1.0), entry("case", 0.5)], [], Rules(), CATALOG,
+                    held={"case"})
+    assert stock == {"out_of_stock": 1, "held": 1}
+    assert shortfall(2, 0, stock) == "held"
+    # "No evidence" only when there was none.
+    assert shortfall(0, 0, {}) == "no_evidence"
+    assert shortfall(3, 3, {}) is None
+    assert shortfall(3, 1, dropped(LIST, ["ink"], Rules(), CATALOG)) is None  # cut by k
 
 
 # -- through the API --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ async function send(type, extra) {
   try {
     await api("/v1/events", { method: "POST", body: JSON.stringify(event) },
               state.cfg.ingest_key);
-    $("status").textContent = `sent ${type}`;
+    $("status").textContent = "";  // only problems are worth a line on a shop page
   } catch (err) {
     $("status").textContent = `event not sent: ${err.message}`;
   }
@@ -43,6 +43,8 @@ function label(id) {
 }
 
 function money(p) { return p == null ? "" : `€${Number(p).toFixed(2)}`; }
+
+function soldOut(id) { return (state.catalog.get(id) || {}).in_stock === false; }
 
 async function loadCatalog() {
   let cursor = 0;
@@ -77,6 +79,10 @@ function showCategory(cat) {
     d.innerHTML = "<div class='name'></div><div class='price'></div>";
     d.querySelector(".name").textContent = label(it.item_id);
     d.querySelector(".price").textContent = money(it.price);
+    if (it.in_stock === false) {
+      d.classList.add("sold-out");
+      d.querySelector(".price").textContent += " · out of stock";
+    }
     d.onclick = () => showItem(it.item_id);
     return d;
   }));
@@ -92,6 +98,7 @@ async function showItem(id) {
   $("product-price").textContent = money(it.price);
   $("product-category").textContent = it.category || "";
   $("product-stock").textContent = it.in_stock === false ? "out of stock" : "in stock";
+  $("add-to-cart").hidden = it.in_stock === false;  // nothing to add: no button to press
   await send("view", { item_id: id, price: it.price, category: it.category });
   refresh();
 }
@@ -103,6 +110,11 @@ function feedbackTags(body) {
     tags.variant = body.experiment.variant;
   }
   return tags;
+}
+
+function heading(body, evidence) {
+  return body.items.length && body.items.every((s) => s.kind === "trending")
+    ? "Popular right now" : evidence;
 }
 
 function renderList(el, body, placement) {
@@ -118,10 +130,9 @@ function renderList(el, body, placement) {
     li.dataset.item = s.item_id;
     li.dataset.kind = s.kind;
     li.innerHTML = "<span class='name'></span> <span class='price'></span>" +
-                   "<span class='kind'></span><span class='reason'></span>";
+                   "<span class='reason'></span>";
     li.querySelector(".name").textContent = s.name || label(s.item_id);
     li.querySelector(".price").textContent = money(s.price);
-    li.querySelector(".kind").textContent = s.kind.replace("_", "-");
     li.querySelector(".reason").textContent = s.reason;
     li.onclick = () => {
       send("click", { ...tags, item_id: s.item_id });
@@ -136,7 +147,7 @@ function renderList(el, body, placement) {
       send("click", { ...tags, item_id: s.item_id });
       addToCart(s.item_id);
     };
-    li.append(add);
+    if (!soldOut(s.item_id)) li.append(add);
     return li;
   }));
 }
@@ -151,6 +162,7 @@ async function addToCart(id) {
 
 function renderCart() {
   $("cart-count").textContent = state.cart.length;
+  $("cart-link-count").textContent = state.cart.length;
   $("buy").disabled = state.cart.length === 0;
   $("cart").replaceChildren(...state.cart.map((id) => {
     const li = document.createElement("li");
@@ -178,15 +190,20 @@ async function refresh() {
     // The item on screen may come back as a revisit; next to itself it is no suggestion.
     mine.items = mine.items.filter((s) => s.item_id !== state.item).slice(0, 6);
     renderList($("user-suggestions"), mine, placement);
-    $("fallback-note").textContent = mine.fallback
-      ? "No evidence about you yet: showing what is popular." : "";
+    // The answer's note says what happened (a rule, the cap, no evidence yet); without one,
+    // say only what is true of every fallback.
+    $("fallback-note").textContent = mine.note ? mine.note.text
+      : mine.fallback ? "Popular in the shop right now." : "";
     if (state.item && !$("product").hidden) {
       const id = encodeURIComponent(state.item);
       const who = `&user_id=${encodeURIComponent(state.user)}`;
-      renderList($("item-suggestions"), await api(`/v1/items/${id}/suggestions?k=4${who}`),
-                 "product");
-      renderList($("upsell-suggestions"),
-                 await api(`/v1/items/${id}/suggestions?k=3&kind=upsell${who}`), "upsell");
+      const together = await api(`/v1/items/${id}/suggestions?k=4${who}`);
+      const upsell = await api(`/v1/items/${id}/suggestions?k=3&kind=upsell${who}`);
+      // Popular fillers are not "bought together": the heading says what the list is.
+      $("item-heading").textContent = heading(together, "Frequently bought together");
+      $("upsell-heading").textContent = heading(upsell, "A step up");
+      renderList($("item-suggestions"), together, "product");
+      renderList($("upsell-suggestions"), upsell, "upsell");
     }
   } catch (err) {
     $("status").textContent = `suggestions unavailable: ${err.message}`;
@@ -205,7 +222,7 @@ async function main() {
     refresh();
   };
   $("home-link").onclick = (e) => { e.preventDefault(); showCategory(state.category); };
-  $("add-to-cart").onclick = () => addToCart(state.item);
+  $("add-to-cart").onclick = () => { if (!soldOut(state.item)) addToCart(state.item); };
   $("buy").onclick = async () => {
     const items = state.cart.map((id) => ({ item_id: id, quantity: 1,
                                             price: (state.catalog.get(id) || {}).price }));
