@@ -29,13 +29,14 @@ from models.context import ContextBook, ShopperContext
 from models.feedback import Delta, Example, Reranker
 from models.interests import InterestClusters
 from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
+from models.rules import impression_counts
 from streams.audience import AudienceIndex
 from streams.evidence import pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
 from streams.routing import PartitionOf
 from streams.stage import MODEL_VERSION, YIELD_EVERY, ReadCache, Record, Stage, list_digest
-from streams.store import Ops
+from streams.store import SHOWN_TTL_S, Ops
 from streams.touchpoints import Touchpoints
 
 log = logging.getLogger("cartwise.context")
@@ -61,6 +62,10 @@ class ContextPartition:
     reranker_dirty: bool = False
     # (experiment, "variant|counter") -> amount since the last checkpoint, added with it
     exp_deltas: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    # (user, UTC day, item) -> times shown since the last checkpoint: the frequency cap counts
+    # impression events (once each, with the checkpoint), not the API's answers.
+    shown_deltas: dict[tuple[str, str, str], int] = field(
+        default_factory=lambda: defaultdict(int))
     # (event time to settle at, user): shoppers with unlabelled impressions, soonest first
     settle_heap: list[tuple[float, str]] = field(default_factory=list)
     refreshed_version: int | None = None  # lists_version the last refresh ranked against
@@ -150,6 +155,7 @@ class ContextStage(Stage):
                 counts["context.key_mismatch"] += 1  # right partition all the same
             parsed.append((offset, event))
         served = await self.feedback.served_docs([e for _, e in parsed])
+        shown: list[tuple[str, float, list[str]]] = []  # impressions: (user, ts, items)
         deltas: list[Delta] = []
         examples: list[Example] = []
         for offset, event in parsed:
@@ -165,6 +171,8 @@ class ContextStage(Stage):
             counts[f"applied.{event.type}"] += 1
             if event.type in FEEDBACK_TYPES:
                 self.feedback.attribute(st, event, served, deltas)
+                if event.type == "impression":
+                    shown.append((event.user_id, event.ts, [ln.item_id for ln in event.lines]))
                 if newest is None or event.ts > newest:
                     newest = event.ts
                 continue
@@ -203,6 +211,9 @@ class ContextStage(Stage):
             self.feedback.settle(st, newest, examples)
         for exp, variant, counter, amount in deltas:
             st.exp_deltas[(exp, f"{variant}|{counter}")] += amount
+        for (user, day), items in impression_counts(shown).items():
+            for item, n in items.items():
+                st.shown_deltas[(user, day, item)] += n
         if examples:
             st.reranker.learn(examples)
             st.reranker_dirty = True
@@ -257,6 +268,12 @@ class ContextStage(Stage):
             ops.set(self.keys.clusters(partition), st.clusters.to_bytes())
         for (exp, fld), amount in st.exp_deltas.items():
             ops.hincrbyfloat(self.keys.experiment(exp), fld, amount)
+        days = set()
+        for (user, day, item), n in st.shown_deltas.items():
+            ops.hincrbyfloat(self.keys.shown(user, day), item, n)
+            days.add((user, day))
+        for user, day in sorted(days):  # a day's counts outlive the day by one day
+            ops.expire(self.keys.shown(user, day), SHOWN_TTL_S)
         if st.reranker_dirty:
             ops.set(self.keys.reranker_state(partition), st.reranker.to_bytes())
             ops.set(self.keys.reranker(partition), orjson.dumps(st.reranker.summary()))
@@ -273,6 +290,7 @@ class ContextStage(Stage):
         st.due.clear()
         st.clusters_dirty = False
         st.exp_deltas.clear()
+        st.shown_deltas.clear()
         st.reranker_dirty = False
 
     async def user_lists(self, partition: int, st: ContextPartition, users: list[str],

@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
+
 _CHECKPOINT_LUA = """
 -- KEYS[1]: the stage's offset for this partition; KEYS[2]: the state generation.
 -- ARGV[1]: the offset this worker loaded ('' for none); ARGV[2]: the new offset;
@@ -29,6 +31,7 @@ while i <= n do
   if op == 'H' or op == 'Z' then i = i + 4
   elseif op == 'D' or op == 'S' or op == 'R' then i = i + 3
   elseif op == 'X' or op == 'I' then i = i + 2
+  elseif op == 'E' then i = i + 3
   elseif op == 'F' then
     local before = tonumber(redis.call('HGET', ARGV[i+1], ARGV[i+2]) or '0')
     local sum = (before or 0/0) + (tonumber(ARGV[i+3]) or 0/0)
@@ -50,6 +53,7 @@ while i <= n do
   elseif op == 'Z' then redis.call('ZADD', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
   elseif op == 'R' then redis.call('ZREM', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'F' then redis.call('HINCRBYFLOAT', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  elseif op == 'E' then redis.call('EXPIRE', ARGV[i+1], ARGV[i+2]); i = i + 3
   end
 end
 -- The offset last: whatever failed above left it where it was.
@@ -107,7 +111,9 @@ class Keys:
         return f"{self.prefix}rules"
 
     def shown(self, user_id: str, day: str) -> str:
-        """Hash item -> times shown to this shopper on a UTC day (YYYYMMDD): frequency cap."""
+        """Hash item -> times shown to this shopper on a UTC day (YYYYMMDD): frequency cap.
+
+        Counted from impression events by the workers; expires `SHOWN_TTL_S` after a write."""
         return f"{self.prefix}shown:{user_id}:{day}"
 
     @property
@@ -241,6 +247,9 @@ class Ops:
 
     def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
         self.args += ("F", key, field, _finite(amount, key))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self.args += ("E", key, str(int(seconds)))
 
 
 class Store:
