@@ -16,7 +16,14 @@ class Suggestion(BaseModel):
     score: float = Field(description="Higher is better; comparable within one answer only")
     kind: Literal["cross_sell", "alternatives", "next", "upsell", "trending", "revisit",
                   "pinned", "new"]
-    reason: str = Field(description="Why it is suggested, fit to show to shoppers")
+    reason: str = Field(description="Why it is suggested, fit to show to shoppers, worded "
+                                    "from kind, anchor and evidence (docs/model.md)")
+    anchor: str | None = Field(None, description="The item whose evidence put this one here")
+    anchor_name: str | None = Field(
+        None, description="The anchor's catalog name; null when the catalog has none")
+    evidence: dict[str, Any] | None = Field(
+        None, description="The numbers behind the reason, to word your own: share, shoppers, "
+                          "out_of; bought (a rebuy); category (trending)")
     name: str | None = None
     price: float | None = None
     category: str | None = None
@@ -46,6 +53,10 @@ class Suggestions(BaseModel):
                           "Send it back, with request_id, in the impression (docs/experiments.md)")
     ranking: str | None = Field(
         None, description="'reranker' when the learned re-ranker ordered the list, else 'plain'")
+    note: dict[str, str] | None = Field(
+        None, description="Why trending items filled the answer, when they did: {\"code\": "
+                          "\"no_evidence\"|\"held\"|\"out_of_stock\"|\"rules\"|"
+                          "\"frequency_cap\", \"text\": a sentence fit to show}")
 
 
 class CartRequest(BaseModel):

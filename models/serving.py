@@ -12,9 +12,13 @@ from typing import Any
 
 from models.scoring import round_sig
 from models.trending import trending_entries
+from models.wording import WORDING
 
 ITEM_KINDS = ("cross_sell", "alternatives", "next", "upsell")
 PLACEMENTS = ("product", "cart", "home")
+# What an answer keeps of a stored entry: the facts rendering words (models/wording.py), not
+# the scoring internals (confidence, lift, support) a storefront has no use for.
+ENTRY_FIELDS = ("item_id", "score", "kind", "reason", "anchor", "evidence")
 # Items read past k to survive the stock filter without a second round trip.
 HEADROOM = 10
 # Next to a cart: complements and what shoppers went on to pick; substitutes and revisits of
@@ -45,8 +49,7 @@ def in_stock(entries: Iterable[dict[str, Any]], catalog: Catalog, k: int,
     for e in entries:
         if e["item_id"] in exclude or (catalog.get(e["item_id"]) or {}).get("in_stock") is False:
             continue
-        out.append({"item_id": e["item_id"], "score": e["score"], "kind": e["kind"],
-                    "reason": e["reason"]})
+        out.append({f: e[f] for f in ENTRY_FIELDS if f in e})
         if len(out) >= k:
             break
     return out
@@ -71,15 +74,19 @@ def upsell(anchor: str, doc: Mapping[str, Any] | None, anchor_facts: Mapping[str
             continue
         if category is not None and other.get("category") not in (None, category):
             continue
-        step = p / price - 1.0 if price > 0 else 0.0
-        out.append({
+        entry = {
             "item_id": e["item_id"],
             "score": e["score"],
             "kind": "upsell",
-            "reason": f"a step up from {anchor} ({step:.0%} more), considered by the same "
-                      "shoppers",
+            # Worded at read time with the anchor's name (models/wording.py); the price step
+            # stays a field, not text.
+            "reason": WORDING["upsell.unnamed"],
+            "anchor": anchor,
             "price_ratio": round_sig(p / price, digits) if price > 0 else None,
-        })
+        }
+        if e.get("evidence"):
+            entry["evidence"] = e["evidence"]
+        out.append(entry)
         if len(out) >= k:
             break
     return out

@@ -52,12 +52,15 @@ def trending_entries(
             continue
         if top_score is None:
             top_score = score
-        out.append({
+        entry: dict[str, Any] = {
             "item_id": item,
             "score": round_sig(relative_popularity(score, top_score), digits),
             "kind": "trending",
             "reason": f"popular {where} right now",
-        })
+        }
+        if category:  # worded at read time as "popular in {category} right now"
+            entry["evidence"] = {"category": category}
+        out.append(entry)
         if len(out) >= k:
             break
     return out

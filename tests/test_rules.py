@@ -220,14 +220,26 @@ def test_frequency_cap_and_boost_for_a_returning_shopper(rules_reset: Served):
     new = next(c["item_id"] for c in s.shop.catalog if c["in_stock"] and c["item_id"] not in known)
     assert s.put("/v1/rules", {"frequency_cap": 2,
                                "boost": {"items": [new], "slots": 1}}).status_code == 200
-    answers = [s.get(f"/v1/users/{user}/suggestions", k=3).json()["items"] for _ in range(3)]
-    assert answers[0][-1]["item_id"] == new and answers[0][-1]["kind"] == "new"
-    assert [e["item_id"] for e in answers[0]] == [e["item_id"] for e in answers[1]]
-    # Two showings are the cap: the third answer shares nothing with the first two.
-    assert not {e["item_id"] for e in answers[2]} & {e["item_id"] for e in answers[0]}
-    day = time.strftime("%Y%m%d", time.gmtime())
-    counts = s.r.hgetall(f"{s.settings.prefix}shown:{user}:{day}")
-    assert counts[new.encode()] == b"2" and 0 < s.r.ttl(f"{s.settings.prefix}shown:{user}:{day}")
+    answers = [s.get(f"/v1/users/{user}/suggestions", k=3).json() for _ in range(3)]
+    first = [e["item_id"] for e in answers[0]["items"]]
+    assert first[-1] == new and answers[0]["items"][-1]["kind"] == "new"
+    # Asking is not seeing: answers nobody reported as shown count nothing.
+    assert [e["item_id"] for e in answers[2]["items"]] == first
+    # Two impressions of that list (counted by the worker, per UTC day of event time) are
+    # the cap: the next answer shares nothing with it.
+    now = time.time()
+    assert s.post("/v1/events", [
+        {"event_id": f"{user}-cap-{n}", "type": "impression", "user_id": user, "ts": now,
+         "request_id": answers[n]["request_id"], "placement": "product",
+         "items": [{"item_id": i} for i in first]} for n in (0, 1)]).status_code == 202
+    key = f"{s.settings.prefix}shown:{user}:{time.strftime('%Y%m%d', time.gmtime(now))}"
+    deadline = time.monotonic() + 60
+    while float(s.r.hget(key, new) or 0) < 2:
+        assert time.monotonic() < deadline, "impressions never counted"
+        time.sleep(0.2)
+    after = s.get(f"/v1/users/{user}/suggestions", k=3).json()
+    assert not {e["item_id"] for e in after["items"]} & set(first)
+    assert float(s.r.hget(key, new)) == 2.0 and 0 < s.r.ttl(key)
 
 
 def test_bad_rules_are_refused_with_the_field_and_keep_the_old_ones(rules_reset: Served):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from api.fastpath import FastPath
 from api.auth import KeyConfigError, KeyRing, RateLimiter, TokenBucket, allows, new_key
+from api.fastpath import FastPath
 from models import serving
 from models.config import ModelConfig
 from models.graph import ItemGraph
@@ -60,6 +60,8 @@ def test_trending_entries_skip_excluded_and_out_of_stock_and_scale_to_the_top():
     assert [e["item_id"] for e in got] == ["z", "w"]
     assert got[0]["score"] == pytest.approx(0.25) and got[0]["kind"] == "trending"
     assert got[0]["reason"] == "popular in toys right now"
+    assert got[0]["evidence"] == {"category": "toys"}  # worded at read time
+    assert "evidence" not in trending_entries(ranked, {}, 1)[0]  # shop-wide: nothing to say
     assert relative_popularity(12.0, 10.0) == 1.0  # never above the top
 
 
@@ -71,6 +73,12 @@ def test_in_stock_drops_unavailable_items_and_internal_fields():
     catalog = {"b": {"in_stock": False}}
     got = serving.in_stock([entry("a", 3), entry("b", 2), entry("c", 1)], catalog, 5, {"c"})
     assert got == [{"item_id": "a", "score": 3, "kind": "cross_sell", "reason": "r"}]
+    # The facts a reason is worded from travel with the entry; scoring internals do not.
+    evidence = {"share": 0.4, "shoppers": 20.0, "out_of": 50.0}
+    rich = entry("a", 3) | {"anchor": "p", "evidence": evidence, "lift": 2.0}
+    assert serving.in_stock([rich], {}, 1) == [{"item_id": "a", "score": 3, "kind": "cross_sell",
+                                               "reason": "r", "anchor": "p",
+                                               "evidence": evidence}]
 
 
 def test_upsell_is_dearer_same_category_and_needs_a_price():
@@ -84,6 +92,8 @@ def test_upsell_is_dearer_same_category_and_needs_a_price():
     got = serving.upsell("a", doc, anchor, catalog, 5)
     assert [e["item_id"] for e in got] == ["dear"]
     assert got[0]["price_ratio"] == 1.5 and got[0]["kind"] == "upsell"
+    # The anchor is named at read time; the price step is a field, never text.
+    assert got[0]["anchor"] == "a" and "%" not in got[0]["reason"]
     assert serving.upsell("a", doc, {"category": "c"}, catalog, 5) == []
     assert serving.upsell_trending([("dear", 1.0), ("cheap", 2.0)], anchor, catalog) == [
         ("dear", 1.0)]

@@ -15,6 +15,7 @@ from api.errors import ApiError, json_response, request_id
 from api.schemas import CartRequest, CatalogPage, Suggestions, Trending
 from cartwise.contract import MAX_ID_LEN
 from models import serving
+from models.wording import render_all
 
 
 def router(backend: Backend) -> APIRouter:
@@ -77,7 +78,8 @@ def router(backend: Backend) -> APIRouter:
         catalog: dict[str, dict | None] = {}
         entries, _used = await answers.fill([], catalog, k, set(), [category] if category
                                             else [])
-        return json_response({"items": serving.enrich(entries, catalog), "category": category,
+        return json_response({"items": render_all(serving.enrich(entries, catalog), catalog),
+                              "category": category,
                               "served_at": time.time(), "request_id": request_id(request)})
 
     @r.get("/v1/catalog", response_model=CatalogPage, tags=["catalog"],

@@ -4,9 +4,13 @@ experiment variant and the re-ranker (docs/api.md). Shared by the routes and the
 Reads never score anything: the workers keep ready lists in Redis and models/serving.py only
 selects, filters by the live catalog and fills short answers with trending items.
 
-What a read writes is bounded (docs/api.md, "Limits"): the frequency-cap hash only for
-shoppers the workers know (an invented id has no list), and served records (the re-ranker's
-features of an answer) at most `served_rate` a second per process.
+Reasons are worded here, at read time, from each entry's kind, anchor and evidence and the
+catalog's names (models/wording.py): the workers know no product names.
+
+What a read writes is bounded (docs/api.md, "Limits"): served records (the re-ranker's
+features of an answer) at most `served_rate` a second per process. The frequency cap's counts
+are written by the workers from impression events (what shoppers saw, not what was asked),
+and only read here.
 """
 
 from __future__ import annotations
@@ -25,22 +29,17 @@ from api.metrics import ApiMetrics
 from api.services.catalog import CatalogCache
 from api.services.config import ConfigService
 from cartwise.settings import Settings
-from models import serving
+from models import serving, wording
 from models.config import ModelConfig
 from models.feedback import features, rerank
-from models.ranking import rank_for_cart
-from models.rules import LadderStep, Rules, ladder, order_by_price
+from models.ranking import complete_cart, rank_for_cart
+from models.rules import LadderStep, Rules, dropped, ladder, order_by_price, shortfall, utc_day
 from models.rules import apply as apply_rules
 from models.segments import rfm
 from streams.store import Keys, Store
 
 log = logging.getLogger("cartwise.api")
-SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
 CONFIG = ModelConfig()  # the model settings the workers run with (their defaults)
-
-
-def utc_day(now: float | None = None) -> str:
-    return time.strftime("%Y%m%d", time.gmtime(time.time() if now is None else now))
 
 
 class Answers:
@@ -153,25 +152,42 @@ class Answers:
             log.debug("served document not written: %r", exc)
 
     async def shown_today(self, user_id: str) -> dict[str, int]:
-        got = await self.redis.hgetall(self.keys.shown(user_id, utc_day()))
-        return {k.decode(): int(v) for k, v in got.items()}
+        """What this shopper saw today (UTC), item -> impressions: the workers count them
+        with HINCRBYFLOAT (`cw:shown:{user}:{YYYYMMDD}`), hence "2.0", not "2"."""
+        got = await self.redis.hgetall(self.keys.shown(user_id, utc_day(time.time())))
+        return {k.decode(): int(float(v)) for k, v in got.items()}
 
-    async def count_shown(self, user_id: str, entries: list[dict]) -> None:
-        key = self.keys.shown(user_id, utc_day())
-        pipe = self.redis.pipeline(transaction=False)
-        for e in entries:
-            pipe.hincrby(key, e["item_id"], 1)
-        pipe.expire(key, SHOWN_TTL_S)
-        await pipe.execute()
+    async def with_anchors(self, entries: list[dict], catalog: dict) -> None:
+        """Add the facts of the entries' anchors to `catalog`, in one read, so that reasons
+        can name them; callers usually asked for them with the candidates already."""
+        missing = [a for a in wording.anchors_of(entries) if a not in catalog]
+        if missing:
+            catalog.update(await self.catalog.facts(missing))
+
+    @staticmethod
+    def note(evidence: list[dict], entries: list[dict], fallback: str | None, rules: Rules,
+             catalog: dict, held: set[str] | frozenset[str] = frozenset(),
+             shown: dict[str, int] | None = None) -> dict[str, str] | None:
+        """Why trending items filled this answer (models/rules.py `shortfall`): a rule, the
+        stock or the cap that emptied the list says so; "no evidence" only when there was
+        none. `evidence`: the evidence-based entries before stock and rules."""
+        if fallback is None:
+            return None
+        served = {e["item_id"] for e in entries}
+        kept = len(served & {e["item_id"] for e in evidence})
+        return wording.note(shortfall(len(evidence), kept,
+                              dropped(evidence, served, rules, catalog, held, shown)))
 
     # -- answers ------------------------------------------------------------------------------
 
     def body(self, entries: list[dict], catalog: dict, fallback: str | None,
              doc: dict | None, **extra: Any) -> dict[str, Any]:
+        """The answer: entries worded and enriched; `catalog` holds their anchors' facts."""
         exp = extra.get("experiment")
         self.metrics.answers.labels(exp["id"] if exp else "", exp["variant"] if exp else "",
                                     extra.get("ranking") or "plain").inc()
-        return {"items": serving.enrich(entries, catalog), "fallback": fallback,
+        return {"items": wording.render_all(serving.enrich(entries, catalog), catalog),
+                "fallback": fallback,
                 "model": doc.get("model") if doc else None,
                 "as_of": doc.get("as_of") if doc else None,
                 "generated_at": doc.get("generated_at") if doc else None,
@@ -200,8 +216,10 @@ class Answers:
         anchor = catalog.get(item_id)
         if kind == "upsell":
             entries = serving.upsell(item_id, doc, anchor, catalog, room)
+            evidence = entries
         else:
             entries = serving.in_stock(listed, catalog, room, {item_id})
+            evidence = listed[: len(wanted)]
         existing = bool(shopper and shopper["orders"])
         entries, xs = self.order(entries, catalog, anchor, "product", existing,
                                  {e["item_id"]: e for e in listed}, reranked)
@@ -221,8 +239,10 @@ class Answers:
             self.remember(rid, user_id, "product", experiment, entries, xs, catalog, anchor,
                           existing)
         extra = {"shopper": shopper} if shopper else {}
+        await self.with_anchors(entries, catalog)
         return self.body(entries, catalog, fallback, doc, item_id=item_id, kind=kind,
                          experiment=experiment, ranking="reranker" if reranked else "plain",
+                         note=self.note(evidence, entries, fallback, rules, catalog, {item_id}),
                          **extra)
 
     async def user(self, user_id: str, placement: str, k: int,
@@ -241,19 +261,29 @@ class Answers:
             listed = [e for e in listed if e.get("kind") != "alternatives"]
         ctx = (doc or {}).get("context") or {}
         recent = ctx.get("recent") or []
-        anchors = list(dict.fromkeys([*recent[:1], *reversed(list(ctx.get("cart") or {}))]))
+        in_cart = list(ctx.get("cart") or {})
+        anchors = list(dict.fromkeys([*recent[:1], *reversed(in_cart)]))
         existing = bool(ctx.get("bought"))
         room = k if rules.empty and not reranked else k + serving.HEADROOM
+        wanted = serving.candidates(listed, room)
+        evidence = listed[: len(wanted)]
+        # One read: the candidates, their anchors (named in the reasons), the cart's items
+        # (whose categories tell complements from substitutes) and what the rules add.
         catalog = await self.catalog.facts(list(dict.fromkeys(
-            [*serving.candidates(listed, room), *recent[:1], *rules.wanted(anchors, existing)])))
+            [*wanted, *wording.anchors_of(evidence), *recent[:1],
+             *(in_cart if placement == "cart" else ()), *rules.wanted(anchors, existing)])))
         anchor = catalog.get(recent[0]) if recent else None
         exclude = serving.user_exclusions(doc, catalog)
         # The worker ranked `listed` from the context stored beside it (revisits included on
         # purpose); the exclusions are for the trending fillers and what the rules add.
         entries, xs = self.order(serving.in_stock(listed, catalog, room), catalog, anchor,
                                  placement, existing, {}, reranked)
-        # Only shoppers the workers know get a frequency-cap hash: an invented id writes none.
+        if placement == "cart":  # complements of the cart first, substitutes after them
+            entries = complete_cart(entries, in_cart, catalog)
+        # The cap counts impressions (written by the workers); a shopper the workers do not
+        # know has no list to cap.
         capped = bool(rules.frequency_cap) and doc is not None
+        shown: dict[str, int] = {}
         if not rules.empty:
             shown = await self.shown_today(user_id) if capped else {}
             entries = ladder(entries, step, catalog, average)
@@ -266,14 +296,16 @@ class Answers:
         cap = step.cap(average) if step else None
         entries, fallback = await self.fill(entries, catalog, k, exclude, categories,
                                             price_cap=cap, rules=rules, enabled=strategy.fill)
-        if capped:
-            await self.count_shown(user_id, entries)
         if rid is not None:
             self.remember(rid, user_id, placement, experiment, entries, xs, catalog, anchor,
                           existing)
         extra = {"shopper": shopper} if shopper else {}
+        await self.with_anchors(entries, catalog)
+        # The model's list may revisit held items on purpose: no "held" cause for it.
         return self.body(entries, catalog, fallback, doc, user_id=user_id, placement=placement,
                          experiment=experiment, ranking="reranker" if reranked else "plain",
+                         note=self.note(evidence, entries, fallback, rules, catalog,
+                                        shown=shown),
                          **extra)
 
     async def cart(self, items: list[str], k: int, exclude: list[str], user_id: str | None,
@@ -290,8 +322,15 @@ class Answers:
         held = set(exclude) | set(cart)
         room = k if rules.empty and not reranked else k + serving.HEADROOM
         ranked = rank_for_cart(cart, lists, catalog, room, held | rules.block, CONFIG)
+        # What the blend left out for the stock or a block: the note's causes, if it empties.
+        listed = {e["item_id"] for e in ranked}
+        evidence = ranked + [{"item_id": i} for i in sorted(wanted - held - listed)
+                             if i in rules.block or (catalog.get(i) or {}).get("in_stock")
+                             is False]
         anchor = catalog.get(cart[-1])
         ranked, xs = self.order(ranked, catalog, anchor, "cart", False, {}, reranked)
+        if reranked:  # the re-ranker knows nothing of substitutes: complements first again
+            ranked = complete_cart(ranked, cart, catalog, lists, CONFIG)
         entries = (ranked[:k] if rules.empty
                    else apply_rules(ranked, rules, catalog, k, anchors, held))
         categories = [(catalog.get(i) or {}).get("category") for i in reversed(cart)]
@@ -300,5 +339,7 @@ class Answers:
                                             rules=rules, enabled=strategy.fill)
         self.remember(rid, user_id, "cart", experiment, entries, xs, catalog, anchor, False)
         newest = max(lists.values(), key=lambda d: d.get("generated_at") or 0, default=None)
+        await self.with_anchors(entries, catalog)
         return self.body(entries, catalog, fallback, newest, experiment=experiment,
-                         ranking="reranker" if reranked else "plain")
+                         ranking="reranker" if reranked else "plain",
+                         note=self.note(evidence, entries, fallback, rules, catalog, held))
