@@ -1,10 +1,13 @@
 """Writes docs/quality.md and its plots from a fresh prequential replay of every shared log.
 
     python -m bench.quality [--datasets taobao,diginetica] [--limit N] [--jobs 2]
+                            [--no-ablations]
 
 Each dataset is replayed once through every model side by side: the default model, its
 ablations (each switches one component off) and the baselines. Results go to
 bench/results/quality/<dataset>.json, plots to docs/img/, the page to docs/quality.md.
+Every process replays the same events and targets, so results of separate processes pair up
+target by target (the significance tests compare their per-window values).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from typing import Any
 import orjson
 
 from cartwise import datasets
-from cartwise.evaluate import evaluate
+from cartwise.evaluate import NAMES, against_best, evaluate, head_group, verdict
 from models.baselines import BASELINES
 from models.config import ModelConfig
-from models.evaluation import compare_blocks
 from models.recommender import CartwiseModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +53,18 @@ def variant(name: str, config: ModelConfig) -> CartwiseModel:
 # the same for every model) while every event is learned (docs/quality-protocol.md).
 TARGET_SAMPLE = {"online_retail": 5}
 
-def groups(keep_baselines: bool) -> list[list[str]]:
+def groups(keep_baselines: bool, ablations: bool = True) -> list[list[str]]:
     """The models of each process replaying one log, results merged afterwards: the default
-    with the baselines (a paired comparison needs both in one replay) and the ablations; with
+    with the cheap baselines, the neighbourhood baselines, and the ablations; with
     `keep_baselines` the default and its ablations, halved."""
-    ablations = [f"cartwise-{a}" for a in ABLATIONS]
+    ablated = [f"cartwise-{a}" for a in ABLATIONS] if ablations else []
     if not keep_baselines:
-        return [["cartwise", *BASELINES], ablations]
+        knn = ["sknn", "v_sknn", "stan", "vstan"]
+        plan = [["cartwise", *(b for b in BASELINES if b not in knn)], knn]
+        return plan + ([ablated] if ablated else [])
+    models = ["cartwise", *ablated]
+    if not ablated:
+        return [models]
     models = ["cartwise", *ablations]
     half = (len(models) + 1) // 2
     return [models[:half], models[half:]]
@@ -90,6 +97,7 @@ def run(name: str, limit: int | None, group: list[str]) -> dict[str, Any]:
     result = evaluate(events, kinds, models, progress=progress,
                       sample=TARGET_SAMPLE.get(name, 1))
     result["source"] = name
+    result["limit"] = limit
     result["description"] = datasets.DATASETS[name].description
     result["config"] = base.to_dict()
     return result
@@ -103,6 +111,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(parts[0])
     out["models"] = {n: found[n] for n in order if n in found}
     out["seconds"] = max(part["seconds"] for part in parts)
+    against_best(out)
     return out
 
 
@@ -129,22 +138,12 @@ def kept_baselines(new: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]
     out = dict(new)
     out["models"] = models
     out["baselines_from"] = saved.get("generated", "an earlier run")
+    against_best(out)
     return out
 
 
-def verdict_against_best_baseline(r: dict[str, Any]) -> None:
-    """Best baseline and the significance test, from the saved per-window HR@20 (results
-    written before ablations were told apart from baselines named an ablation the best)."""
-    models = r["models"]
-    best = max((n for n in models if not n.startswith("cartwise")),
-               key=lambda n: models[n][head(r)]["hr20"])
-    r["best_baseline"] = best
-    r["vs_best"] = compare_blocks(models["cartwise"]["hr20_by_window"],
-                                  models[best]["hr20_by_window"])
-
-
 def head(result: dict[str, Any]) -> str:
-    return "all" if len(result["kinds"]) > 1 else result["kinds"][0]
+    return head_group(result)
 
 
 def plot(results: dict[str, dict[str, Any]]) -> None:
@@ -194,16 +193,23 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
         "The protocol, the targets and what each method is: [quality-protocol.md]"
         "(quality-protocol.md).",
         "",
+    ]
+    out += summary_section(results)
+    out += [
         "## Results (reported part: the last 70% of each log)",
         "",
     ]
     for name, r in results.items():
         h = head(r)
-        verdict_against_best_baseline(r)
+        against_best(r)
         sampled = r.get("target_sample", 1)
         note = (f" Suggestions asked for at 1 in {sampled} targets, every event learned "
                 "(quality-protocol.md, \"Sampled targets\"); us/event is not comparable with "
                 "the other logs." if sampled > 1 else "")
+        if r.get("limit") and r["events"] >= r["limit"]:  # a shorter log was replayed whole
+            note += f" The first {r['limit']:,} events of the log (`--limit`)."
+        if r.get("command", command) != command:
+            note += f" Replayed by `{r['command']}` on {r['generated']}."
         if r.get("baselines_from"):
             src = r["baselines_from"]
             src = f"the run of {src}" if src[:1].isdigit() else src
@@ -213,33 +219,98 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
                 f"{r['items']:,} items; targets: {', '.join(r['kinds'])}.{note}", ""]
         labels = ([h] if h == "all" else []) + r["kinds"]
         cols = " | ".join(f"HR@20 {k}" for k in labels)
-        out += [f"| model | targets | HR@10 | HR@20 | MRR@20 | new-item share of hits | "
+        out += [f"| model | targets | HR@5 | HR@10 | HR@20 | MRR@20 | new-item share of hits | "
                 f"coverage@20 | us/event | {cols} |",
-                "|---|---|---|---|---|---|---|---|" + "---|" * len(labels)]
+                "|---|---|---|---|---|---|---|---|---|" + "---|" * len(labels)]
         for model, res in r["models"].items():
             m = res[h]
             per = " | ".join(f"{res[k]['hr20']:.4f} ({res[k]['targets']})" for k in labels)
             bold = "**" if model == "cartwise" else ""
-            out.append(f"| {bold}{model}{bold} | {m['targets']} | {m['hr10']:.4f} | "
-                       f"{m['hr20']:.4f} | {m['mrr20']:.4f} | {m['new_hit_share']:.2f} | "
-                       f"{res['coverage20']:.3f} | {res['cost_us_per_event']:.0f} | {per} |")
-        if "vs_best" in r:
-            v = r["vs_best"]
-            verdict = ("better, beyond noise" if v["ci95"][0] > 0 and v["sign_p"] < 0.05
-                       else "worse, beyond noise" if v["ci95"][1] < 0 and v["sign_p"] < 0.05
-                       else "not significantly different")
-            out += ["", f"cartwise against the best baseline ({r['best_baseline']}): HR@20 "
-                    f"{v['diff']:+.4f} (95% bootstrap interval {v['ci95'][0]:+.4f} .. "
-                    f"{v['ci95'][1]:+.4f} over {v['blocks']} time windows), better in "
-                    f"{v['wins']} windows, worse in {v['losses']}; sign test p = "
-                    f"{v['sign_p']:.2g}: **{verdict}**."]
+            out.append(f"| {bold}{model}{bold} | {m['targets']} | {m.get('hr5', 0):.4f} | "
+                       f"{m['hr10']:.4f} | {m['hr20']:.4f} | {m['mrr20']:.4f} | "
+                       f"{m['new_hit_share']:.2f} | {res['coverage20']:.3f} | "
+                       f"{res['cost_us_per_event']:.0f} | {per} |")
+        out += subset_tables(r)
+        out += significance_table(r)
         out += ["", f"![HR@20 over time on {name}](img/quality-{name}-over-time.png)", ""]
     out += ["## Quality against cost", "", "![HR@20 against learn + recommend time per event]"
-            "(img/quality-vs-cost.png)", "", "## Ablation", "",
-            "Each row switches one component of the default model off; HR@20 on the headline "
-            "targets (change against the default).", "",
-            "| variant | what is off | " + " | ".join(results) + " |",
-            "|---|---|" + "---|" * len(results)]
+            "(img/quality-vs-cost.png)", ""]
+    if all(f"cartwise-{a}" in r["models"] for r in results.values() for a in ABLATIONS):
+        out += ablation_section(results)
+    else:
+        out += ["## Ablation", "", "Not replayed in this run (`--no-ablations`)."]
+    out += shoppers_section()
+    return "\n".join(out) + "\n"
+
+
+SHORT = {"better, beyond noise": "better", "worse, beyond noise": "**worse**",
+         "not significantly different": "no sig. difference"}
+
+
+def summary_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per log and target group: cartwise against the baseline best at each metric."""
+    out = ["## Summary", "", "cartwise minus the best baseline at each metric (which one, in "
+           "brackets), and whether the difference is beyond noise (sign test and bootstrap "
+           "over 20 time windows, below).", "",
+           "| log | targets | HR@5 | HR@20 | MRR@20 |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        against_best(r)
+        for label, per_metric in r.get("significance", {}).items():
+            cells = [f"{v['diff']:+.4f} ({v['baseline']}) {SHORT[verdict(v)]}"
+                     for v in (per_metric[m] for m in ("hr5", "hr20", "mrr20"))]
+            out.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+SUBSET_TITLE = {"discovery": "Discovery targets (items the shopper never touched before)",
+                "basket": "Basket completion (items added to a basket that already holds "
+                          "others: the cart so far, or the earlier lines of the same order)"}
+
+
+def subset_tables(r: dict[str, Any]) -> list[str]:
+    """HR@5/10/20 and MRR@20 of every model on the discovery and basket-completion targets."""
+    out: list[str] = []
+    for label, title in SUBSET_TITLE.items():
+        if label not in r["models"]["cartwise"]:
+            continue
+        out += ["", f"{title}:", "", "| model | targets | HR@5 | HR@10 | HR@20 | MRR@20 |",
+                "|---|---|---|---|---|---|"]
+        for model, res in r["models"].items():
+            if model.startswith("cartwise-"):
+                continue
+            m = res[label]
+            bold = "**" if model == "cartwise" else ""
+            out.append(f"| {bold}{model}{bold} | {m['targets']} | {m['hr5']:.4f} | "
+                       f"{m['hr10']:.4f} | {m['hr20']:.4f} | {m['mrr20']:.4f} |")
+    return out
+
+
+def significance_table(r: dict[str, Any]) -> list[str]:
+    """cartwise against the baseline best at each metric, per target group."""
+    sig = r.get("significance")
+    if not sig:  # results saved before per-metric windows: the headline HR@20 only
+        if "vs_best" not in r:
+            return []
+        sig = {head(r): {"hr20": {"baseline": r["best_baseline"], **r["vs_best"]}}}
+    out = ["", "cartwise against the best baseline at each metric (paired over "
+           f"{next(iter(next(iter(sig.values())).values()))['blocks']} time windows: mean "
+           "difference with its 95% bootstrap interval, windows better / worse, sign test):",
+           "", "| targets | metric | best baseline | difference | 95% interval | better / worse "
+           "| p | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for label, per_metric in sig.items():
+        for metric, v in per_metric.items():
+            out.append(f"| {label} | {NAMES[metric]} | {v['baseline']} | {v['diff']:+.4f} | "
+                       f"{v['ci95'][0]:+.4f} .. {v['ci95'][1]:+.4f} | {v['wins']} / "
+                       f"{v['losses']} | {v['sign_p']:.2g} | **{verdict(v)}** |")
+    return out
+
+
+def ablation_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["## Ablation", "",
+           "Each row switches one component of the default model off; HR@20 on the headline "
+           "targets (change against the default).", "",
+           "| variant | what is off | " + " | ".join(results) + " |",
+           "|---|---|" + "---|" * len(results)]
     for a, over in ABLATIONS.items():
         cells = []
         for r in results.values():
@@ -249,8 +320,7 @@ def page(results: dict[str, dict[str, Any]], command: str) -> str:
             cells.append(f"{v:.4f} ({v - full:+.4f})")
         what = ", ".join(f"{k}={v}" for k, v in over.items())
         out.append(f"| {a} | {what} | " + " | ".join(cells) + " |")
-    out += shoppers_section()
-    return "\n".join(out) + "\n"
+    return out
 
 
 def shoppers_section() -> list[str]:
@@ -306,16 +376,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the page from saved results instead of replaying")
     parser.add_argument("--jobs", type=int, default=2,
                         help="replays at once, two per dataset (default+baselines, ablations)")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="skip the default model's ablations (half the time; the page "
+                        "leaves the ablation table out)")
     parser.add_argument("--keep-baselines", action="store_true",
                         help="replay the default model and its ablations only; take the "
                         "baselines from the saved results after checking the targets match")
     args = parser.parse_args(argv)
+    invocation = " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)])
     RESULTS.mkdir(parents=True, exist_ok=True)
     names = args.datasets.split(",")
     todo = [n for n in names if not (args.reuse and (RESULTS / f"{n}.json").exists())]
     saved = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in todo
              if args.keep_baselines}
-    plan = groups(args.keep_baselines)
+    plan = groups(args.keep_baselines, ablations=not args.no_ablations)
     # Each log's result is saved the moment it is done, so a long run that is cut off keeps
     # what it finished and `--reuse` picks up from there.
     parts: dict[str, list[dict[str, Any]]] = {n: [] for n in todo}
@@ -327,16 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             if len(parts[n]) == len(plan):
                 result = merge(parts[n])
                 result["generated"] = time.strftime("%Y-%m-%d")
+                result["command"] = invocation
                 if args.keep_baselines:
                     result = kept_baselines(result, saved[n])
                 (RESULTS / f"{n}.json").write_bytes(orjson.dumps(
                     result, option=orjson.OPT_INDENT_2))
     results = {n: orjson.loads((RESULTS / f"{n}.json").read_bytes()) for n in names}
     plot(results)
-    command = "python -m bench.quality" + (f" --limit {args.limit}" if args.limit else "")
-    if args.keep_baselines or any(r.get("baselines_from") for r in results.values()):
-        command += " --keep-baselines"
-    (ROOT / "docs" / "quality.md").write_text(page(results, command))
+    (ROOT / "docs" / "quality.md").write_text(page(results, invocation))
     return 0
 
 

@@ -1,14 +1,17 @@
-"""`cartwise` command line: demo, worker, api, simulate, inspection (docs/operations.md)."""
+"""`cartwise` command line: demo, worker, api, import, simulate, inspection (docs/operations.md).
+
+Expected failures (no Redis, no broker, a bad argument or file) end with one line saying what
+and what to do, and a non-zero exit (2), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
+import os
+import re
 import sys
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -16,35 +19,80 @@ import redis
 from cartwise.settings import Settings
 
 
+class CliError(Exception):
+    """An expected failure: printed as one line (with a hint), exit code 2."""
+
+
 def _redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from CARTWISE_*; a bad value is one line (CliError), not a traceback."""
+    try:
+        return Settings.from_env(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"bad setting: {exc} (check the CARTWISE_* environment variables)") \
+            from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from cartwise.worker import run_worker
 
-    run_worker(Settings.from_env(), loglevel=args.loglevel)
+    run_worker(load_settings(), loglevel=args.loglevel)
     return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from api import server
     from api.app import create_asgi
     from api.auth import KeyConfigError
 
-    settings = Settings.from_env()
+    settings = load_settings()
+    if args.workers < 1:
+        raise CliError(f"--workers must be 1 or more, got {args.workers}")
+    if args.workers > 1 and settings.metrics_port:
+        raise CliError("--workers above 1 needs CARTWISE_METRICS_PORT=0: the processes cannot "
+                       "share one metrics port (or run one process per container)")
     try:
-        app = create_asgi(settings)
+        app = create_asgi(settings)  # checks the keys and settings before anything listens
     except (KeyConfigError, ValueError) as exc:
-        print(f"cartwise api: {exc}", file=sys.stderr)
-        return 2
-    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
-                loop="uvloop", http="httptools", access_log=False, log_level=args.loglevel,
-                timeout_graceful_shutdown=5,
-                # Longer than the usual 60 s idle timeout of load balancers in front of it.
-                timeout_keep_alive=65)
+        raise CliError(str(exc)) from None
+    if args.workers == 1:
+        server.serve(app, settings, args.host, args.port, args.loglevel)
+        return 0
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = server.config("cartwise.cli:worker_app", settings, args.host, args.port,
+                           args.loglevel)
+    # Each process builds its own app (and protocol limits) from the same CARTWISE_* env.
+    config.factory, config.workers = True, args.workers
+    config.http = "api.server:GuardedHttpTools"
+    sock = config.bind_socket()
+    # Older uvicorn releases take the server's run as `target`; newer ones build it themselves.
+    older = "target" in inspect.signature(Multiprocess).parameters
+    extra = {"target": uvicorn.Server(config).run} if older else {}
+    Multiprocess(config, sockets=[sock], **extra).run()
     return 0
+
+
+def worker_app() -> Any:
+    """The app of one `cartwise api --workers N` process, limits as `api.server` sets them.
+
+    uvicorn starts the processes fresh (spawn), so they get the connection limits here, from
+    the same settings, instead of through a class built in the parent.
+    """
+    from api import server
+    from api.app import create_asgi
+
+    settings = Settings.from_env()
+    limits = server.protocol_for(settings)
+    for name in ("header_timeout_s", "body_timeout_s", "max_connections"):
+        setattr(server.GuardedHttpTools, name, getattr(limits, name))
+    return create_asgi(settings)
 
 
 def cmd_api_key(args: argparse.Namespace) -> int:
@@ -57,99 +105,23 @@ def cmd_api_key(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from cartwise.demo import simulate
     from cartwise.producer import EventProducer
     from cartwise.simulator import Shop
 
-    settings = Settings.from_env()
+    if args.rate <= 0:
+        raise CliError(f"--rate must be above 0 events/s, got {args.rate:g}")
+    settings = load_settings()
     shop = Shop(seed=args.seed)
     with EventProducer(settings.bootstrap, settings.events_topic, settings.catalog_topic) as p:
         simulate(p, shop, rate=args.rate, seconds=args.seconds, users=args.users)
     return 0
 
 
-def simulate(producer: object, shop: object, rate: float, seconds: float | None,
-             users: int = 1_000_000, bad_rate: float = 0.005, dup_rate: float = 0.005,
-             stop: list[bool] | None = None) -> int:
-    """Send the catalog, then live traffic at `rate` events/s (event time = wall time)."""
-    for item in shop.catalog:
-        producer.catalog(item)
-    producer.flush()
-    started = time.time()
-    sent = 0
-    for ev in shop.events(users, start_ts=started, mean_gap_s=0.0, bad_rate=bad_rate,
-                          dup_rate=dup_rate):
-        if stop and stop[0]:
-            break
-        now = time.time()
-        if seconds is not None and now - started >= seconds:
-            break
-        ahead = started + sent / rate - now
-        if ahead > 0:
-            time.sleep(ahead)
-        if isinstance(ev, bytes):
-            producer.send_raw(ev)
-        else:
-            ev["ts"] = time.time()
-            producer.send(ev)
-        sent += 1
-    producer.flush()
-    return sent
-
-
-def respond(base: str, read_key: str, ingest_key: str, shop: object, rate: float,
-            stop: list[bool], seed: int = 11) -> int:
-    """Simulated shoppers who look at item pages through the API and react to what they are
-    shown (cartwise.simulator.Responder): impressions, clicks and carts go back through
-    POST /v1/events, so experiments and the re-ranker have feedback. Returns visits made."""
-    import urllib.request
-
-    from cartwise.simulator import Responder
-
-    responder = Responder(seed=seed)
-    heroes = list(shop.complements)  # type: ignore[attr-defined]
-    prices = shop.prices  # type: ignore[attr-defined]
-
-    def call(path: str, key: str, body: object = None) -> dict:
-        req = urllib.request.Request(base + path, headers={
-            "X-API-Key": key, "Content-Type": "application/json"},
-            data=None if body is None else orjson.dumps(body))
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - our own API
-            return orjson.loads(resp.read())
-
-    visits = 0
-    while not stop[0]:
-        started = time.monotonic()
-        user, hero = f"r-{visits:06d}", heroes[visits % len(heroes)]
-        visits += 1
-        try:
-            answer = call(f"/v1/items/{hero}/suggestions?k=5&user_id={user}", read_key)
-            shown = answer["items"]
-            if not shown:
-                continue
-            tags = {"request_id": answer["request_id"]}
-            if answer.get("experiment"):
-                tags |= {"experiment_id": answer["experiment"]["id"],
-                         "variant": answer["experiment"]["variant"]}
-            events = [{"type": "impression", "user_id": user, "placement": "product",
-                       "items": [{"item_id": e["item_id"]} for e in shown], **tags}]
-            clicked, carted = responder.respond([(e["item_id"], e["price"]) for e in shown],
-                                                prices[hero])
-            if clicked:
-                events.append({"type": "click", "user_id": user, "item_id": clicked, **tags})
-            if carted:
-                events.append({"type": "add_to_cart", "user_id": user, "item_id": clicked})
-            call("/v1/events", ingest_key, {"events": events})
-        except OSError as exc:  # the API restarting or busy: try again on the next visit
-            print(f"responding shopper: {exc}", file=sys.stderr, flush=True)
-            time.sleep(1.0)
-        time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
-    return visits
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     from streams.store import Keys
 
-    settings = Settings.from_env()
+    settings = load_settings()
     keys = Keys(settings.prefix)
     key = keys.item(args.id) if args.what == "item" else keys.user(args.id)
     raw = _redis(settings).get(key)
@@ -160,7 +132,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_stats(r: redis.Redis, settings: Settings) -> list[dict]:
+def worker_stats(r: redis.Redis, settings: Settings) -> list[dict]:
     """Every worker's published stats snapshot (streams/stats.py), by worker key."""
     from streams.store import Keys
 
@@ -169,8 +141,8 @@ def _worker_stats(r: redis.Redis, settings: Settings) -> list[dict]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    snaps = _worker_stats(_redis(settings), settings)
+    settings = load_settings()
+    snaps = worker_stats(_redis(settings), settings)
     if not snaps:
         print("no worker has published stats yet", file=sys.stderr)
         return 1
@@ -185,10 +157,10 @@ def cmd_lag(args: argparse.Namespace) -> int:
 
     from cartwise.lag import collect, format_table
 
-    settings = Settings.from_env()
+    settings = load_settings()
     try:
         rows = collect(settings)
-        stats = _worker_stats(_redis(settings), settings)
+        stats = worker_stats(_redis(settings), settings)
     except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
         print(f"cartwise lag: cannot read the broker or Redis: {exc}", file=sys.stderr)
         return 2
@@ -220,7 +192,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     from cartwise.rebuild import RebuildRefused, rebuild
 
-    settings = Settings.from_env()
+    settings = load_settings()
     try:
         report = rebuild(settings, force=args.force)
     except RebuildRefused as exc:
@@ -233,184 +205,15 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from api.auth import new_key
-    from cartwise.embedded import EmbeddedStack, free_port
-    from cartwise.harness import start_api, start_worker, stop_worker, wait_http
-    from cartwise.producer import EventProducer
-    from cartwise.simulator import Shop
-    from streams.topics import ensure_topics
-
-    workdir = Path(".cartwise/demo").resolve()
-    if args.broker == "kafka":
-        from cartwise.kafka_broker import java_available
-
-        reason = java_available()
-        if reason:
-            print(f"cartwise demo --broker kafka: {reason}; install Java 17+ and Maven, or run "
-                  "the demo on the embedded Tansu broker (the default)", file=sys.stderr)
-            return 2
-        # A fresh log each run, as Tansu's in-memory one is: Redis starts empty too.
-        shutil.rmtree(workdir / "kafka", ignore_errors=True)
-    stack = EmbeddedStack(workdir=workdir, broker_kind=args.broker)
-    workdir.mkdir(parents=True, exist_ok=True)
-    name = {"tansu": "Tansu", "kafka": "Apache Kafka"}[args.broker]
-    print(f"cartwise demo: starting {name} broker and redis-server ...", flush=True)
-    try:
-        stack.start()
-    except RuntimeError as exc:  # a broker that does not start says why (its log tail)
-        print(f"cartwise demo: {exc}", file=sys.stderr)
-        stack.stop()
-        return 1
-    # Fresh keys every run; the demo page gets the read and ingest ones in clear.
-    read_key, read_entry = new_key("read")
-    ingest_key, ingest_entry = new_key("ingest")
-    admin_key, admin_entry = new_key("admin")
-    port = args.port if _port_free(args.port) else free_port()
-    settings = Settings.from_env(broker=stack.broker, redis_url=stack.redis_url,
-                                 session_timeout_s=10.0, rebalance_timeout_s=10.0,
-                                 heartbeat_interval_s=1.0, api_port=port,
-                                 api_keys=",".join((read_entry, ingest_entry, admin_entry)),
-                                 demo_read_key=read_key, demo_ingest_key=ingest_key,
-                                 # a minute, not half an hour: the re-ranker learns while
-                                 # you watch
-                                 feedback_label_s=60.0)
-    ensure_topics(settings)
-    worker = start_worker(settings, workdir / "worker.log", "demo")
-    api = start_api(settings, workdir / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/ready", api)
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"the API did not start ({exc}); see {workdir / 'api.log'}", file=sys.stderr)
-        stop_worker(api, hard=True)
-        stop_worker(worker)
-        stack.stop()
-        return 1
-    stop = [False]
-
-    def on_signal(*_: object) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print(f"""
-  broker                   {stack.broker}   ({name}, Kafka protocol)
-  redis                    {stack.redis_url}
-  worker log               {workdir / 'worker.log'}
-  API                      {base}   (docs: {base}/docs, log: {workdir / 'api.log'})
-  traffic                  {args.rate:g} simulated events/s, with a few invalid and duplicate ones,
-                           and {args.respond_rate:g} item-page visits/s by shoppers who react
-                           to the suggestions (impressions, clicks, carts)
-
-Where to look:
-  demo storefront          {base}/demo/   (browse, add to cart, watch the suggestions)
-  API, with the demo's keys (read / ingest / admin):
-    curl -H 'X-API-Key: {read_key}' {base}/v1/items/pho-000/suggestions
-    curl -H 'X-API-Key: {read_key}' '{base}/v1/users/u-00003/suggestions?placement=cart'
-    ingest key {ingest_key}
-    admin key  {admin_key}
-  shopper intelligence (admin key):
-    curl -H 'X-API-Key: {admin_key}' {base}/v1/users/u-00003/profile
-    curl -H 'X-API-Key: {admin_key}' {base}/v1/audiences/cof-001
-    curl -H 'X-API-Key: {admin_key}' '{base}/v1/replenishment/due?within=30d'
-    curl -X PUT -H 'X-API-Key: {admin_key}' -H 'Content-Type: application/json' \\
-         -d '{{"block": ["aud-001"], "frequency_cap": 3}}' {base}/v1/rules
-  experiments (admin key; the demo page sends impressions and clicks):
-    curl -X PUT -H 'X-API-Key: {admin_key}' -H 'Content-Type: application/json' \\
-         -d '{{"variants": [{{"name": "plain", "settings": {{"ranking": "plain"}}}},
-                           {{"name": "learned", "settings": {{"ranking": "auto"}}}}]}}' \\
-         {base}/v1/experiments/demo
-    {base}/experiments/   (the report with a plot; paste the admin key)
-    curl -H 'X-API-Key: {admin_key}' {base}/v1/reranker
-  from another terminal:
-    export CARTWISE_BROKER={stack.broker} CARTWISE_REDIS_URL={stack.redis_url}
-    .venv/bin/cartwise show item pho-000    # the stored lists of an item
-    .venv/bin/cartwise stats                # counters, dead letters, freshness
-
-Ctrl-C stops everything.
-""", flush=True)
-
-
-    def traffic() -> None:
-        try:
-            with EventProducer(settings.bootstrap, settings.events_topic,
-                               settings.catalog_topic) as producer:
-                simulate(producer, Shop(seed=args.seed), rate=args.rate, seconds=None, stop=stop)
-        finally:
-            if not stop[0]:
-                print("traffic simulator stopped unexpectedly", file=sys.stderr, flush=True)
-                stop[0] = True
-
-    thread = threading.Thread(target=traffic, daemon=True)
-    thread.start()
-    # Shoppers who react to suggestions (price-sensitive, cartwise.simulator.Responder), so
-    # an experiment's report and the re-ranker have feedback to show (docs/experiments.md).
-    shop = Shop(seed=args.seed)
-    responders = threading.Thread(
-        target=respond, args=(base, read_key, ingest_key, shop, args.respond_rate, stop),
-        daemon=True)
-    responders.start()
-    r = _redis(settings)
-    try:
-        while not stop[0]:
-            for _ in range(50):
-                if stop[0] or worker.poll() is not None or api.poll() is not None:
-                    break
-                time.sleep(0.1)
-            for name, proc in (("worker", worker), ("api", api)):
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; see {workdir / name}.log")
-                    return 1
-            _print_status(r, settings)
-    finally:
-        print("\nstopping ...", flush=True)
-        stop[0] = True
-        stop_worker(api)
-        stop_worker(worker)
-        thread.join(5)
-        responders.join(5)
-        stack.stop()
-    return 0
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _print_status(r: redis.Redis, settings: Settings) -> None:
-    from streams.store import Keys
-
-    keys = Keys(settings.prefix)
-    counters: dict[str, int] = {}
-    fresh = None
-    for snap in _worker_stats(r, settings):
-        for k, v in snap["counters"].items():
-            counters[k] = counters.get(k, 0) + v
-        fresh = snap["freshness_s"]["user"]
-    applied = sum(v for k, v in counters.items() if k.startswith("applied."))
-    dlq = sum(v for k, v in counters.items() if k.startswith("dlq."))
-    p99 = (f"{fresh['recent_p50'] * 1000:.0f}/{fresh['recent_p99'] * 1000:.0f} ms"
-           if fresh and fresh["recent_p99"] is not None else "-")
-    items = sum(1 for _ in r.scan_iter(keys.item("*"), count=1000))
-    print(f"{time.strftime('%H:%M:%S')}  applied {applied}  duplicates "
-          f"{counters.get('duplicate', 0)}  dead-lettered {dlq}  item lists {items}  "
-          f"freshness p50/p99 (last 1000 events) {p99}", flush=True)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import orjson
-
-    from cartwise.evaluate import DEFAULT_MODELS, evaluate, load, make_models, table
+    from cartwise.evaluate import (
+        DEFAULT_MODELS,
+        EtaProgress,
+        evaluate,
+        load,
+        make_models,
+        table,
+    )
 
     try:
         if args.sample < 1:
@@ -431,7 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"replaying {len(events)} events, targets {', '.join(kinds)}, "
           f"models {', '.join(m.name for m in models)}", file=sys.stderr)
     result = evaluate(events, kinds, models, args.report_from,
-                      progress=lambda n: print(f"  {n} events", file=sys.stderr, flush=True),
+                      progress=EtaProgress(len(events)),
                       sample=args.sample)
     result["source"] = args.dataset or Path(args.events).name
     print(table(result))
@@ -440,47 +243,205 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cartwise", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run broker, Redis, worker and simulated traffic")
-    p.add_argument("--rate", type=float, default=50.0, help="simulated events per second")
-    p.add_argument("--seed", type=int, default=7)
+def cmd_import(args: argparse.Namespace) -> int:
+    """Exit 0 when every line was sent, skipped by the preset or known; 1 when some were
+    rejected; 2 when the import could not run (docs/import.md)."""
+    from cartwise.importing import Importer, PresetSpec, Source
+    from streams.topics import ensure_topics
+
+    if args.batch < 1 or args.jobs < 1:
+        raise CliError(f"--batch and --jobs must be 1 or more, got {args.batch} and "
+                       f"{args.jobs}")
+    spec = PresetSpec(args.kind, getattr(args, "preset", "events"), tuple(args.map),
+                      tuple(args.const), getattr(args, "types", None), getattr(args, "tz", None),
+                      getattr(args, "ts_format", None))
+    source = Source(Path(args.file), args.format, args.encoding, args.delimiter)
+    settings = load_settings()
+    importer = Importer(settings, spec, source, rejects=Path(args.rejects) if args.rejects
+                        else None, dry_run=args.dry_run, batch=args.batch, jobs=args.jobs,
+                        progress=not args.no_progress)
+    if not args.dry_run:  # after the mapping and the file are known good
+        _broker_listens(settings)
+        topic = settings.events_topic if args.kind == "events" else settings.catalog_topic
+        ensure_topics(settings, timeout=5.0, only={topic})
+    try:
+        summary = importer.run()
+    except KeyboardInterrupt:
+        print("\n".join(importer.summary.lines(args.dry_run)), file=sys.stderr)
+        resume = "" if args.dry_run else "; the same command resumes (what the broker took " \
+            "is skipped)"
+        print(f"cartwise import {args.kind}: interrupted{resume}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(orjson.dumps(summary.as_dict()).decode())
+    else:
+        print("\n".join(summary.lines(args.dry_run)))
+    return 1 if summary.rejected else 0
+
+
+def _broker_listens(settings: Settings) -> None:
+    """Fail in a second, not after the Kafka client's half-minute of retries."""
+    import socket
+
+    for host in settings.bootstrap:
+        name, sep, port = host.rpartition(":")
+        try:
+            with socket.create_connection((name, int(port)) if sep else (host, 9092), timeout=3):
+                return
+        except (OSError, ValueError):
+            continue
+    raise CliError(f"cannot reach the broker at {settings.broker} (nothing answers there); is "
+                   "it running? set CARTWISE_BROKER")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _expected(exc: BaseException) -> str | None:
+    """One line for an expected failure (with what to do), or None for a real bug."""
+    from cartwise.importing import FileError, MappingError
+
+    if isinstance(exc, CliError | FileError | MappingError):
+        return str(exc)
+    try:
+        settings = Settings.from_env()
+        where_redis, where_broker = _redact(settings.redis_url), settings.broker
+    except (TypeError, ValueError):
+        where_redis, where_broker = "CARTWISE_REDIS_URL", "CARTWISE_BROKER"
+    if isinstance(exc, redis.AuthenticationError):
+        return f"Redis at {where_redis} refused the password ({exc}); check CARTWISE_REDIS_URL"
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return (f"cannot reach Redis at {where_redis} ({exc}); is redis-server running? "
+                "set CARTWISE_REDIS_URL")
+    from aiokafka.errors import KafkaError as AioKafkaError
+    from kafka.errors import KafkaError
+
+    if isinstance(exc, KafkaError | AioKafkaError):
+        detail = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+        return (f"cannot reach the broker at {where_broker} ({detail}); is it running? set "
+                "CARTWISE_BROKER")
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"{exc.strerror}: {exc.filename}"
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with where to look, instead of usage text and a line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default when there is one to show (not None, off or empty) and the help text
+    does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _command(sub: Any, name: str, text: str, func: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, description=text,
+                       formatter_class=_Help)
+    p.set_defaults(func=func)
+    return p
+
+
+def _import_options(p: argparse.ArgumentParser, fields: str) -> None:
+    p.add_argument("file", help="a CSV or JSON-lines file, optionally gzipped (.gz)")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help=f"where a field comes from: a column, or a template like "
+                   f"{{InvoiceNo}}-{{StockCode}} (repeatable; fields: {fields})")
+    p.add_argument("--const", action="append", default=[], metavar="FIELD=VALUE",
+                   help="the same value for every line (repeatable), e.g. type=purchase")
+    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
+                   help="default: from the file name (.csv, .tsv, .jsonl, .ndjson, .json)")
+    p.add_argument("--encoding", default="utf-8", help="the file's text encoding")
+    p.add_argument("--delimiter", default=None, help="CSV field separator (default: a comma, "
+                   "a tab for .tsv)")
+    p.add_argument("--rejects", metavar="FILE", default=None,
+                   help="write every rejected line here (JSON lines: line, reason, field, "
+                   "detail, row)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read and check every line, send nothing (no broker or Redis needed)")
+    p.add_argument("--batch", type=int, default=5000, help="lines checked and sent together")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes that map and check lines (1: all in this one)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cartwise.demo import cmd_demo
+    from cartwise.importing.mapping import CATALOG_FIELDS, EVENT_FIELDS, EVENT_PRESETS
+
+    parser = _Parser(prog="cartwise", description=__doc__.split("\n\n")[0],
+                     formatter_class=_Help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _command(sub, "demo", "run broker, Redis, a worker, the API and simulated traffic "
+                 "(Ctrl-C stops it)", cmd_demo)
+    p.add_argument("--rate", type=float, default=50.0,
+                   help="simulated events per second; 0 runs an idle stack")
+    p.add_argument("--seed", type=int, default=7, help="seed of the simulated shop")
     p.add_argument("--port", type=int, default=8000, help="API port (a free one if taken)")
     p.add_argument("--respond-rate", type=float, default=5.0,
                    help="item-page visits per second by shoppers who react to suggestions")
     p.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
-                   help="tansu: the embedded broker (Python only, the default); kafka: Apache "
-                        "Kafka from Maven Central jars (needs Java 17+ and, once, Maven)")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("worker", help="run one stream worker (settings from CARTWISE_*)")
-    p.add_argument("--loglevel", default="WARNING")
-    p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("api", help="serve the HTTP API (settings from CARTWISE_*)")
+                   help="tansu: the embedded broker (Python only); kafka: Apache Kafka from "
+                   "Maven Central jars (needs Java 17+ and, once, Maven)")
+    p = _command(sub, "worker", "run one stream worker (settings from CARTWISE_*)", cmd_worker)
+    p.add_argument("--loglevel", default="WARNING", help="Python log level")
+    p = _command(sub, "api", "serve the HTTP API (settings from CARTWISE_*)", cmd_api)
     p.add_argument("--host", default=None, help="default: CARTWISE_API_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: CARTWISE_API_PORT or 8000")
-    p.add_argument("--loglevel", default="warning")
-    p.set_defaults(func=cmd_api)
-    p = sub.add_parser("api-key", help="make an API key and the hashed entry for the config")
-    p.add_argument("role", choices=["read", "ingest", "admin"])
-    p.set_defaults(func=cmd_api_key)
-    p = sub.add_parser("simulate", help="send simulated shop traffic to the broker")
-    p.add_argument("--rate", type=float, default=100.0)
-    p.add_argument("--seconds", type=float, default=None)
-    p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=cmd_simulate)
-    p = sub.add_parser("show", help="print the suggestions stored for an item or a shopper")
-    p.add_argument("what", choices=["item", "user"])
-    p.add_argument("id")
-    p.set_defaults(func=cmd_show)
-    p = sub.add_parser("lag", help="consumer lag per topic and partition, and freshness")
+    p.add_argument("--workers", type=int, default=1,
+                   help="API processes on the one port; rate limits, served-record and "
+                   "connection bounds (CARTWISE_RATE_*, CARTWISE_SERVED_RATE, "
+                   "CARTWISE_MAX_CONNECTIONS) apply per process, so N processes allow N "
+                   "times as much (docs/operations.md)")
+    p.add_argument("--loglevel", default="warning", help="uvicorn log level")
+    p = _command(sub, "api-key", "make an API key and the hashed entry for the config",
+                 cmd_api_key)
+    p.add_argument("role", choices=["read", "ingest", "admin"], help="what the key may do")
+    p = _command(sub, "import", "load past events or a catalog from a file into the broker "
+                 "(docs/import.md)", None)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    q = _command(kinds, "events", "past orders and behaviour (CSV or JSON lines); a re-run "
+                 "sends only what was not imported before", cmd_import)
+    _import_options(q, ", ".join(f for f in EVENT_FIELDS if f not in ("v", "items")))
+    q.add_argument("--preset", choices=tuple(EVENT_PRESETS), default="events",
+                   help="events: the event contract's fields (docs/events.md); invoice-lines: "
+                   "an invoice-lines export like UCI Online Retail")
+    q.add_argument("--types", metavar="NAME=TYPE,...", default=None,
+                   help="the file's event type names to the contract's, e.g. "
+                   "pv=view,cart=add_to_cart,buy=purchase")
+    q.add_argument("--tz", default=None, help="time zone of times without an offset "
+                   "(default: UTC for invoice-lines, else such times are rejected)")
+    q.add_argument("--ts-format", default=None,
+                   help="strptime format of the time column (default: ISO-8601 or epoch s)")
+    q = _command(kinds, "catalog", "catalog records (CSV or JSON lines): item id, name, "
+                 "category, price, stock", cmd_import)
+    _import_options(q, ", ".join(f for f in CATALOG_FIELDS if f != "v"))
+    p = _command(sub, "simulate", "send simulated shop traffic to the broker", cmd_simulate)
+    p.add_argument("--rate", type=float, default=100.0, help="events per second")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long "
+                   "(default: run until stopped)")
+    p.add_argument("--users", type=int, default=1_000_000, help="simulated shoppers")
+    p.add_argument("--seed", type=int, default=7, help="seed of the simulated shop")
+    p = _command(sub, "show", "print the suggestions stored for an item or a shopper",
+                 cmd_show)
+    p.add_argument("what", choices=["item", "user"], help="an item's lists or a shopper's")
+    p.add_argument("id", help="the item or shopper id")
+    p = _command(sub, "lag", "consumer lag per topic and partition, and freshness", cmd_lag)
     p.add_argument("--max-lag", type=int, default=None,
                    help="exit 1 when any partition lags by more records than this")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_lag)
-    p = sub.add_parser("evaluate", help="prequential replay of a real log against baselines "
-                       "(docs/quality.md)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(sub, "evaluate", "prequential replay of a real log against baselines "
+                 "(docs/quality.md)", cmd_evaluate)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="taobao, online_retail, diginetica or yoochoose "
                      "(read from CARTWISE_DATA_DIR, default ../shared/data)")
@@ -497,17 +458,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
                    help="change one ModelConfig setting of the cartwise model (repeatable)")
     p.add_argument("--out", help="write the full result as JSON here")
-    p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("rebuild", help="after Redis lost its data: clear the derived state so "
-                       "stopped workers replay the events topic from the start "
-                       "(docs/operations.md)")
+    p = _command(sub, "rebuild", "after Redis lost its data: clear the derived state so "
+                 "stopped workers replay the events topic from the start "
+                 "(docs/operations.md)", cmd_rebuild)
     p.add_argument("--force", action="store_true",
                    help="go on although a worker published stats in the last seconds")
-    p.set_defaults(func=cmd_rebuild)
-    p = sub.add_parser("stats", help="print worker counters and freshness")
-    p.set_defaults(func=cmd_stats)
+    _command(sub, "stats", "print worker counters and freshness", cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    name = " ".join(filter(None, ("cartwise", args.command, getattr(args, "kind", None))))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        line = _expected(exc)
+        if line is None:
+            raise
+        print(f"{name}: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -381,7 +381,8 @@ def prepare_event(d: dict[str, Any], now: float) -> tuple[Event, bytes]:
     if not isinstance(d, dict):
         raise ContractError("not_an_object", None, "an event must be a JSON object")
     d = dict(d)
-    d.setdefault("event_id", uuid.uuid4().hex)
+    if "event_id" not in d:  # not setdefault: that makes a uuid for every event
+        d["event_id"] = uuid.uuid4().hex
     d.setdefault("ts", now)
     valid = check_not_future(validate_event(d), now)
     value = orjson.dumps(event_to_dict(valid))

@@ -2,9 +2,10 @@
 
 - Most popular (recent): decayed interaction counts (one day half-life).
 - Association rules (AR) and sequential rules (SR): Ludewig & Jannach, "Evaluation of
-  session-based recommendation algorithms" (2018): pair counts within sessions; SR counts only
-  j after i, weighted 1 / (steps between them), at most 10 steps back. Both score from the
-  session's last item.
+  session-based recommendation algorithms" (2018). AR counts every pair of positions in a
+  session, both ways; SR counts only j after i, weighted 1 / (steps between them), at most 10
+  steps back. A repeated item pairs with itself (a -> a), so a repeated click of the item just
+  viewed can be predicted, as in the paper's counting. Both score from the session's last item.
 - Session-kNN (SKNN) and vector-multiplication SKNN (V-SKNN): Jannach & Ludewig, "When
   recurrent neural networks meet the neighborhood for session-based recommendation" (2017),
   and the 2018 paper above. The neighbours of the current session are the `k` most similar of
@@ -12,6 +13,16 @@
   similarity of the neighbours containing it. SKNN: cosine of binary vectors. V-SKNN: the
   current session's items weigh linearly more the later they came, a dot product with the
   neighbour's binary vector.
+- STAN: Garg et al., "Sequence and time aware neighborhood for session-based recommendations"
+  (SIGIR 2019). Session-kNN with three decays: an item of the current session weighs
+  exp((p - l) / lambda_spw) by its position p of l; a neighbour's similarity is multiplied by
+  exp(-(now - its last event) / lambda_snh); a candidate item of a neighbour scores the
+  neighbour's similarity times exp(-|its position - the position of the match| / lambda_inh),
+  the match being the current session's most recent item that the neighbour holds.
+- VSTAN: Ludewig et al., "Empirical analysis of session-based recommendation algorithms"
+  (UMUAI 2021). STAN plus V-SKNN's weighting of each neighbour's items by where the match sits
+  in the current session, exp((p_match - l) / lambda_ipw), and IDF weighting of the candidate,
+  score * (1 + lambda_idf * log(sessions / sessions holding it)).
 
 Every model learns event by event and answers `recommend(user, k)` from what it has learned so
 far: the interface the replay (models/evaluation.py) drives. Pure logic, no I/O.
@@ -118,20 +129,23 @@ class _LastItemRules:
 
 
 class AssociationRules(_LastItemRules):
+    """Every earlier position of the session pairs with the new item, counted both ways."""
+
     name = "association_rules"
 
     def learn(self, event: Event) -> None:
         _, items = self.sessions.touch(event)
         for line in event.lines:
             j = line.item_id
-            if j not in items:
-                for i in set(items):
-                    self._add(i, j, 1.0)
-                    self._add(j, i, 1.0)
+            for i in items:
+                self._add(i, j, 1.0)
+                self._add(j, i, 1.0)
             items.append(j)
 
 
 class SequentialRules(_LastItemRules):
+    """j after i, weighted 1 / steps, over the last `steps` positions (repeats included)."""
+
     name = "sequential_rules"
 
     def __init__(self, steps: int = 10) -> None:
@@ -143,8 +157,7 @@ class SequentialRules(_LastItemRules):
         for line in event.lines:
             j = line.item_id
             for d, i in enumerate(reversed(items[-self.steps:]), 1):
-                if i != j:
-                    self._add(i, j, 1.0 / d)
+                self._add(i, j, 1.0 / d)
             items.append(j)
 
 
@@ -157,6 +170,8 @@ class SessionKNN:
         self.sets: dict[str, set[str]] = {}
         self.updated: dict[str, float] = {}  # session -> last event time (recency for sampling)
         self.item_sessions: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=per_item))
+        self.holding: dict[str, int] = defaultdict(int)  # item -> sessions holding it (IDF)
+        self.now = 0.0  # the newest event time learned
 
     def learn(self, event: Event) -> None:
         key, items = self.sessions.touch(event)
@@ -166,7 +181,8 @@ class SessionKNN:
             if line.item_id not in s:
                 s.add(line.item_id)
                 self.item_sessions[line.item_id].append(key)
-        self.updated[key] = event.ts
+                self.holding[line.item_id] += 1
+        self.updated[key] = self.now = event.ts
 
     def _neighbours(self, user: str) -> list[tuple[float, str]]:
         cur = self.sessions.current.get(user)
@@ -183,7 +199,7 @@ class SessionKNN:
         cands.discard(key)
         if len(cands) > self.sample:
             cands = set(heapq.nlargest(self.sample, cands, key=lambda s: (self.updated[s], s)))
-        sims = [(self.similarity(query, self.sets[n]), n) for n in cands]
+        sims = [(self.weight(query, n), n) for n in cands]
         return heapq.nlargest(self.k, sims)
 
     def query(self, items: list[str]) -> dict[str, float]:
@@ -192,11 +208,11 @@ class SessionKNN:
         return dict.fromkeys(mine, 1.0 / math.sqrt(len(mine))) if mine else {}
 
     def similarity(self, query: dict[str, float], other: set[str]) -> float:
-        if len(query) <= len(other):
-            dot = sum(w for i, w in query.items() if i in other)
-        else:
-            dot = sum(query[i] for i in other if i in query)
-        return dot / math.sqrt(len(other))
+        return _dot(query, other) / math.sqrt(len(other))
+
+    def weight(self, query: dict[str, float], n: str) -> float:
+        """How much neighbour session `n` counts (SKNN: its similarity alone)."""
+        return self.similarity(query, self.sets[n])
 
     def recommend(self, user: str, k: int) -> list[str]:
         scores: dict[str, float] = {}
@@ -208,6 +224,13 @@ class SessionKNN:
         return _top(scores, k)
 
 
+def _dot(query: dict[str, float], other: set[str]) -> float:
+    """The weighted query times a neighbour's binary vector."""
+    if len(query) <= len(other):
+        return sum(w for i, w in query.items() if i in other)
+    return sum(query[i] for i in other if i in query)
+
+
 class VectorSessionKNN(SessionKNN):
     name = "v_sknn"
 
@@ -217,12 +240,95 @@ class VectorSessionKNN(SessionKNN):
         return {i: (p + 1) / n for p, i in enumerate(items)}
 
     def similarity(self, query: dict[str, float], other: set[str]) -> float:
-        if len(query) <= len(other):
-            return sum(w for i, w in query.items() if i in other)
-        return sum(query[i] for i in other if i in query)
+        return _dot(query, other)
+
+
+class STAN(SessionKNN):
+    """Sequence and time aware neighbourhood (Garg et al. 2019).
+
+    `spw`, `inh` are in positions, `snh_days` in days; the defaults are those of the authors'
+    published implementation (1.02, 2.05, 5 days), with the k and sample of the other kNNs.
+    A neighbour's positions are each item's last position in it.
+
+    >>> from cartwise.contract import validate_event
+    >>> m = STAN()
+    >>> for n, (s, item) in enumerate([("p", "a"), ("p", "b"), ("u", "a")]):
+    ...     m.learn(validate_event({"event_id": str(n), "type": "view", "user_id": s,
+    ...                             "item_id": item, "ts": 1.7e9 + n}))
+    >>> m.recommend("u", 5)
+    ['a', 'b']
+    """
+
+    name = "stan"
+
+    def __init__(self, k: int = 100, sample: int = 500, per_item: int = 1000,
+                 spw: float = 1.02, snh_days: float = 5.0, inh: float = 2.05) -> None:
+        super().__init__(k, sample, per_item)
+        self.spw, self.snh_s, self.inh = spw, snh_days * 86400.0, inh
+
+    def query(self, items: list[str]) -> dict[str, float]:
+        # exp((p - l) / spw), the newest item 1; an item seen twice keeps its later weight.
+        n = len(items)
+        return {i: math.exp((p + 1 - n) / self.spw) for p, i in enumerate(items)}
+
+    def similarity(self, query: dict[str, float], other: set[str]) -> float:
+        # The paper's s.n / sqrt(l(s) l(n)); l(s) is the same for every neighbour.
+        return _dot(query, other) / math.sqrt(len(query) * len(other)) if query else 0.0
+
+    def weight(self, query: dict[str, float], n: str) -> float:
+        return self.similarity(query, self.sets[n]) * math.exp(
+            -(self.now - self.updated[n]) / self.snh_s)
+
+    def recommend(self, user: str, k: int) -> list[str]:
+        return _top(self.scores(user), k)
+
+    def scores(self, user: str) -> dict[str, float]:
+        mine = self.sessions.of(user)
+        scores: dict[str, float] = {}
+        for sim, n in self._neighbours(user):
+            if sim <= 0:
+                continue
+            last = {i: p for p, i in enumerate(self.sessions.items[n])}
+            # The match: the current session's most recent item that the neighbour holds.
+            back, match = next((b, i) for b, i in enumerate(reversed(mine)) if i in last)
+            w = sim * self.neighbour_factor(back)
+            for i, p in last.items():
+                scores[i] = scores.get(i, 0.0) + w * self.item_factor(i) * math.exp(
+                    -abs(p - last[match]) / self.inh)
+        return scores
+
+    def neighbour_factor(self, back: int) -> float:
+        """Extra weight of a neighbour whose match is `back` steps before the newest item."""
+        return 1.0
+
+    def item_factor(self, item: str) -> float:
+        """Extra weight of a candidate item (STAN: none)."""
+        return 1.0
+
+
+class VSTAN(STAN):
+    """STAN with V-SKNN's match-position weighting and IDF (Ludewig et al. 2021).
+
+    `ipw` is in positions; `idf` weighs log(sessions / sessions holding the item). Defaults as
+    the authors' published implementation (1.02, 5).
+    """
+
+    name = "vstan"
+
+    def __init__(self, k: int = 100, sample: int = 500, per_item: int = 1000,
+                 spw: float = 1.02, snh_days: float = 5.0, inh: float = 2.05,
+                 ipw: float = 1.02, idf: float = 5.0) -> None:
+        super().__init__(k, sample, per_item, spw, snh_days, inh)
+        self.ipw, self.idf = ipw, idf
+
+    def neighbour_factor(self, back: int) -> float:
+        return math.exp(-back / self.ipw)
+
+    def item_factor(self, item: str) -> float:
+        return 1.0 + self.idf * math.log(len(self.sets) / self.holding[item])
 
 
 BASELINES: dict[str, type] = {
     m.name: m for m in (MostPopular, AssociationRules, SequentialRules, SessionKNN,
-                        VectorSessionKNN)
+                        VectorSessionKNN, STAN, VSTAN)
 }

@@ -4,6 +4,10 @@ Events go through every model in time order. Before an event that is a *target* 
 shopper is about to cart, buy or view next), each model's top-K for that shopper is taken from
 what it learned before; then every model learns the event. Pure logic: the caller loads the
 events and times nothing but what `Replay` times itself.
+
+Each target is also flagged *new* (an item the shopper never touched before: discovery) and
+*basket* (an item added to a basket that already holds others: basket completion), so the same
+ranks give the overall, discovery and basket-completion figures.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Targets:
 
     kind: list[str] = field(default_factory=list)
     new: array = field(default_factory=lambda: array("b"))  # item new to the shopper
+    basket: array = field(default_factory=lambda: array("b"))  # completes a non-empty basket
     report: array = field(default_factory=lambda: array("b"))  # in the reported part
     ts: array = field(default_factory=lambda: array("d"))
 
@@ -59,23 +64,42 @@ class Replay:
         self.items: set[str] = set()
         self._touched: dict[str, set[str]] = {}
         self._cart: dict[str, set[str]] = {}
+        self._order: dict[str, tuple[str, set[str]]] = {}  # shopper -> (order, its lines)
         self._sessions = Sessions()  # the same session rule the baselines use
 
-    def _targets(self, e: Event) -> list[tuple[str, str, bool]]:
-        """(kind, item, new to the shopper) for each target in `e`; updates what it tracks."""
+    def _basket(self, e: Event, key: str) -> set[str]:
+        """What the shopper's basket holds before `e`: the cart for an add-to-cart, the order's
+        earlier lines (its order_id, else its session) for a purchase."""
+        if e.type == "add_to_cart":
+            return self._cart.setdefault(e.user_id, set())
+        if e.type != "purchase":
+            return set()
+        order = e.order_id or key
+        cur = self._order.get(e.user_id)
+        if cur is None or cur[0] != order:
+            cur = self._order[e.user_id] = (order, set())
+        return cur[1]
+
+    def _targets(self, e: Event) -> list[tuple[str, str, bool, bool]]:
+        """(kind, item, new to the shopper, completes a basket) for each target in `e`;
+        updates what it tracks."""
         kind = TARGET_OF.get(e.type)
         touched = self._touched.setdefault(e.user_id, set())
         cart = self._cart.setdefault(e.user_id, set())
         before = self._sessions.current.get(e.user_id)
         key, _ = self._sessions.touch(e)
         same_session = before is not None and before[0] == key
+        basket = self._basket(e, key)
         out = []
         for line in e.lines:
             item = line.item_id
             if kind == "cart" or (kind == "purchase" and item not in cart) or (
                     kind == "view" and same_session):
                 if kind in self.kinds:
-                    out.append((kind, item, item not in touched))
+                    out.append((kind, item, item not in touched,
+                                bool(basket) and item not in basket))
+            if e.type == "purchase":
+                basket.add(item)
             if e.type == "add_to_cart":
                 cart.add(item)
             elif e.type in ("purchase", "remove_from_cart"):
@@ -91,9 +115,10 @@ class Replay:
         report = e.ts >= self.report_from_ts
         if targets:
             t = self.targets
-            for kind, _, new in targets:
+            for kind, _, new, completes in targets:
                 t.kind.append(kind)
                 t.new.append(new)
+                t.basket.append(completes)
                 t.report.append(report)
                 t.ts.append(e.ts)
         perf = time.perf_counter
@@ -103,7 +128,7 @@ class Replay:
                 recs = m.recommend(e.user_id, self.k)
                 ranks = self.ranks[m.name]
                 pos = {item: r for r, item in enumerate(recs[: self.k], 1)}
-                for _, item, _ in targets:
+                for _, item, _, _ in targets:
                     ranks.append(pos.get(item, 0))
                 if report:
                     self.shown[m.name].update(recs[: self.k])
@@ -118,12 +143,15 @@ class Replay:
 
     # -- results --------------------------------------------------------------------------------
 
-    def rows(self, kinds: Iterable[str], report: bool = True) -> list[int]:
-        """Indices of the targets of these kinds in the reported (or tuning) part."""
+    def rows(self, kinds: Iterable[str], report: bool = True, only: str | None = None
+             ) -> list[int]:
+        """Indices of the targets of these kinds in the reported (or tuning) part; `only`
+        "new" keeps discovery targets, "basket" basket-completion targets."""
         ks = set(kinds)
         t = self.targets
+        flags = {None: None, "new": t.new, "basket": t.basket}[only]
         return [i for i, (k, r) in enumerate(zip(t.kind, t.report, strict=True))
-                if k in ks and bool(r) == report]
+                if k in ks and bool(r) == report and (flags is None or flags[i])]
 
     def metrics(self, model: str, rows: list[int]) -> dict[str, Any]:
         return metrics([self.ranks[model][i] for i in rows],
@@ -137,14 +165,23 @@ class Replay:
         return 1e6 * self.seconds[model] / self.events if self.events else 0.0
 
 
+def score(rank: int, metric: str) -> float:
+    """One target's value of a metric: HR@k a hit (1) or not, MRR@20 1/rank in the top 20."""
+    if metric == "mrr20":
+        return 1.0 / rank if 0 < rank <= 20 else 0.0
+    return 1.0 if 0 < rank <= int(metric.removeprefix("hr")) else 0.0
+
+
 def metrics(ranks: Sequence[int], new: Sequence[int]) -> dict[str, Any]:
-    """HR@10, HR@20, MRR@20 and the share of @20 hits on items new to the shopper."""
+    """HR@5, HR@10, HR@20, MRR@20 and the share of @20 hits on items new to the shopper."""
     n = len(ranks)
+    hits5 = sum(1 for r in ranks if 0 < r <= 5)
     hits10 = sum(1 for r in ranks if 0 < r <= 10)
     hits20 = [i for i, r in enumerate(ranks) if 0 < r <= 20]
     rr = sum(1.0 / r for r in ranks if 0 < r <= 20)
     return {
         "targets": n,
+        "hr5": hits5 / n if n else 0.0,
         "hr10": hits10 / n if n else 0.0,
         "hr20": len(hits20) / n if n else 0.0,
         "mrr20": rr / n if n else 0.0,
@@ -185,15 +222,16 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], rounds: int = 2000,
 
 
 def compare(ranks_a: Sequence[int], ranks_b: Sequence[int], n_blocks: int = 20,
-            k: int = 20) -> dict[str, Any]:
-    """Is A's HR@k above B's beyond noise? Sign test and paired bootstrap over time blocks."""
-    ha = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_a], n_blocks)
-    hb = blocks([1.0 if 0 < r <= k else 0.0 for r in ranks_b], n_blocks)
+            metric: str = "hr20") -> dict[str, Any]:
+    """Is A's metric (HR@k, MRR@20) above B's beyond noise? Sign test and paired bootstrap
+    over time blocks."""
+    ha = blocks([score(r, metric) for r in ranks_a], n_blocks)
+    hb = blocks([score(r, metric) for r in ranks_b], n_blocks)
     return compare_blocks(ha, hb)
 
 
 def compare_blocks(ha: Sequence[float], hb: Sequence[float]) -> dict[str, Any]:
-    """`compare` on per-window HR@k already computed (as results files keep them)."""
+    """`compare` on per-window values already computed (as results files keep them)."""
     wins = sum(x > y for x, y in zip(ha, hb, strict=True))
     losses = sum(x < y for x, y in zip(ha, hb, strict=True))
     mean, lo, hi = paired_bootstrap(ha, hb) if ha else (0.0, 0.0, 0.0)

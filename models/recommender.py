@@ -149,11 +149,18 @@ class CrossSellRecommender:
 
 
 class CartwiseModel:
-    """The default model as the replay (models/evaluation.py) drives it: item ids only."""
+    """The default model as the replay (models/evaluation.py) drives it: item ids only.
+
+    A list is recomputed at most once per `list_interval_s` of event time. The stream does so
+    at most once a second of wall time, which at a live shop's rate is hundreds of events; a
+    log replays far fewer events per second of its time, so a minute of it keeps the replay's
+    lists at least as fresh as the stream's. Measured (docs/model.md): the same HR@20 on Online
+    Retail and on the dense grocery log as at 1 s, at a third of the cost on the latter.
+    """
 
     name = "cartwise"
 
-    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 1.0) -> None:
+    def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 60.0) -> None:
         self.rec = CrossSellRecommender(config, list_interval_s)
 
     def learn(self, event: Event) -> None:

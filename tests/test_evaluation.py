@@ -58,6 +58,8 @@ def test_metrics_by_hand():
     # ranks: hit at 1, miss, hit at 4, hit at 15 (in the top 20, not the top 10), miss
     m = metrics([1, 0, 4, 15, 0], [1, 1, 0, 1, 0])
     assert m["targets"] == 5
+    assert m["hr5"] == pytest.approx(2 / 5)  # ranks 1 and 4
+    assert metrics([6], [0])["hr5"] == 0.0 and metrics([6], [0])["hr10"] == 1.0
     assert m["hr10"] == pytest.approx(2 / 5)
     assert m["hr20"] == pytest.approx(3 / 5)
     assert m["mrr20"] == pytest.approx((1 + 1 / 4 + 1 / 15) / 5)
@@ -92,6 +94,97 @@ def test_targets_ranks_and_the_reported_part():
     assert replay.coverage("a") == 3 / 4  # x, y, z shown in the reported part; 4 items seen
 
 
+def test_discovery_and_basket_flags():
+    a = Scripted("a", ["x"])
+    p = {"event_id": "", "type": "purchase", "user_id": "c", "ts": T0}
+
+    def line(n: int, item: str, order: str):  # noqa: ANN202 - an invoice line, as Online Retail
+        return validate_event({**p, "event_id": f"p{n}", "order_id": order, "ts": T0 + n,
+                               "items": [{"item_id": item}]})
+
+    events = [
+        ev(1, "add_to_cart", "u", "x", 0),  # empty cart: not basket; x new to u
+        ev(2, "add_to_cart", "u", "y", 1),  # cart {x}: basket; new
+        ev(3, "add_to_cart", "u", "x", 2),  # x already in the cart: not basket; not new
+        line(10, "a", "o1"),  # first line of o1: not basket
+        line(11, "b", "o1"),  # basket (o1 holds a)
+        line(12, "a", "o2"),  # a new order: not basket, a not new to c
+        line(13, "c", "o2"),  # basket
+    ]
+    replay = Replay([a], ["cart", "purchase"], report_from_ts=T0).run(events)
+    t = replay.targets
+    assert t.kind == ["cart"] * 3 + ["purchase"] * 4
+    assert list(t.new) == [1, 1, 0, 1, 1, 0, 1]
+    assert list(t.basket) == [0, 1, 0, 0, 1, 0, 1]
+    assert replay.rows(["cart", "purchase"], only="basket") == [1, 4, 6]
+    assert replay.rows(["purchase"], only="new") == [3, 4, 6]
+    assert list(replay.ranks["a"]) == [1, 0, 1, 0, 0, 0, 0]
+
+
+def test_each_metric_is_tested_against_the_baseline_best_at_it():
+    from cartwise.evaluate import evaluate, table
+
+    # 40 shoppers, each carts y after viewing x (new item, and y completes a cart with x).
+    events = []
+    for u in range(40):
+        events.append(ev(3 * u, "add_to_cart", f"u{u}", "x", 3 * u))
+        events.append(ev(3 * u + 1, "add_to_cart", f"u{u}", "y", 3 * u + 1))
+    fillers = [f"f{n}" for n in range(10)]
+    models = [Scripted("cartwise", [*fillers[:2], "y", "x"]),  # y at rank 3, x at 4
+              Scripted("deep", [*fillers, "y", "x"]),  # y at 11: in the top 20, not the top 5
+              Scripted("top", ["x", "y"]), Scripted("none", [])]  # top: x at 1, y at 2
+    result = evaluate(events, ["cart"], models, report_from=0.0)
+    sig = result["significance"]
+    assert set(sig) == {"cart", "discovery", "basket"}
+    # "deep" and "top" tie at HR@20 (1.0): the tie goes to the better MRR@20
+    assert sig["cart"]["hr20"]["baseline"] == "top"
+    assert sig["cart"]["mrr20"]["baseline"] == "top"
+    v = sig["basket"]["mrr20"]  # rank 3 against rank 2 in every window
+    assert (v["wins"], v["losses"]) == (0, 20) and v["diff"] == pytest.approx(1 / 3 - 1 / 2)
+    assert sig["basket"]["hr5"]["diff"] == 0.0
+    assert result["models"]["deep"]["basket"]["hr5"] == 0.0
+    assert result["models"]["deep"]["basket"]["hr20"] == 1.0
+    text = table(result)
+    assert "-- discovery" in text and "-- basket" in text
+    assert "(basket, MRR@20): diff -0.1667" in text and "worse, beyond noise" in text
+
+
+def test_quality_page_shows_every_group_and_its_verdicts():
+    from bench.quality import page
+    from cartwise.evaluate import evaluate
+
+    events = []
+    for u in range(40):
+        events += [ev(2 * u, "add_to_cart", f"u{u}", "x", 2 * u),
+                   ev(2 * u + 1, "add_to_cart", f"u{u}", "y", 2 * u + 1)]
+    models = [Scripted("cartwise", ["y", "x"]), Scripted("sequential_rules", ["x", "q", "y"])]
+    result = evaluate(events, ["cart"], models, report_from=0.0)
+    result.update(description="two carts each", limit=80)
+    text = page({"tiny": result}, "python -m bench.quality --limit 80")
+    assert "| **cartwise** | 80 | 1.0000 | 1.0000 | 1.0000 | 0.7500 |" in text  # all targets
+    assert "Basket completion" in text and "Discovery targets" in text
+    # y completes each cart: rank 1 against 3, better in all 20 windows
+    assert ("| basket | MRR@20 | sequential_rules | +0.6667 | +0.6667 .. +0.6667 | 20 / 0 | "
+            "1.9e-06 | **better, beyond noise** |") in text
+    assert ("| tiny | basket | +0.0000 (sequential_rules) no sig. difference | +0.0000 "
+            "(sequential_rules) no sig. difference | +0.6667 (sequential_rules) better |") in text
+    assert "The first 80 events of the log" in text
+    assert "Not replayed in this run (`--no-ablations`)." in text
+
+
+def test_progress_says_how_long_is_left(capsys):
+    import sys
+
+    from cartwise.evaluate import EtaProgress
+
+    p = EtaProgress(200, stream=sys.stderr)  # not a terminal under pytest: plain lines
+    p(0)
+    p(100)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("  0/200 events (0%)")
+    assert err[1].startswith("  100/200 events (50%)") and err[1].endswith("s left")
+
+
 def test_next_view_targets_stay_within_a_session():
     s = Scripted("s", ["b"])
     events = [ev(1, "view", "u", "a", 0, "s1"), ev(2, "view", "u", "b", 5, "s1"),
@@ -116,6 +209,11 @@ def test_statistics_by_hand():
     c = compare([1] * 40, [0] * 40, n_blocks=20)
     assert (c["wins"], c["losses"], c["diff"]) == (20, 0, 1.0)
     assert c["sign_p"] == pytest.approx(2 / 2**20)
+    # MRR@20 and HR@5 per window: rank 1 then 8 against 2 then 2
+    c = compare([1, 8] * 20, [2, 2] * 20, n_blocks=20, metric="mrr20")
+    assert c["diff"] == pytest.approx((1 + 1 / 8) / 2 - 1 / 2) and c["wins"] == 20
+    c = compare([1, 8] * 20, [2, 2] * 20, n_blocks=20, metric="hr5")
+    assert c["diff"] == pytest.approx(-0.5) and c["losses"] == 20
     ranks_a, ranks_b = [1, 0, 3, 25, 0, 2] * 7, [0, 5, 0, 1, 0, 0] * 7
     assert compare(ranks_a, ranks_b, n_blocks=6) == compare_blocks(
         blocks([1.0 if 0 < r <= 20 else 0.0 for r in ranks_a], 6),

@@ -92,7 +92,8 @@ def router(settings: Settings) -> APIRouter:
     if settings.demo_read_key and settings.demo_ingest_key:
         @r.get("/demo/config.json")
         async def demo_config() -> dict[str, str]:
-            return {"read_key": settings.demo_read_key, "ingest_key": settings.demo_ingest_key}
+            return {"read_key": settings.demo_read_key, "ingest_key": settings.demo_ingest_key,
+                    "currency": "GBP"}  # the replayed shop's prices (docs/demo-data.md)
 
     return r
 

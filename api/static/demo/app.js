@@ -42,7 +42,12 @@ function label(id) {
   return item && item.name ? item.name : id;
 }
 
-function money(p) { return p == null ? "" : `€${Number(p).toFixed(2)}`; }
+// The demo replays a UK shop (docs/demo-data.md): prices in pounds unless the config says.
+function money(p) {
+  if (p == null) return "";
+  const currency = (state.cfg && state.cfg.currency) || "GBP";
+  return new Intl.NumberFormat("en-GB", { style: "currency", currency }).format(Number(p));
+}
 
 function soldOut(id) { return (state.catalog.get(id) || {}).in_stock === false; }
 
