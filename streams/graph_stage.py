@@ -265,14 +265,17 @@ class GraphStage(Stage):
             k = self._rotation % len(parts)
             self._rotation += 1
             parts = parts[k:] + parts[:k]
-        for p in parts:
+        for n, p in enumerate(parts):
             async with self.locks[p]:
                 st = self.parts.get(p)
                 if st is not None and p in self.assigned:
-                    await self._publish(p, st, deadline)
+                    # The first partition builds at least one list even when waiting for Redis
+                    # took the budget: under load the work slows down, it never stops.
+                    await self._publish(p, st, deadline, at_least_one=n == 0)
             await asyncio.sleep(0)  # let batches in between partitions
 
-    async def _publish(self, p: int, st: GraphPartition, deadline: float) -> None:
+    async def _publish(self, p: int, st: GraphPartition, deadline: float,
+                       at_least_one: bool = False) -> None:
         s = self.settings
         now_m = time.monotonic()
         if st.settle_offset is not None and st.settle_offset != st.offset:
@@ -299,7 +302,7 @@ class GraphStage(Stage):
                     if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
         items: list[str] = []
         digests: dict[str, int] = {}
-        if time.perf_counter() < deadline:  # the loop has no await: `pending` holds still
+        if at_least_one or time.perf_counter() < deadline:  # no await in it: `pending` holds
             items, digests, cut = await self._item_lists(st, todo, pipe, deadline)
         else:
             cut = next(todo, None) is not None
