@@ -91,8 +91,9 @@ def run(name: str, limit: int | None, group: list[str]) -> dict[str, Any]:
 
     def progress(n: int) -> None:
         if n and n % 50_000 == 0:
-            print(f"{name}/{group[0]}..: {n}/{total} events, {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+            spent = time.perf_counter() - t0
+            print(f"{name}/{group[0]}..: {n:,}/{total:,} events, {spent:.0f} s, about "
+                  f"{spent / n * (total - n):.0f} s left", file=sys.stderr, flush=True)
 
     result = evaluate(events, kinds, models, progress=progress,
                       sample=TARGET_SAMPLE.get(name, 1))

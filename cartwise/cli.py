@@ -382,11 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cartwise", description=__doc__.split("\n\n")[0],
                      formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = _command(sub, "demo", "run broker, Redis, a worker, the API and simulated traffic "
-                 "(Ctrl-C stops it)", cmd_demo)
+    p = _command(sub, "demo", "run broker, Redis, a worker, the API and a real shop's traffic "
+                 "replayed (docs/demo-data.md; Ctrl-C stops it)", cmd_demo)
     p.add_argument("--rate", type=float, default=50.0,
-                   help="simulated events per second; 0 runs an idle stack")
-    p.add_argument("--seed", type=int, default=7, help="seed of the simulated shop")
+                   help="replayed events per second; 0 runs an idle stack")
+    p.add_argument("--seed", type=int, default=7,
+                   help="seed of the replay (stock, extra views, invalid and duplicate records)")
     p.add_argument("--port", type=int, default=8000, help="API port (a free one if taken)")
     p.add_argument("--respond-rate", type=float, default=5.0,
                    help="item-page visits per second by shoppers who react to suggestions")
