@@ -66,7 +66,7 @@ class SparseKMeans(cluster.KMeans):
 
     def _sync(self) -> None:
         """Recount every centre's squared norm, positive total and label candidates."""
-        self.norms = {c: sum(v * v for v in centre.values()) for c, centre in self.centers.items()}
+        self.norms: dict[int, float] = {}
         self.totals: dict[int, float] = {}
         self.candidates: dict[int, set[str]] = {}
         self.scan_total: dict[int, float] = {}
@@ -79,7 +79,7 @@ class SparseKMeans(cluster.KMeans):
         total = sum(v for v in centre.values() if v > 0)
         self.totals[c] = total
         # A category below a third of the naming share cannot be named until the positive
-        # total falls to a third of today's (then `label_candidates` rescans) or it is touched.
+        # total falls to a third of today's (`label` and learning rescan at half) or it is touched.
         floor = LABEL_MIN_SHARE / 3 * total
         self.candidates[c] = {k for k, v in centre.items() if v > 0 and v >= floor}
         self.scan_total[c] = total

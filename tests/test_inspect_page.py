@@ -2,60 +2,37 @@
 
 A merchant finds a product by name and sees its four lists as the API serves them, with
 names, reasons and freshness; looks up a shopper and sees their segment, reminders and list;
-a wrong key gets one clear line. The page is the API's `/inspect/` when the API mounts it;
-until then the browser is handed the files under that same address (`serve_static`), so the
-page still talks to the real API, same-origin, as it will in production.
+a wrong key gets one clear line. The page is the API's own `/inspect/`, so it talks to the
+real API same-origin, as it will in production.
 """
 
 from __future__ import annotations
 
-import mimetypes
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page, Route, sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from tests.test_api import hero_with_lists
 from tests.test_storefront import CHROMIUM, FLAGS
 
-STATIC = Path(__file__).resolve().parents[1] / "api" / "static"
 PHONE = {"width": 390, "height": 844}
 ACCEPTED = "() => /Key accepted/.test(document.getElementById('status').textContent)"
 
 
-def serve_static(page: Page, base: str, folder: str, probe: str = "") -> bool:
-    """Serve api/static/{folder} at {base}/{folder}/ for this page if the API does not.
-
-    Returns whether the API serves it itself (the mount is another change; see the module
-    docstring). Only that path is answered here: every other request goes to the API.
-    """
-    if httpx.get(f"{base}/{folder}/{probe}", timeout=10).status_code == 200:
-        return True
-    root = STATIC / folder
-
-    def answer(route: Route) -> None:
-        rel = route.request.url.split(f"/{folder}/", 1)[1].split("?")[0].split("#")[0]
-        path = root / (rel or "index.html")
-        if not path.is_file() or root not in path.resolve().parents:
-            route.fulfill(status=404, body="not found")
-            return
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        route.fulfill(status=200, body=path.read_bytes(), content_type=kind)
-
-    page.route(f"{base}/{folder}/**", answer)
-    return False
+def assert_served(base: str, folder: str, probe: str = "") -> None:
+    """The API serves api/static/{folder} at {base}/{folder}/ (api/routers/pages.py)."""
+    got = httpx.get(f"{base}/{folder}/{probe}", timeout=10)
+    assert got.status_code == 200, f"the API does not serve /{folder}/{probe}: {got.status_code}"
 
 
 def open_page(pw, served, errors: list[str], viewport: dict | None = None):
     browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
     page = browser.new_page(viewport=viewport) if viewport else browser.new_page()
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    mounted = serve_static(page, served.base, "inspect")
-    if not mounted:
-        print("note: the API does not serve /inspect/ yet; the test serves the files there")
+    assert_served(served.base, "inspect")
     page.goto(served.base + "/inspect/")
     return browser, page
 

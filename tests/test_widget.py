@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from tests.test_api import hero_with_lists
-from tests.test_inspect_page import PHONE, serve_static
+from tests.test_inspect_page import PHONE, assert_served
 from tests.test_storefront import CHROMIUM, FLAGS
 
 SHOP = "https://shop.example"
@@ -42,8 +42,7 @@ def open_shop(pw, served, body: str, errors: list[str], viewport: dict | None = 
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     if warnings is not None:
         page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
-    if not serve_static(page, served.base, "widget", "cartwise.js"):
-        print("note: the API does not serve /widget/ yet; the test serves the file there")
+    assert_served(served.base, "widget", "cartwise.js")
     html = shop_page(served.base, body)
     page.route(f"{SHOP}/**", lambda route: route.fulfill(status=200, body=html,
                                                           content_type="text/html"))

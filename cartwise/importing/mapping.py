@@ -220,10 +220,10 @@ class RowMapper:
         return out
 
 
-class EventsPreset:
-    """The event contract itself (docs/events.md), any column named like its field."""
+class Preset:
+    """A file's lines as records: the mapped columns as they are (catalog records)."""
 
-    name = "events"
+    name = "catalog"
     columns: dict[str, str] = {}
     tz: str | None = None
     ts_format: str | None = None
@@ -234,6 +234,19 @@ class EventsPreset:
     def sequence(self, row: dict[str, Any]) -> int:
         """What a line's record needs from the lines before it (cheap: it runs in order)."""
         return 0
+
+    def event(self, row: dict[str, Any], seq: int = 0) -> dict[str, Any]:
+        return self.mapper.record(row)
+
+
+class CatalogPreset(Preset):
+    """Catalog records (docs/events.md, "Catalog"): item id, name, category, price, stock."""
+
+
+class EventsPreset(Preset):
+    """The event contract itself (docs/events.md), any column named like its field."""
+
+    name = "events"
 
     def event(self, row: dict[str, Any], seq: int = 0) -> dict[str, Any]:
         ev = self.mapper.record(row)
@@ -299,24 +312,6 @@ class InvoiceLinesPreset(EventsPreset):
                 "ts": ts + seq / 1000 if isinstance(ts, float | int) else ts, **line}
 
 
-class CatalogPreset:
-    """Catalog records (docs/events.md, "Catalog"): item id, name, category, price, stock."""
-
-    name = "catalog"
-    columns: dict[str, str] = {}
-    tz: str | None = None
-    ts_format: str | None = None
-
-    def __init__(self, mapper: RowMapper) -> None:
-        self.mapper = mapper
-
-    def sequence(self, row: dict[str, Any]) -> int:
-        return 0
-
-    def event(self, row: dict[str, Any], seq: int = 0) -> dict[str, Any]:
-        return self.mapper.record(row)
-
-
 EVENT_PRESETS: dict[str, type[EventsPreset]] = {"events": EventsPreset,
                                                 "invoice-lines": InvoiceLinesPreset}
 
@@ -333,14 +328,14 @@ class PresetSpec:
     tz: str | None = None
     ts_format: str | None = None
 
-    def build(self) -> EventsPreset | CatalogPreset:
+    def build(self) -> Preset:
         return make_preset(self.kind, self.preset, list(self.maps), list(self.consts),
                            self.types, self.tz, self.ts_format)
 
 
 def make_preset(kind: str, preset: str, maps: list[str], consts: list[str],
                 types: str | None, tz: str | None, ts_format: str | None
-                ) -> EventsPreset | CatalogPreset:
+                ) -> Preset:
     """The row-to-record step for `cartwise import KIND`, from the command line's options."""
     if kind == "catalog":
         cls: Any = CatalogPreset

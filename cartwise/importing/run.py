@@ -30,7 +30,7 @@ from cartwise.contract import (
     prepare_catalog,
     validate_event,
 )
-from cartwise.importing.mapping import CatalogPreset, EventsPreset, PresetSpec, Skip
+from cartwise.importing.mapping import CatalogPreset, Preset, PresetSpec, Skip
 from cartwise.importing.reader import BadLine, Source
 from cartwise.importing.sender import BatchSender, Ledger, event_digest
 from cartwise.settings import Settings
@@ -161,10 +161,10 @@ class _Progress:
 Outcome = tuple  # ("ok", digest, key, value) | ("skip", reason) | ("bad", reason, field, detail)
 Chunk = list[tuple[int, dict[str, Any] | BadLine, int]]  # (line number, row, sequence)
 
-_preset: EventsPreset | CatalogPreset | None = None  # this import process's, from _start
+_preset: Preset | None = None  # this import process's, from _start
 
 
-def prepare_chunk(preset: EventsPreset | CatalogPreset, chunk: Chunk, now: float
+def prepare_chunk(preset: Preset, chunk: Chunk, now: float
                   ) -> list[Outcome]:
     """Map and check a run of lines (in a helper process when --jobs > 1): the costly part."""
     kind = "catalog" if isinstance(preset, CatalogPreset) else "events"
