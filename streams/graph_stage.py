@@ -39,7 +39,7 @@ class GraphPartition:
     gone: set[str] = field(default_factory=set)
     gone_marg: set[str] = field(default_factory=set)
     # A settle pass in progress: rows still to recompute (popped from the end), and the
-    # checkpoint it is for (None: no pass).
+    # offset applied when it began (None: no pass).
     settle_queue: list[str] = field(default_factory=list)
     settle_offset: int | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)
@@ -278,13 +278,15 @@ class GraphStage(Stage):
                        at_least_one: bool = False) -> None:
         s = self.settings
         now_m = time.monotonic()
-        if st.settle_offset is not None and st.settle_offset != st.offset:
-            st.settle_queue, st.settle_offset = [], None  # new evidence: settle again later
+        # A pass is for the evidence applied when it began: evidence applied since (even if not
+        # yet checkpointed) starts it over, or the pass would mark it settled unseen.
+        if st.settle_offset is not None and st.settle_offset != st.applied:
+            st.settle_queue, st.settle_offset = [], None
         # Settle only what is checkpointed, so the settled mark means "final".
         if (st.unsettled and st.settle_offset is None and st.offset == st.applied
                 and now_m - st.last_batch >= s.settle_idle_s):
             st.settle_queue = sorted(st.graph.rows, reverse=True)  # popped from the end
-            st.settle_offset = st.offset
+            st.settle_offset = st.applied
         settling = st.settle_offset is not None
         if (not settling and not st.pending and not st.graph.marg_touched and not st.gone
                 and not st.gone_marg):
