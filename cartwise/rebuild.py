@@ -14,21 +14,29 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 import redis
-from kafka import KafkaConsumer, TopicPartition
 
 from cartwise.contract import ContractError, parse_catalog
 from cartwise.settings import Settings
 from streams.store import Keys
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer
 
 # Written by the API, not derived from events: kept. Short-lived request records and worker
 # stats are kept too (they expire on their own).
 KEEP = ("rules", "experiments", "served:", "stats:")
 # Record keys on the config topic (api/app.py, Backend.publish_config), by Redis key name.
 CONFIG_KEYS = (b"rules", b"experiments")
-ALIVE_S = 5.0  # a worker publishes its stats every second: one this recent is running
+# A worker publishes its stats every second: one whose stats are this recent is running.
+# `rebuild(alive_s=...)` (`cartwise rebuild --alive-s`) changes it.
+ALIVE_S = 5.0
+# What the exact rebuild needs of the broker, for `cartwise rebuild --help` and its refusals.
+RETENTION_NEEDED = ("the events topic kept whole (retention.ms=-1) and the catalog and config "
+                    "topics compacted (cleanup.policy=compact)")
 
 
 class RebuildRefused(RuntimeError):
@@ -62,14 +70,27 @@ class RebuildReport:
                 f"topic from offset 0 of its {self.partitions} partitions")
 
 
-def running_workers(r: redis.Redis, keys: Keys, now: float) -> list[str]:
+def _consumer(settings: Settings, *topics: str, **options: object) -> KafkaConsumer:
+    """A consumer of the rebuild's own (no group). kafka is imported here, not at the top:
+    `cartwise --help` imports this module for its constants and should not pay for it."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(*topics, bootstrap_servers=settings.bootstrap,
+                         client_id=f"{settings.app_id}-rebuild", **options)
+
+
+def running_workers(r: redis.Redis, keys: Keys, now: float,
+                    alive_s: float = ALIVE_S) -> list[str]:
+    """The workers of this prefix whose stats were published within `alive_s` of `now`; a
+    worker that stopped itself (`"stopped"`: state lost, checkpoint stuck) is not running,
+    however recent its last stats."""
     out = []
     for key in r.scan_iter(keys.stats_pattern, count=1000):
         raw = r.get(key)
         if raw is None:
             continue
         snap = orjson.loads(raw)
-        if now - float(snap.get("updated") or 0) < ALIVE_S:
+        if not snap.get("stopped") and now - float(snap.get("updated") or 0) < alive_s:
             out.append(str(snap.get("worker_id", key.decode())))
     return out
 
@@ -80,8 +101,9 @@ def retained_events(settings: Settings) -> int:
     Only the log start is asked (ListOffsets "earliest"): the embedded broker's answer for
     the log end is not reliable (docs/architecture.md).
     """
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap,
-                             client_id=f"{settings.app_id}-rebuild")
+    from kafka import TopicPartition
+
+    consumer = _consumer(settings)
     try:
         parts = consumer.partitions_for_topic(settings.events_topic)
         if not parts:
@@ -95,18 +117,22 @@ def retained_events(settings: Settings) -> int:
         where = ", ".join(f"partition {p} starts at {o}" for p, o in sorted(cut.items()))
         raise RebuildRefused(
             f"the events topic no longer holds every event ({where}): an exact rebuild needs "
-            "the whole log. Keep it with retention.ms=-1 (docs/operations.md), or start a new "
-            "app id and prefix to rebuild from what is left.")
+            f"{RETENTION_NEEDED} (docs/operations.md); or start a new app id and prefix to "
+            "rebuild from what is left")
     return len(tps)
 
 
-def rebuild(settings: Settings, force: bool = False) -> RebuildReport:
+def rebuild(settings: Settings, force: bool = False, alive_s: float = ALIVE_S) -> RebuildReport:
+    """Clear the derived state for an exact replay; refuses (changing nothing) while a worker
+    published stats within `alive_s` seconds (unless `force`) or the events log lost its start.
+    """
     r = redis.Redis.from_url(settings.redis_url)
     keys = Keys(settings.prefix)
-    alive = running_workers(r, keys, time.time())
+    alive = running_workers(r, keys, time.time(), alive_s)
     if alive and not force:
-        raise RebuildRefused(f"{len(alive)} worker(s) still publish stats "
-                             f"({', '.join(sorted(alive))}): stop every worker first")
+        raise RebuildRefused(f"{len(alive)} worker(s) published stats in the last {alive_s:g} s "
+                             f"({', '.join(sorted(alive))}): stop every worker first, or "
+                             "--force if they are stopped")
     partitions = retained_events(settings)
     keep = tuple(settings.prefix + k for k in KEEP)
     deleted = 0
@@ -139,9 +165,8 @@ def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
     The workers' catalog consumer resumes at its committed offset, past what Redis lost.
     Records are keyed by item, so the last one read for an item is its newest.
     """
-    consumer = KafkaConsumer(settings.catalog_topic, bootstrap_servers=settings.bootstrap,
-                             group_id=None, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000, client_id=f"{settings.app_id}-rebuild")
+    consumer = _consumer(settings, settings.catalog_topic, group_id=None,
+                         auto_offset_reset="earliest", consumer_timeout_ms=3000)
     facts: dict[str, bytes] = {}
     try:
         for m in consumer:
@@ -170,10 +195,9 @@ def restore_config(settings: Settings, r: redis.Redis, keys: Keys) -> int:
     Rules that survived in Redis are kept as they are. The topic is compacted: the last
     record read for a key is its newest document.
     """
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
-                             auto_offset_reset="earliest", consumer_timeout_ms=3000,
-                             allow_auto_create_topics=False,  # never an uncompacted one
-                             client_id=f"{settings.app_id}-rebuild")
+    consumer = _consumer(settings, group_id=None, auto_offset_reset="earliest",
+                         consumer_timeout_ms=3000,
+                         allow_auto_create_topics=False)  # never an uncompacted one
     newest: dict[bytes, bytes | None] = {}
     try:
         if settings.config_topic not in consumer.topics():

@@ -17,6 +17,7 @@ from cartwise.settings import Settings
 from models.config import ModelConfig, model_config
 from streams.catalog_stage import CatalogStage
 from streams.context_stage import ContextStage
+from streams.gaps import ISOLATION_LEVEL, prober
 from streams.graph_stage import GraphStage
 from streams.stats import Stats
 from streams.store import Store
@@ -31,8 +32,10 @@ def _records(batch: list[Any]) -> list[tuple[bytes | None, int, int, float, byte
             for e in batch]
 
 
-def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
-    """Faust passes a fixed fetch_max_wait_ms=1500 to aiokafka; use ours instead.
+def _tune_consumer(app: faust.App, fetch_max_wait_ms: int) -> None:
+    """Faust passes a fixed fetch_max_wait_ms=1500 to aiokafka; use ours instead. And read
+    committed records only (Faust does so only in its exactly-once mode): an aborted
+    transaction's events are never applied (docs/events.md, streams/gaps.py).
 
     A broker may hold an empty fetch for the whole wait (Tansu does), and each topic hop then
     adds up to that much delay between an event and its suggestions.
@@ -49,16 +52,28 @@ def _limit_fetch_wait(app: faust.App, fetch_max_wait_ms: int) -> None:
         wait = getattr(self.app, "_cartwise_fetch_max_wait_ms", None)
         if wait is not None:
             consumer._fetch_max_wait_ms = wait
+        consumer._isolation_level = ISOLATION_LEVEL  # read by start(), which comes later
         return consumer
 
     create._cartwise = True  # type: ignore[attr-defined]
     driver.AIOKafkaConsumerThread._create_worker_consumer = create
 
 
+def stream_config(settings: Settings) -> ModelConfig:
+    """The workers' model settings (`CARTWISE_MODEL`); refuses what only the library does."""
+    config = model_config(settings.model.split(","),
+                          replenish_lead_s=settings.replenish_lead_days * 86400.0)
+    if config.blend_rate > 0:
+        # The learned blend (models/blend.py) is measured in the replay; in the stream its
+        # weights would have to be folded across partitions first (docs/model.md).
+        raise ValueError("CARTWISE_MODEL blend_rate is supported only by the library and "
+                         "`cartwise evaluate` so far: remove it from CARTWISE_MODEL")
+    return config
+
+
 def create_app(settings: Settings | None = None, config: ModelConfig | None = None) -> faust.App:
     settings = settings or Settings.from_env()
-    config = config or model_config(settings.model.split(","),
-                                    replenish_lead_s=settings.replenish_lead_days * 86400.0)
+    config = config or stream_config(settings)
     # Faust wants a directory even with in-memory tables; keep it out of the working tree.
     datadir = Path(tempfile.gettempdir()) / "cartwise-faust" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +96,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         # rebalance would wait for a checkpoint timer that has already stopped.
         stream_wait_empty=False,
     )
-    _limit_fetch_wait(app, settings.fetch_max_wait_ms)
+    _tune_consumer(app, settings.fetch_max_wait_ms)
     topics = {
         name: app.topic(name, key_type=bytes, value_type=bytes, internal=False)
         for name in (settings.events_topic, settings.pairs_topic, settings.catalog_topic,
@@ -139,9 +154,19 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         progress = await loop.run_in_executor(None, group_has_offsets, settings)
         await store.claim_generation(progress)
 
+    async def write_stats(stopped: str | None = None) -> None:
+        """The worker's stats for `cartwise stats`; a stopping worker says why."""
+        snap = stats.snapshot()
+        if stopped:
+            snap["stopped"] = stopped
+        await redis.set(store.keys.stats(settings.worker_id), orjson.dumps(snap),
+                        ex=STATS_TTL_S)
+
     for stage, topic in ((context, settings.events_topic), (graph, settings.pairs_topic)):
         stage.seek = seeker(topic)
+        stage.consumable = prober(settings.bootstrap, topic)
         stage.claim = claim
+        stage.on_stop = write_stats
 
     @app.task
     async def drop_monitor() -> None:
@@ -177,6 +202,8 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     async def checkpoint_timer() -> None:
         await guarded("checkpoint", context.checkpoint_all())
         await guarded("checkpoint", graph.checkpoint_all())
+        await guarded("gaps", context.refetch_gaps())
+        await guarded("gaps", graph.refetch_gaps())
 
     @app.timer(settings.touchpoint_check_s)
     async def touchpoints_timer() -> None:
@@ -189,8 +216,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     @app.timer(1.0)
     async def publish_stats() -> None:
         stats.partitions = partition_gauges(app, settings, context, graph)
-        key = store.keys.stats(settings.worker_id)
-        await guarded("stats", redis.set(key, orjson.dumps(stats.snapshot()), ex=STATS_TTL_S))
+        await guarded("stats", write_stats())
 
     return app
 

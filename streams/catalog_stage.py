@@ -41,7 +41,7 @@ class CatalogStage:
     async def handle(self, records: Sequence[Record], events: Sequence[Any] = ()) -> None:
         s = self.settings
         facts: dict[str, bytes] = {}
-        acks = []
+        letters: list[tuple[bytes, dict[str, bytes]]] = []
         # Fetched before a rebalance: the new owner applies them, in order after older ones.
         mine = [r for r in records if r[1] in self.assigned]
         gone: set[str] = set()
@@ -56,13 +56,43 @@ class CatalogStage:
                 item = parse_catalog(value)
             except ContractError as err:
                 self.stats.inc(f"dlq.{err.reason}")
-                out, headers = dlq_record(value, err.reason, err.field, err.detail,
-                                          f"{s.catalog_topic}/{partition}/{offset}")
-                acks.append(await self.send(s.dlq_topic, out, None, headers))
+                letters.append(dlq_record(value, err.reason, err.field, err.detail,
+                                          f"{s.catalog_topic}/{partition}/{offset}"))
                 continue
             facts[item.item_id] = orjson.dumps(item.as_dict())
             gone.discard(item.item_id)
-        await asyncio.gather(*acks)
+        await self._dead_letters(letters)
+        await self._write(facts, gone)
+        if self.ack is not None:
+            # Only what this worker owns: an unowned record's new owner applies and acks it.
+            for e in events:
+                if e.message.partition in self.assigned:
+                    await self.ack(e)
+
+    async def _dead_letters(self, letters: list[tuple[bytes, dict[str, bytes]]]) -> None:
+        """Send the bad records to the dead-letter topic until the broker has them all."""
+        delay = 0.1
+        while letters:
+            results = await asyncio.gather(*(self._send(v, h) for v, h in letters),
+                                           return_exceptions=True)
+            failed = [(ltr, res) for ltr, res in zip(letters, results, strict=True)
+                      if isinstance(res, BaseException)]
+            if not failed:
+                return
+            if any(isinstance(res, asyncio.CancelledError) for _, res in failed):
+                raise asyncio.CancelledError
+            self.stats.inc("catalog.errors")
+            log.warning("catalog: %d dead-letter sends failed (%s); retrying in %.1fs",
+                        len(failed), failed[0][1], delay)
+            letters = [ltr for ltr, _ in failed]
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    async def _send(self, value: bytes, headers: dict[str, bytes]) -> None:
+        await (await self.send(self.settings.dlq_topic, value, None, headers))
+
+    async def _write(self, facts: dict[str, bytes], gone: set[str]) -> None:
+        """Write the facts and removals in one transaction, retried until Redis has them."""
         delay = 0.1
         while facts or gone:
             pipe = self.store.redis.pipeline(transaction=True)
@@ -88,7 +118,4 @@ class CatalogStage:
             self.stats.inc("catalog.removed", len(gone))
             if self.on_change is not None:
                 self.on_change(set(facts) | gone)
-            break
-        if self.ack is not None:
-            for e in events:
-                await self.ack(e)
+            return

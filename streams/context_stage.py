@@ -31,11 +31,12 @@ from models.interests import InterestClusters
 from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
 from models.rules import impression_counts
 from streams.audience import AudienceIndex
+from streams.cache import ReadCache
 from streams.evidence import pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
 from streams.routing import PartitionOf
-from streams.stage import MODEL_VERSION, YIELD_EVERY, ReadCache, Record, Stage, list_digest
+from streams.stage import MODEL_VERSION, YIELD_EVERY, Record, Stage, list_digest
 from streams.store import SHOWN_TTL_S, Ops
 from streams.touchpoints import Touchpoints
 

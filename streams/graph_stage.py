@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 
 from models.graph import KINDS, ItemGraph
+from streams.cache import ReadCache
 from streams.routing import item_partition
-from streams.stage import MODEL_VERSION, ReadCache, Record, Stage, list_digest
+from streams.stage import MODEL_VERSION, Record, Stage, list_digest
 from streams.store import Ops
 
 log = logging.getLogger("cartwise.cooccurrence")

@@ -66,18 +66,30 @@ class WorkerCollector:
         yield conflicts
         recovery = CounterMetricFamily(
             "cartwise_stream_recoveries", "What the stream core caught and handled: records of "
-            "a partition no longer owned (stale_records), holes fetched again (gap_refetches) or "
-            "taken as real (gaps_accepted), checkpoints that failed and were redone "
-            "(checkpoint_failures), events re-keyed to their shopper's partition (rekeyed), "
-            "evidence of an older state generation skipped (old_generation)",
+            "a partition no longer owned (stale_records), holes fetched again (gap_refetches), "
+            "still there, or no answer, when the broker was asked (gap_waits) or holding no "
+            "record to apply: transaction markers, aborted or compacted records, retention "
+            "(gaps_accepted), checkpoints that failed and were redone (checkpoint_failures) or "
+            "written record by record (checkpoint_isolations), events re-keyed to their "
+            "shopper's partition (rekeyed), evidence of an older state generation skipped "
+            "(old_generation)",
             labels=["stage", "kind"])
-        kinds = ("stale_records", "gap_refetches", "gaps_accepted", "checkpoint_failures",
-                 "rekeyed", "key_mismatch", "old_generation")
+        kinds = ("stale_records", "gap_refetches", "gap_waits", "gaps_accepted",
+                 "checkpoint_failures", "checkpoint_isolations", "rekeyed", "key_mismatch",
+                 "old_generation")
         for name, n in sorted(counters.items()):
             stage, _, kind = name.partition(".")
             if kind in kinds:
                 recovery.add_metric([stage, kind], n)
         yield recovery
+        stops = CounterMetricFamily(
+            "cartwise_worker_stops", "Why the worker stopped itself: Redis lost the state "
+            "(state_lost, exit 3) or a checkpoint failed without any record (checkpoint_stuck, "
+            "exit 4); also in its last stats in Redis (`cartwise stats`)", labels=["reason"])
+        for name, n in sorted(counters.items()):
+            if name == "state_lost" or name.endswith(".checkpoint_stuck"):
+                stops.add_metric([name.rpartition(".")[2]], n)
+        yield stops
         feedback = CounterMetricFamily("cartwise_feedback", "Suggestion feedback: impressions, "
                                        "clicks, impressions whose served record was gone "
                                        "(unserved), re-ranker examples learned",

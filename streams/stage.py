@@ -11,16 +11,15 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
-from redis.exceptions import BusyLoadingError, ReadOnlyError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cartwise.contract import dlq_record
 from models.config import ModelConfig
+from streams.gaps import Gap, holes
+from streams.isolation import CheckpointIsolation, Outage, is_outage
 from streams.stats import Stats
 from streams.store import Ops, StateLost, Store
 
@@ -31,12 +30,6 @@ YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this of
 # A batch that fails for a reason other than an outage is retried this often, then applied
 # record by record: the record that fails alone goes to the dead-letter topic.
 MAX_ATTEMPTS = 3
-# A record missing before the next one is fetched again from the broker (a seek). Only when
-# the same gap comes back this often, over at least GAP_CONFIRM_S, is it taken as real (log
-# compaction, transaction markers, retention): never silently on the first sight.
-GAP_CONFIRM = 5
-GAP_CONFIRM_S = 2.0
-GAP_RESEEK_S = 0.5
 
 # (value, partition, offset, broker timestamp in seconds, key); value None is a tombstone
 Record = tuple[bytes | None, int, int, float, bytes | None]
@@ -55,46 +48,7 @@ def list_digest(payload: dict[str, Any], fields: Sequence[str]) -> int:
     return hash(orjson.dumps([payload.get(f) for f in fields]))
 
 
-class ReadCache:
-    """A short-lived, worker-local copy of documents read on the hot path.
-
-    Every batch of every partition ranks shoppers against the same hot items; reading and
-    parsing their lists once per `max_age` instead of once per batch saves most of that work.
-    Suggestions may then be up to `max_age` older than the newest lists, no more.
-    """
-
-    def __init__(self, max_age: float, max_size: int = 100_000) -> None:
-        self.max_age = max_age
-        self.max_size = max_size
-        self.docs: dict[str, tuple[float, Any]] = {}
-
-    def forget(self, keys: Iterable[str]) -> None:
-        """Drop copies known to be stale (this process just changed them in Redis)."""
-        for k in keys:
-            self.docs.pop(k, None)
-
-    async def get_many(self, keys: list[str], fetch: Callable[[list[str]], Awaitable[dict]],
-                       fresh: bool = False) -> dict[str, Any]:
-        now = time.monotonic()
-        out: dict[str, Any] = {}
-        missing = []
-        for k in keys:
-            hit = None if fresh else self.docs.get(k)
-            if hit is not None and now - hit[0] < self.max_age:
-                out[k] = hit[1]
-            else:
-                missing.append(k)
-        if missing:
-            got = await fetch(missing)
-            if len(self.docs) + len(got) > self.max_size:
-                self.docs.clear()
-            for k, v in got.items():
-                self.docs[k] = (now, v)
-            out.update(got)
-        return out
-
-
-class Stage:
+class Stage(CheckpointIsolation):
     """Per-partition state in memory, applied per batch, checkpointed every interval.
 
     A batch is applied to the in-memory state at once (and its outputs written); the state
@@ -110,6 +64,7 @@ class Stage:
     """
 
     name = "stage"
+    stopping = False  # the worker is stopping itself (`fatal`): once per process
 
     def __init__(self, store: Store, config: ModelConfig, stats: Stats, send: Sender,
                  settings: Any) -> None:
@@ -127,12 +82,20 @@ class Stage:
         self.ack: Callable[[Any], Awaitable[Any]] | None = None
         # seek(partition, offset): fetch again from there (set by streams/app.py)
         self.seek: Callable[[int, int], Awaitable[Any]] | None = None
+        # consumable(partition, offset): the offsets of the records one fetch of the broker
+        # has for us at or after offset ([]: none came in time); asked before a gap is passed
+        # over (streams/gaps.py; set by streams/app.py)
+        self.consumable: Callable[[int, int], Awaitable[list[int]]] | None = None
+        # on_stop(reason): publish the worker's stats before it exits (set by streams/app.py)
+        self.on_stop: Callable[[str], Awaitable[Any]] | None = None
         # Called before the first state is loaded: reads or creates the state generation.
         self.claim: Callable[[], Awaitable[Any]] | None = None
         self.last_checkpoint: dict[int, float] = defaultdict(float)
         self.assigned: set[int] = set()
-        # partition -> [offset wanted, offset found, times seen, first seen, last seek]
-        self.gaps: dict[int, list[Any]] = {}
+        self.gaps: dict[int, Gap] = {}  # partition -> the hole before its next record
+        # partition -> offsets the broker said hold no record (above the checkpoint); a
+        # partition here had such holes, so its next gaps are asked about at once
+        self.empty: dict[int, set[int]] = {}
         # partition -> offsets dead-lettered after failing alone: skipped when redone
         self.poisoned: dict[int, set[int]] = defaultdict(set)
         # partition -> input offset -> its copy sent elsewhere (dead letter, re-key) since the
@@ -146,6 +109,7 @@ class Stage:
             self.since.pop(p, None)
             self.held.pop(p, None)
             self.gaps.pop(p, None)
+            self.empty.pop(p, None)
             self.poisoned.pop(p, None)
             self.copies.pop(p, None)
             self.assigned.discard(p)
@@ -167,14 +131,31 @@ class Stage:
     def checkpointed(self, partition: int, st: Any) -> None:
         """Hook after a successful checkpoint: clear what it covered."""
 
-    def fatal(self, exc: BaseException) -> None:
-        """The state cannot be trusted any more (Redis lost it): stop the worker at once."""
+    async def fatal(self, exc: BaseException, counter: str = "state_lost", code: int = 3) -> None:
+        """Carrying on would be wrong (Redis lost the state, or a checkpoint cannot be written
+        at all): stop the worker at once, its stats published first so the stop shows. The
+        first caller stops it; others (partitions checkpointing together) wait for the exit."""
+        if Stage.stopping:
+            await asyncio.Event().wait()
+        Stage.stopping = True
         log.critical("%s", exc)
-        self.stats.inc("state_lost")
-        os._exit(3)
+        self.stats.inc(counter)
+        if self.on_stop is not None:
+            try:
+                await asyncio.wait_for(self.on_stop(counter), 2.0)
+            except Exception as err:  # exiting anyway; the log line above says why
+                log.warning("could not publish the stats before stopping: %s", err)
+        os._exit(code)
 
     async def handle(self, records: Sequence[Record], events: Sequence[Any] = ()) -> None:
-        """Apply a batch, its partitions concurrently (their I/O waits overlap)."""
+        """Apply a batch, its partitions concurrently (their I/O waits overlap).
+
+        The partitions of a batch wait for each other: the agent hands over the next batch
+        only when this returns. So a partition's retries bound the others' delay: about 0.7 s
+        per poison record (MAX_ATTEMPTS tries), and for a checkpoint that keeps failing the
+        same plus its halving passes (`_isolate_checkpoint`). Letting partitions run ahead of
+        each other would need pausing them in the consumer; not done (docs/architecture.md).
+        """
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = time.time()
             self.stats.first_batch_cpu = time.process_time()
@@ -203,9 +184,17 @@ class Stage:
         """The records of `todo` that follow `st.applied` without a gap.
 
         A missing record is fetched again (a seek) and what follows it dropped until it is
-        there; a gap that comes back GAP_CONFIRM times over GAP_CONFIRM_S is real.
+        there. Only offsets the broker said hold no record to apply (transaction markers,
+        aborted or compacted records, retention; `_probe`) are passed over.
         """
         want = st.applied + 1
+        empty = self.empty.get(p)
+        if empty and want in empty and todo[0][2] > want:
+            skip_to = want
+            while skip_to in empty and skip_to < todo[0][2]:
+                skip_to += 1
+            self.stats.inc(f"{self.name}.gaps_accepted")
+            st.applied, want = skip_to - 1, skip_to
         n = 0
         for r in todo:
             if r[2] != want:
@@ -220,32 +209,65 @@ class Stage:
         first = todo[0][2]
         now = time.monotonic()
         gap = self.gaps.get(p)
-        if gap is None or gap[0] != want or gap[1] != first:
-            gap = self.gaps[p] = [want, first, 0, now, -GAP_RESEEK_S]
-        gap[2] += 1
-        if gap[2] >= GAP_CONFIRM and now - gap[3] >= GAP_CONFIRM_S:
-            log.warning("%s partition %d: offsets %d-%d are not in the log (compaction, "
-                        "transaction markers or retention); going on from %d", self.name, p,
-                        want, first - 1, first)
-            self.stats.inc(f"{self.name}.gaps_accepted")
-            self.gaps.pop(p, None)
-            run = [todo[0]]
-            for r in todo[1:]:
-                if r[2] != run[-1][2] + 1:
-                    break
-                run.append(r)
-            return run
+        if gap is None or gap.want != want:
+            gap = self.gaps[p] = Gap(want, now)
+        gap.seen += 1
         # Drop what was fetched past the hole; it comes again after the seek.
         self.since[p] = [r for r in self.since[p] if r[2] < want]
         self.held[p] = [e for e in self.held[p] if e.message.offset < want]
-        if now - gap[4] >= GAP_RESEEK_S:
-            gap[4] = now
+        probe = self.consumable is not None and gap.due_probe(now, p in self.empty)
+        if probe:
+            gap.probing, gap.last_probe = True, now
+            asyncio.ensure_future(self._probe(p, gap))
+        if gap.due_seek(now):
+            gap.last_seek = now
             self.stats.inc(f"{self.name}.gap_refetches")
             log.info("%s partition %d: offset %d missing before %d; fetching again from %d",
                      self.name, p, want, first, want)
-            if self.seek is not None:
+            if self.seek is not None and not probe:  # the probe seeks when it has answered
                 asyncio.ensure_future(self._seek(p, want))
         return []
+
+    async def _probe(self, p: int, gap: Gap) -> None:
+        """Ask the broker which records it has from the hole on, then fetch again: the offsets
+        among them without a record are passed over at the next sight, no others."""
+        try:
+            assert self.consumable is not None
+            offsets = await self.consumable(p, gap.want)
+        except Exception as exc:  # asked again after GAP_CONFIRM_S
+            log.warning("%s partition %d: could not ask the broker about offset %d: %s",
+                        self.name, p, gap.want, exc)
+        else:
+            found = holes(gap.want, offsets)
+            if p in self.assigned:
+                self.empty.setdefault(p, set()).update(found)
+            if gap.want in found:
+                log.warning("%s partition %d: offsets %d-%d hold no record to apply (transaction "
+                            "markers, aborted or compacted records, retention), nor %d more up "
+                            "to %d: passing over them", self.name, p, gap.want, offsets[0] - 1,
+                            len(found) - (offsets[0] - gap.want), offsets[-1])
+            else:  # the record exists (or none came in time): wait for it, never skip
+                self.stats.inc(f"{self.name}.gap_waits")
+                log.warning("%s partition %d: offset %d still missing after %d refetches; the "
+                            "broker %s: fetching again until it comes", self.name, p, gap.want,
+                            gap.seen, "has it" if offsets else "sent nothing in time")
+        finally:
+            gap.probing = False
+        await self._seek(p, gap.want)
+
+    async def refetch_gaps(self) -> None:
+        """Timer: fetch again from every hole not seen for GAP_RESEEK_S.
+
+        A seek can be overtaken by records the consumer fetched before it: Faust then takes
+        its read position past the hole again and drops the records fetched again, so no
+        record arrives to show the hole; on a quiet log nothing else would ever seek.
+        """
+        now = time.monotonic()
+        for p, gap in list(self.gaps.items()):
+            if gap.due_seek(now) and not gap.probing:
+                gap.last_seek = now
+                self.stats.inc(f"{self.name}.gap_refetches")
+                await self._seek(p, gap.want)
 
     async def _seek(self, p: int, offset: int) -> None:
         try:
@@ -343,7 +365,7 @@ class Stage:
             except asyncio.CancelledError:
                 raise
             except StateLost as exc:
-                self.fatal(exc)
+                await self.fatal(exc)
                 raise
             except _Poisoned:
                 self.parts.pop(p, None)  # half-updated: reload and redo without it
@@ -368,9 +390,14 @@ class Stage:
                 delay = min(5.0, delay * 2) if outage else 0.1 * 2 ** min(attempts, 3)
 
     async def checkpoint(self, p: int) -> None:
-        """Write state and offset atomically, then acknowledge the records it covers."""
+        """Write state and offset atomically, then acknowledge the records it covers.
+
+        A checkpoint that fails for a reason other than an outage MAX_ATTEMPTS times is
+        written record by record instead (`_isolate_checkpoint`), so no record can hold it.
+        """
         async with self.locks[p]:
             delay = 0.1
+            failures = 0
             while True:
                 st = await self._catch_up(p)
                 self.last_checkpoint[p] = time.monotonic()
@@ -378,42 +405,24 @@ class Stage:
                     return
                 if st.applied == st.offset:
                     break
-                t0 = time.perf_counter()
                 try:
-                    await asyncio.gather(*st.acks)  # outputs durable before we claim the input
-                    with self.stats.redis_write(f"{self.name}.checkpoint"):
-                        ok, found = await self.store.checkpoint(
-                            self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
+                    ok, found = await self._write(p, st)
                 except asyncio.CancelledError:
-                    raise
-                except StateLost as exc:
-                    self.fatal(exc)
                     raise
                 except Exception as exc:
                     # Nothing of it was written (the script checks before it writes and moves
                     # the offset last): reload and redo the same records, then try again.
-                    log.warning("%s partition %d: checkpoint failed (%s: %s); will retry",
-                                self.name, p, type(exc).__name__, exc)
-                    self.stats.inc(f"{self.name}.errors")
-                    self.stats.inc(f"{self.name}.checkpoint_failures")
                     self.parts.pop(p, None)
+                    failures += not is_outage(exc)
+                    if failures >= MAX_ATTEMPTS:
+                        await self._isolate_checkpoint(p)
+                        failures = 0
+                        continue
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
                     continue
-                self.stats.add_time(f"{self.name}.checkpoint", time.perf_counter() - t0)
                 if ok:
-                    st.offset = st.applied
-                    st.acks.clear()
-                    for k, n in st.counts.items():
-                        self.stats.inc(k, n)
-                    st.counts.clear()
-                    self.checkpointed(p, st)
-                    self.since[p] = [r for r in self.since[p] if r[2] > st.offset]
-                    if p in self.poisoned:
-                        self.poisoned[p] = {o for o in self.poisoned[p] if o > st.offset}
-                    if self.copies.get(p):
-                        self.copies[p] = {o: f for o, f in self.copies[p].items()
-                                          if o > st.offset}
+                    self._covered(p, st)
                     break
                 # Another worker checkpointed this partition (a rebalance overlap): reload
                 # and redo what is left on top of their state.
@@ -430,6 +439,44 @@ class Stage:
                         await self.ack(e)
             self.held[p] = keep
 
+    async def _write(self, p: int, st: Any) -> tuple[bool, int]:
+        """One checkpoint attempt: (written, offset found); a failure is logged and raised."""
+        t0 = time.perf_counter()
+        try:
+            await asyncio.gather(*st.acks)  # outputs durable before we claim the input
+            with self.stats.redis_write(f"{self.name}.checkpoint"):
+                ok, found = await self.store.checkpoint(
+                    self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
+        except asyncio.CancelledError:
+            raise
+        except StateLost as exc:
+            await self.fatal(exc)
+            raise
+        except Exception as exc:
+            log.warning("%s partition %d: checkpoint of offsets %d-%d failed (%s: %s)",
+                        self.name, p, st.offset + 1, st.applied, type(exc).__name__, exc)
+            self.stats.inc(f"{self.name}.errors")
+            self.stats.inc(f"{self.name}.checkpoint_failures")
+            raise
+        self.stats.add_time(f"{self.name}.checkpoint", time.perf_counter() - t0)
+        return ok, found
+
+    def _covered(self, p: int, st: Any) -> None:
+        """A checkpoint was written: count its records and forget what it covers."""
+        st.offset = st.applied
+        st.acks.clear()
+        for k, n in st.counts.items():
+            self.stats.inc(k, n)
+        st.counts.clear()
+        self.checkpointed(p, st)
+        self.since[p] = [r for r in self.since[p] if r[2] > st.offset]
+        if p in self.poisoned:
+            self.poisoned[p] = {o for o in self.poisoned[p] if o > st.offset}
+        if self.copies.get(p):
+            self.copies[p] = {o: f for o, f in self.copies[p].items() if o > st.offset}
+        if self.empty.get(p):
+            self.empty[p] = {o for o in self.empty[p] if o > st.offset}
+
     async def checkpoint_all(self) -> None:
         """Timer: checkpoint partitions that have waited an interval (idle ones included)."""
         due = time.monotonic() - self.settings.checkpoint_interval_s
@@ -437,17 +484,5 @@ class Stage:
                                if self.last_checkpoint[p] < due))
 
 
-class Outage(RuntimeError):
-    """A dependency failed (not the records): retried until it works again."""
-
-
 class _Poisoned(Exception):
     """A record failed alone and was dead-lettered: redo the batch without it."""
-
-
-def is_outage(exc: BaseException) -> bool:
-    """An error of the infrastructure (retried until it ends), not of the records."""
-    if isinstance(exc, Outage | RedisConnectionError | RedisTimeoutError | BusyLoadingError |
-                  ReadOnlyError | OSError | asyncio.TimeoutError | TimeoutError):
-        return True
-    return bool(getattr(exc, "retriable", False))  # aiokafka's retriable broker errors

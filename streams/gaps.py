@@ -1,0 +1,90 @@
+"""Holes in a partition's offsets: the one place the stream core may pass over input, so the
+decision is made by asking the broker, never on timing (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# The workers' consumers read committed records only: an aborted transaction's records are
+# never applied (docs/events.md). The probe below reads alike, so it sees the same holes.
+ISOLATION_LEVEL = "read_committed"
+# A missing record is fetched again (a seek) at most this often; once the same hole came back
+# GAP_CONFIRM times over GAP_CONFIRM_S, the broker is asked (the probe), again every
+# GAP_CONFIRM_S while the record it names does not come.
+GAP_CONFIRM = 5
+GAP_CONFIRM_S = 2.0
+GAP_RESEEK_S = 0.5
+# How long the probe waits for a record; none within it means "keep waiting", not "skip".
+PROBE_TIMEOUT_S = 5.0
+# The most records one probe looks at: the holes among them are all passed over at once.
+PROBE_MAX_RECORDS = 10_000
+
+
+@dataclass
+class Gap:
+    """A hole at `want`, the next offset to apply, seen before later records."""
+
+    want: int
+    since: float  # monotonic time of the first sight
+    seen: int = 0
+    last_seek: float = float("-inf")
+    last_probe: float = float("-inf")
+    probing: bool = False
+
+    def due_seek(self, now: float) -> bool:
+        return now - self.last_seek >= GAP_RESEEK_S
+
+    def due_probe(self, now: float, eager: bool) -> bool:
+        """Seen long enough (at once, `eager`, where the broker already answered holes on this
+        partition: a transactional producer's), and not asked within GAP_CONFIRM_S."""
+        seen = eager or (self.seen >= GAP_CONFIRM and now - self.since >= GAP_CONFIRM_S)
+        return seen and not self.probing and now - self.last_probe >= GAP_CONFIRM_S
+
+
+def holes(want: int, offsets: list[int]) -> set[int]:
+    """The offsets from `want` up to the last of `offsets` (sorted records' offsets a consumer
+    got from `want` on) that hold no record to apply."""
+    if not offsets:
+        return set()
+    return set(range(want, offsets[-1])).difference(offsets)
+
+
+def consumable(bootstrap: list[str], topic: str, partition: int, offset: int,
+               timeout_s: float = PROBE_TIMEOUT_S) -> list[int]:
+    """The offsets of the records one fetch of a consumer of the workers' isolation level
+    gets at or after `offset`, in order; [] when none came within `timeout_s`.
+
+    A short consumer of its own (no group, nothing committed), so the answer does not depend
+    on what the worker's consumer has buffered or dropped. Below the log start (retention) it
+    resets to the earliest record. Blocking: run it off the event loop.
+    """
+    from kafka import KafkaConsumer, TopicPartition  # here: importing kafka takes ~0.2 s
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             isolation_level=ISOLATION_LEVEL)
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            records = consumer.poll(timeout_ms=max(1, int(left * 1000)),
+                                    max_records=PROBE_MAX_RECORDS).get(tp)
+            if records:
+                return [int(r.offset) for r in records]
+        return []
+    finally:
+        consumer.close()
+
+
+def prober(bootstrap: list[str], topic: str) -> Any:
+    """consumable(partition, offset) for `topic`, run in a thread (Stage.consumable)."""
+    async def probe(partition: int, offset: int) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, consumable, bootstrap, topic, partition,
+                                          offset)
+    return probe

@@ -1,0 +1,124 @@
+"""The stream core's checkpoint rules, against the real redis-server: a stage applies a
+partition's records in offset order without gaps, by the owner only, and a checkpoint is
+written whole or not at all (docs/architecture.md). No broker is involved, so these run once,
+not per broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from cartwise.contract import expected_partition
+from cartwise.simulator import Shop
+from models.config import ModelConfig
+from streams.context_stage import ContextStage
+from streams.stats import Stats
+from streams.store import Keys, Ops, Store
+
+START = 1_755_000_000.0
+
+
+def _records(events: list[dict], partition: int) -> list[tuple]:
+    return [(orjson.dumps(e), partition, i, START + 10_000, e["user_id"].encode())
+            for i, e in enumerate(events)]
+
+
+async def _stage(settings, prefix: str) -> tuple[ContextStage, list[tuple[int, int]]]:
+    """A context stage over Redis whose sends succeed at once and whose seeks are recorded."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    store = Store(client, prefix)
+    await store.claim_generation(False)
+    sent: list = []
+
+    async def send(topic, value, partition, headers, key=None):  # noqa: ANN001, ANN202
+        sent.append((topic, partition))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    stage = ContextStage(store, ModelConfig(), Stats("t"), send, settings)
+    seeks: list[tuple[int, int]] = []
+
+    async def seek(p: int, offset: int) -> None:
+        seeks.append((p, offset))
+
+    stage.seek = seek
+    return stage, seeks
+
+
+def test_records_after_a_gap_or_a_revoke_are_never_applied(make_settings):
+    """A batch fetched before a rebalance (or past a hole) must not land on the checkpoint:
+    the stage asks for the missing records again and ends equal to a straight run."""
+    settings = make_settings("gaps")
+    shop = Shop(seed=9)
+    events = [e for e in shop.events(2000, start_ts=START)
+              if expected_partition(e["user_id"], settings.partitions) == 0][:120]
+    recs = _records(events, 0)
+
+    async def run() -> tuple[dict, dict, list, list]:
+        ref, _ = await _stage(settings, settings.prefix + "ref:")
+        ref.assign({0})
+        await ref.handle(recs)
+        await ref.checkpoint(0)
+        stage, seeks = await _stage(settings, settings.prefix + "gap:")
+        stage.assign({0})
+        await stage.handle(recs[:30])
+        await stage.checkpoint(0)
+        await stage.handle(recs[50:70])  # 30-49 never came: must wait for them
+        assert stage.parts[0].applied == 29 and seeks[-1] == (0, 30)
+        await stage.handle(recs[30:80])  # the refetch
+        assert stage.parts[0].applied == 79
+        await stage.checkpoint(0)
+        stage.revoke({0})
+        await stage.handle(recs[80:90])  # fetched before the revoke: not ours any more
+        assert 0 not in stage.parts
+        stage.assign({0})
+        await stage.handle(recs[95:110])  # back again, resuming past a hole
+        assert stage.parts[0].applied == 79 and seeks[-1] == (0, 80)
+        await stage.handle(recs[80:])
+        await stage.checkpoint(0)
+        r = redis.Redis.from_url(settings.redis_url)
+        got = r.hgetall(Keys(settings.prefix + "gap:").contexts(0))
+        want = r.hgetall(Keys(settings.prefix + "ref:").contexts(0))
+        return got, want, seeks, stage.stats.counters
+
+    got, want, seeks, stats = asyncio.run(run())
+    assert len(want) > 10
+    assert got == want
+    assert stats["context.stale_records"] == 10
+
+
+def test_a_checkpoint_is_applied_whole_or_not_at_all(stack):
+    """A step that would fail (an increment overflowing to infinity) fails before anything is
+    written; the offset stays where it was and a retry of the same checkpoint works."""
+    prefix = f"atomic-{time.monotonic_ns()}:"
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        store = Store(client, prefix)
+        await store.claim_generation(False)
+        keys = store.keys
+        await client.hset(keys.experiment("e"), "A|revenue2", repr(1.7e308))
+        ops = Ops()
+        ops.hset(keys.contexts(0), "u1", b"{}")
+        ops.hincrbyfloat(keys.experiment("e"), "A|orders", 1)
+        ops.hincrbyfloat(keys.experiment("e"), "A|revenue2", 1.7e308)
+        with pytest.raises(redis.exceptions.ResponseError, match="finite"):
+            await store.checkpoint("context", 0, -1, 41, ops)
+        assert await client.get(keys.offset("context", 0)) is None
+        assert not await client.hexists(keys.contexts(0), "u1")
+        assert not await client.hexists(keys.experiment("e"), "A|orders")
+        with pytest.raises(ValueError, match="not finite"):
+            Ops().hincrbyfloat(keys.experiment("e"), "A|x", float("inf"))
+        ok = Ops()
+        ok.hset(keys.contexts(0), "u1", b"{}")
+        assert await store.checkpoint("context", 0, -1, 41, ok) == (True, 41)
+        assert await client.get(keys.offset("context", 0)) == b"41"
+        await client.aclose()
+
+    asyncio.run(run())
