@@ -38,8 +38,14 @@ def load_settings(**overrides: object) -> Settings:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from cartwise.worker import run_worker
+    from streams.app import stream_config
 
-    run_worker(load_settings(), loglevel=args.loglevel)
+    settings = load_settings()
+    try:
+        stream_config(settings)
+    except ValueError as exc:
+        raise CliError(f"bad setting: {exc}") from None
+    run_worker(settings, loglevel=args.loglevel)
     return 0
 
 
@@ -147,6 +153,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("no worker has published stats yet", file=sys.stderr)
         return 1
     for snap in snaps:
+        if snap.get("stopped"):  # said apart from the JSON (stdout stays JSON documents)
+            print(f"worker {snap.get('worker_id', '?')} stopped itself: {snap['stopped']} "
+                  "(docs/operations.md, \"A worker stopped itself\")", file=sys.stderr)
         print(orjson.dumps(snap, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -194,7 +203,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     try:
-        report = rebuild(settings, force=args.force)
+        report = rebuild(settings, force=args.force, alive_s=args.alive_s)
     except RebuildRefused as exc:
         print(f"cartwise rebuild: refused: {exc}", file=sys.stderr)
         return 1
@@ -459,11 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
                    help="change one ModelConfig setting of the cartwise model (repeatable)")
     p.add_argument("--out", help="write the full result as JSON here")
+    from cartwise.rebuild import ALIVE_S, RETENTION_NEEDED
+
     p = _command(sub, "rebuild", "after Redis lost its data: clear the derived state so "
                  "stopped workers replay the events topic from the start "
-                 "(docs/operations.md)", cmd_rebuild)
+                 f"(docs/operations.md); it needs {RETENTION_NEEDED}", cmd_rebuild)
     p.add_argument("--force", action="store_true",
-                   help="go on although a worker published stats in the last seconds")
+                   help="go on although a worker published stats in the last --alive-s "
+                   "seconds (never when the events topic lost its start)")
+    p.add_argument("--alive-s", type=float, default=ALIVE_S, metavar="SECONDS",
+                   help="a worker whose stats are this recent is taken as running")
     _command(sub, "stats", "print worker counters and freshness", cmd_stats)
     return parser
 
