@@ -15,6 +15,9 @@ KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:
 KAFKA_JARS := .cartwise/kafka-$(KAFKA_VERSION)/libs/.complete
 # Which broker(s) the stream suites run on: both, tansu or kafka (`make test BROKER=tansu`).
 BROKER ?= both
+# Two pytest-xdist workers, one per broker's half (tests/conftest.py); TEST_WORKERS=0 runs in one
+# process. The stream suites mostly wait on timers, so two share a 2-core machine well.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench quality lock clean
 
@@ -43,10 +46,10 @@ install: $(DEMO_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/cartwise demo
 
-# The stream suites run on Tansu and on Apache Kafka (tests/conftest.py, --broker).
+# The stream suites run on Tansu and on Apache Kafka (tests/conftest.py, --broker), side by side.
 test: $(TEST_STAMP) $(CHROMIUM) $(KAFKA_JARS)
 	$(BIN)/ruff check .
-	$(BIN)/pytest --broker $(BROKER)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --broker $(BROKER)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
@@ -77,8 +80,10 @@ lock:
 clean:
 	rm -rf $(VENV) .cartwise .pytest_cache .ruff_cache
 
-# The Apache Kafka half only: the broker's own tests and the stream suites on it.
+# The Apache Kafka half only: the broker's own tests and the stream suites on it (the modules
+# marked `both_brokers`).
 .PHONY: test-kafka
 test-kafka: $(TEST_STAMP) $(KAFKA_JARS)
 	$(BIN)/pytest --broker kafka tests/test_kafka_broker.py tests/test_pipeline.py \
-		tests/test_recovery_and_scale.py tests/test_faults.py tests/test_operations.py
+		tests/test_recovery_and_scale.py tests/test_faults.py tests/test_operations.py \
+		tests/test_stream_core.py tests/test_chaos.py tests/test_config_log.py

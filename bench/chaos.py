@@ -36,7 +36,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class ChaosResult:
     chaos_s: float = 0.0
     reference_s: float = 0.0
     error: str | None = None
+    broker: str = "tansu"
 
     @property
     def ok(self) -> bool:
@@ -279,8 +280,8 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
     return res
 
 
-COLUMNS = ("seed", "workers", "partitions", "kills", "events", "complete", "items", "users",
-           "contexts", "rows", "marginals_all", "meta", "trending", "trending_by_category",
+COLUMNS = ("broker", "seed", "workers", "partitions", "kills", "events", "complete", "items",
+           "users", "contexts", "rows", "marginals_all", "meta", "trending", "trending_by_category",
            "lost_event_ids", "conflicts", "stale", "refetches", "gaps_accepted", "chaos_s",
            "ok")
 
@@ -301,9 +302,57 @@ def table(results: list[ChaosResult]) -> str:
                      for row in rows)
 
 
-def main() -> None:
+def run_broker(broker: str, args: argparse.Namespace, overrides: dict[str, Any], run_id: int,
+               logs: Path) -> list[ChaosResult]:
+    """Every seed of the soak on one broker's fresh stack."""
     from cartwise.embedded import EmbeddedStack
 
+    results: list[ChaosResult] = []
+    started: list[subprocess.Popen] = []
+    with EmbeddedStack(broker_kind=broker) as stack:
+        def make(name: str, topics_from: Settings | None = None, **overrides: Any) -> Settings:
+            base = f"{name}-{broker}-{run_id}"
+            src = topics_from
+            values: dict[str, Any] = dict(
+                broker=stack.broker, redis_url=stack.redis_url, prefix=f"{base}:", app_id=base,
+                events_topic=src.events_topic if src else f"{base}.events",
+                catalog_topic=src.catalog_topic if src else f"{base}.catalog",
+                dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
+                partitions=args.partitions,
+                session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
+                settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
+                refresh_max_users=1_000_000)
+            return Settings(**(values | overrides))
+
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            def start(settings: Settings, name: str, seed: int = seed) -> subprocess.Popen:
+                proc = start_worker(settings, logs / f"{broker}-seed{seed}-{name}.log", name)
+                started.append(proc)
+                return proc
+
+            cfg = ChaosConfig(seed=seed, events=args.events, workers=args.workers,
+                              kills=args.kills, gap_s=tuple(args.gap),
+                              pause_s=tuple(args.pause), live_fraction=args.live_fraction,
+                              live_chunks=args.live_chunks,
+                              first_kill_at=tuple(args.first_kill_at),
+                              overrides=overrides,
+                              timeout_s=args.timeout)
+            try:
+                results.append(replace(run_seed(cfg, make, start), broker=broker))
+            except Exception as exc:  # noqa: BLE001 - one seed's failure is a result too
+                print(f"seed {seed}: failed: {exc!r}")
+                results.append(ChaosResult(seed=seed, workers=args.workers,
+                                           partitions=args.partitions, kills=0,
+                                           events=args.events, backlog=0, live=0,
+                                           complete=False, error=repr(exc), broker=broker))
+            finally:
+                for proc in started:
+                    stop_worker(proc, hard=True)
+                started.clear()
+    return results
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds 1..N")
     ap.add_argument("--first-seed", type=int, default=1)
@@ -322,6 +371,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds for a run to complete after the last kill; a run still "
                          "incomplete then is reported stuck and compared as it is")
+    ap.add_argument("--broker", default="tansu",
+                    help="tansu, kafka or tansu,kafka: every seed on each (Kafka needs Java 17+, "
+                         "cartwise/kafka_broker.py)")
     ap.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     ap.add_argument("--logs", type=Path, default=RESULTS / "logs" / "chaos")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -330,8 +382,6 @@ def main() -> None:
     args = ap.parse_args()
     logs = args.logs
     logs.mkdir(parents=True, exist_ok=True)
-    results: list[ChaosResult] = []
-    started: list[subprocess.Popen] = []
     run_id = int(time.time())
     names = {f.name for f in fields(Settings)}
     overrides: dict[str, Any] = {}
@@ -343,49 +393,12 @@ def main() -> None:
         overrides[name] = (value.lower() in ("1", "true", "yes", "on")
                            if isinstance(default, bool) else type(default)(value))
 
-    with EmbeddedStack() as stack:
-        def make(name: str, topics_from: Settings | None = None, **overrides: Any) -> Settings:
-            base = f"{name}-{run_id}"
-            src = topics_from
-            values: dict[str, Any] = dict(
-                broker=stack.broker, redis_url=stack.redis_url, prefix=f"{base}:", app_id=base,
-                events_topic=src.events_topic if src else f"{base}.events",
-                catalog_topic=src.catalog_topic if src else f"{base}.catalog",
-                dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
-                partitions=args.partitions,
-                session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
-                settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
-                refresh_max_users=1_000_000)
-            return Settings(**(values | overrides))
-
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            def start(settings: Settings, name: str, seed: int = seed) -> subprocess.Popen:
-                proc = start_worker(settings, logs / f"seed{seed}-{name}.log", name)
-                started.append(proc)
-                return proc
-
-            cfg = ChaosConfig(seed=seed, events=args.events, workers=args.workers,
-                              kills=args.kills, gap_s=tuple(args.gap),
-                              pause_s=tuple(args.pause), live_fraction=args.live_fraction,
-                              live_chunks=args.live_chunks,
-                              first_kill_at=tuple(args.first_kill_at),
-                              overrides=overrides,
-                              timeout_s=args.timeout)
-            try:
-                results.append(run_seed(cfg, make, start))
-            except Exception as exc:  # noqa: BLE001 - one seed's failure is a result too
-                print(f"seed {seed}: failed: {exc!r}")
-                results.append(ChaosResult(seed=seed, workers=args.workers,
-                                           partitions=args.partitions, kills=0,
-                                           events=args.events, backlog=0, live=0,
-                                           complete=False, error=repr(exc)))
-            finally:
-                for proc in started:
-                    stop_worker(proc, hard=True)
-                started.clear()
+    results: list[ChaosResult] = []
+    for broker in [b.strip() for b in args.broker.split(",") if b.strip()]:
+        results += run_broker(broker, args, overrides, run_id, logs)
     print()
     print(table(results))
-    failed = [r.seed for r in results if not r.ok]
+    failed = [f"{r.broker}-{r.seed}" for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)}/{len(results)} seeds equal to the reference"
           + (f"; differing: {failed}" if failed else ""))
     out = args.out

@@ -10,6 +10,7 @@ suites on both, and `cartwise demo --broker kafka` uses it.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,28 @@ if TYPE_CHECKING:
 BROKER_KINDS = ("tansu", "kafka")
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server we are about to start.
+
+    Drawn at random below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+    can be taken by any client socket before our server binds it, and two test processes
+    asking the kernel at once are handed neighbours."""
+    top = min(_ephemeral_start(), 65536)
+    for _ in range(50):
+        port = random.randrange(max(1025, top - 12000), top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,9 +62,18 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        # Something answers; if it is not our process (it lost the port to another), ours
+        # exits on its failed bind: give it a moment to say so.
+        if proc is not None:
+            time.sleep(0.2)
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode}: port {port} "
+                                   "is taken by another process")
+        return
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 

@@ -6,9 +6,17 @@ other's data although they share the two servers.
 Two brokers: Tansu (embedded, Python only) and Apache Kafka (cartwise/kafka_broker.py: Java 17+,
 jars fetched once by Maven). `--broker tansu|kafka|both` (default both; or CARTWISE_TEST_BROKER)
 picks them. Tests that use the stack run once per broker, with ids [tansu] and [kafka], in the
-modules marked `both_brokers` (the stream suites); elsewhere on the first one picked (Tansu when
-it is). Without Java the [kafka] runs are skipped, with one line saying why and how to enable
-them. Tests that use no stack fixture do not depend on any broker.
+modules marked `both_brokers` (the stream suites); elsewhere on one broker per module: the first
+one picked (Tansu when it is), or the last for the modules in `ON_LAST_BROKER`. Without Java the
+[kafka] runs are skipped, with one line saying why and how to enable them, and those modules go
+to the first broker. Tests that use no stack fixture do not depend on any broker.
+
+`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Every test with a broker is
+in the xdist group named after it, so one worker takes the Tansu half and the other the Kafka
+half, each building its broker's session stack once; the broker-free tests fill in whichever
+worker is free. The stream suites mostly wait on timers, so the halves share two cores well.
+xdist 3.8 marks a group in the test's id, which pytest 9.2 no longer lets it change: the
+scheduler below also reads the group from the broker id itself (`broker_group`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -41,6 +50,11 @@ from streams.topics import ensure_topics
 
 _ids = itertools.count()
 
+# Unmarked stack modules that run on the last broker picked (Kafka under `--broker both`), not the
+# first: Tansu's half also has every other unmarked module, so this evens out the two xdist
+# workers. Only modules with a stack of their own (not `served`, which one worker builds once).
+ON_LAST_BROKER = frozenset({"test_experiments_stream.py"})
+
 ENABLE_KAFKA = ("install Java 17+ and Maven (the jars are fetched once into .cartwise/), or set "
                 "CARTWISE_KAFKA_LIBS to a folder of Kafka 4.x jars")
 
@@ -56,7 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "both_brokers: tests that use the stack run on every broker --broker picks "
-                   "(unmarked ones: on the first picked only)")
+                   "(unmarked ones: on one broker per module)")
+    # pytest-xdist registers it too; this keeps runs without the plugin free of warnings.
+    config.addinivalue_line("markers", "xdist_group(name): tests one xdist worker runs")
     choice = config.getoption("--broker")
     config.cartwise_brokers = list(BROKER_KINDS) if choice == "both" else [choice]
     config.cartwise_kafka_skip = None
@@ -91,14 +107,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     return rep
 
 
+def module_broker(config: pytest.Config, module: str) -> str:
+    """The one broker an unmarked module's stack tests run on (`ON_LAST_BROKER`)."""
+    picked = config.cartwise_brokers
+    last = picked[-1]
+    if module in ON_LAST_BROKER and not (last == "kafka" and config.cartwise_kafka_skip):
+        return last
+    return picked[0]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Every test that uses the stack (directly or through a fixture) gets a broker."""
+    """Every test that uses the stack (directly or through a fixture) gets a broker, and the
+    xdist group of that broker."""
     if "broker_name" not in metafunc.fixturenames:
         return
     names = metafunc.config.cartwise_brokers
     if metafunc.definition.get_closest_marker("both_brokers") is None:
-        names = names[:1]
-    metafunc.parametrize("broker_name", names, ids=names, indirect=True, scope="session")
+        names = [module_broker(metafunc.config, Path(metafunc.definition.path).name)]
+    params = [pytest.param(n, id=n, marks=pytest.mark.xdist_group(n)) for n in names]
+    metafunc.parametrize("broker_name", params, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +138,53 @@ def broker_name(request: pytest.FixtureRequest) -> str:
     return name
 
 
+def broker_group(nodeid: str) -> str | None:
+    """The broker in a test id's parameters ("test[tansu]", "test[kafka-2]"), or None: the
+    controller of an xdist run sees ids only, not marks."""
+    _, bracket, params = nodeid.partition("::")[2].partition("[")
+    if not bracket:
+        return None
+    found = set(params.removesuffix("]").split("-")) & set(BROKER_KINDS)
+    return found.pop() if len(found) == 1 else None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, grouping by broker even where xdist cannot mark the test ids."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class BrokerGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)  # xdist's own "@group" suffix, where it works
+            return scope if scope != nodeid else broker_group(nodeid) or nodeid
+
+    return BrokerGroups(config, log)
+
+
+START_TRIES = 3
+
+
+def start_stack(workdir: Callable[[], Path], **options: Any) -> EmbeddedStack:
+    """A started stack, on fresh ports up to `START_TRIES` times: a port `free_port` found free
+    can be taken (the other xdist worker's servers, any client socket) before a server binds
+    it, and the server then exits at once (wait_port's RuntimeError; a timeout is no clash)."""
+    for attempt in range(1, START_TRIES + 1):
+        stack = EmbeddedStack(workdir=workdir(), **options)
+        try:
+            return stack.start()
+        except RuntimeError:
+            stack.close()
+            if attempt == START_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def stack(broker_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    s = EmbeddedStack(workdir=tmp_path_factory.mktemp(f"stack-{broker_name}"),
-                      broker_kind=broker_name).start()
+    s = start_stack(lambda: tmp_path_factory.mktemp(f"stack-{broker_name}"),
+                    broker_kind=broker_name)
     yield s
     s.close()
 
@@ -228,3 +298,19 @@ def served(make_settings: Callable[..., Settings],
         for log in sorted(logs.glob("*.log")):
             tail = log.read_bytes().decode(errors="replace").splitlines()[-30:]
             print(f"--- {log.name} ---", *tail, sep="\n")
+
+
+_TIME_BY_BROKER: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Adds each test's setup, call and teardown time to its broker's total (in the
+    controller too under xdist, where reports arrive from the workers)."""
+    key = broker_group(report.nodeid) or "no broker"
+    _TIME_BY_BROKER[key] = _TIME_BY_BROKER.get(key, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _TIME_BY_BROKER:
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(_TIME_BY_BROKER.items()))
+        terminalreporter.write_line(f"test time per broker (setup + call + teardown): {parts}")

@@ -38,10 +38,12 @@ def test_random_sigkills_under_live_traffic_give_the_state_of_an_uninterrupted_r
     # Harsh on purpose: quick restarts (a new member joins before the dead one's session
     # expires, so each kill is a rebalance or two) every 0.5-3 s while the backlog and a steady
     # live stream keep batches buffered and checkpoints in flight on the survivors. A run that
-    # has not finished a minute after the last kill is stuck: evidence that never arrives.
+    # has not finished two minutes after the last kill is stuck: evidence that never arrives
+    # (one minute was not enough for a loaded machine's last refresh passes, which re-rank
+    # every shopper a chunk per tick: seen once with the suite's two halves side by side).
     cfg = ChaosConfig(seed=seed, events=20_000, workers=3, kills=10, first_kill_at=(0.1, 0.6),
                       gap_s=(0.5, 3.0), pause_s=(0.05, 1.0), live_fraction=0.5, live_chunks=60,
-                      timeout_s=60.0)
+                      timeout_s=120.0)
     res = run_seed(cfg, make_settings, workers)
     assert res.partitions == 4 and res.workers == 3
     # The attack happened: every kill landed, and before the last event went through.

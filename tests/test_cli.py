@@ -87,6 +87,12 @@ def test_a_bad_setting_is_one_line_with_a_hint(tmp_path):
         one_line_failure(cli(*args, env={"CARTWISE_PARTITIONS": "many"}, cwd=tmp_path),
                          "bad setting", "CARTWISE_")
     assert not (tmp_path / ".cartwise").exists()  # the demo started nothing
+    # Apache Kafka refuses a group session under 6 s and the worker would idle without a word.
+    one_line_failure(cli("worker", env={"CARTWISE_SESSION_TIMEOUT_S": "3"}, cwd=tmp_path),
+                     "CARTWISE_SESSION_TIMEOUT_S=3", "6..1800")
+    # The learned blend is the library's only, so far: a worker must not silently ignore it.
+    one_line_failure(cli("worker", env={"CARTWISE_MODEL": "blend_rate=0.1"}, cwd=tmp_path),
+                     "blend_rate", "remove it from CARTWISE_MODEL")
 
 
 def test_bad_files_are_one_line_with_a_hint(tmp_path):

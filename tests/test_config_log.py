@@ -26,7 +26,7 @@ from cartwise.embedded import EmbeddedStack, free_port
 from cartwise.harness import start_api, stop_worker, wait_http, worker_env
 from cartwise.settings import Settings
 from streams.store import Keys
-from streams.topics import ensure_topics, topic_plan
+from streams.topics import ensure_topics, topic_configs, topic_plan
 
 RULES = {"block": ["sku-9"], "exclude_categories": ["adult"], "pins": {"printer": ["ink"]},
          "boost": {"items": ["new1"], "slots": 1}, "frequency_cap": 3}
@@ -142,6 +142,13 @@ def test_config_topic_is_created_compacted_with_one_partition(make_settings, bro
     # the rebuild does not need it to be: it keeps the last record read per key.
     others, _ = topic_layout(settings, settings.events_topic)
     assert len(others) == settings.partitions
+    if broker_name == "kafka":
+        # Kafka's defaults would keep events 7 days and never compact the catalog, and
+        # `cartwise rebuild` needs the events log whole (docs/architecture.md).
+        for topic, wanted in topic_configs(settings).items():
+            _, got = topic_layout(settings, topic)
+            assert {k: got.get(k) for k in wanted} == wanted, topic
+        assert topic_configs(settings)[settings.events_topic] == {"retention.ms": "-1"}
 
 
 def test_rules_and_experiments_come_back_after_redis_data_loss(make_settings, api_on):

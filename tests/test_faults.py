@@ -9,6 +9,7 @@ Apache Kafka keeps its own on disk, as in production (no S3 server).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from cartwise.lag import collect
 from cartwise.simulator import Shop
 from models.graph import KINDS
 from streams.topics import ensure_topics
+from tests.conftest import start_stack
 from tests.test_operations import scrape
 from tests.test_pipeline import oracle
 
@@ -32,8 +34,8 @@ pytestmark = pytest.mark.both_brokers
 @pytest.fixture(scope="module")
 def own_stack(broker_name, tmp_path_factory) -> Iterator[EmbeddedStack]:
     """A stack of its own: these tests restart servers under everyone else's feet."""
-    stack = EmbeddedStack(workdir=tmp_path_factory.mktemp("faults"), broker_kind=broker_name,
-                          redis_persistent=True).start()
+    stack = start_stack(lambda: tmp_path_factory.mktemp("faults"), broker_kind=broker_name,
+                        redis_persistent=True)
     yield stack
     stack.close()
 
@@ -41,8 +43,8 @@ def own_stack(broker_name, tmp_path_factory) -> Iterator[EmbeddedStack]:
 @pytest.fixture
 def durable_stack(broker_name, tmp_path) -> Iterator[EmbeddedStack]:
     """A broker that keeps its log across a restart: Tansu's in an S3 server, Kafka's on disk."""
-    stack = EmbeddedStack(workdir=tmp_path / "stack", redis_persistent=True,
-                          broker_kind=broker_name, broker_storage="s3").start()
+    stack = start_stack(lambda: tmp_path / "stack", redis_persistent=True,
+                        broker_kind=broker_name, broker_storage="s3")
     yield stack
     stack.close()
 
@@ -107,8 +109,10 @@ def assert_lists_match_the_library(settings, events: list, catalog: list) -> Non
 
 
 def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, workers):
+    # Half the usual shoppers (some 3,400 events on each side of the outage): what is tested
+    # is a Redis that goes away under a stream in flight, which they keep busy throughout.
     settings, shop, events, ends = first_half(own_stack, make_settings, "redis-restart", 21,
-                                              metrics_port=free_port())
+                                              n=750, metrics_port=free_port())
     w = workers(settings)
     wait_under_way(settings)
     own_stack.stop("redis")
@@ -126,7 +130,9 @@ def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, worker
 
 
 def test_killed_worker_hands_over_and_the_lag_drains(own_stack, make_settings, workers):
-    settings, shop, events, ends = first_half(own_stack, make_settings, "kill", 22)
+    # Half the usual shoppers: what is tested is the hand-over after the session timeout,
+    # which any lag on the killed worker's partitions shows, not the volume behind it.
+    settings, shop, events, ends = first_half(own_stack, make_settings, "kill", 22, n=750)
     a, b = workers(settings, "a"), workers(settings, "b")
     wait_complete(settings, ends, timeout=120, procs=[a, b])
 
@@ -155,3 +161,30 @@ def test_broker_restart_mid_stream_workers_reconnect(durable_stack, make_setting
     assert a.poll() is None and b.poll() is None, "workers must outlive a broker restart"
     assert_lag_drains(settings)
     assert_lists_match_the_library(settings, events, shop.catalog)
+
+
+def test_a_stack_whose_port_is_taken_starts_again_on_fresh_ports(tmp_path, monkeypatch):
+    """A port `free_port` found free can be taken before the server binds it (two xdist
+    workers start stacks at once): the fixtures' start_stack retries on fresh ports."""
+    import tests.conftest as conftest
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # bound, not listening: Redis cannot bind it
+    port = taken.getsockname()[1]
+    made: list[EmbeddedStack] = []
+
+    def first_on_the_taken_port(**options: object) -> EmbeddedStack:
+        s = EmbeddedStack(**options, **({} if made else {"redis_port": port}))  # type: ignore
+        made.append(s)
+        return s
+
+    monkeypatch.setattr(conftest, "EmbeddedStack", first_on_the_taken_port)
+    try:
+        stack = start_stack(lambda: tmp_path / f"stack{len(made)}")
+        try:
+            assert [s.redis_port for s in made][:1] == [port] and len(made) == 2
+            assert redis.Redis.from_url(stack.redis_url).ping()
+        finally:
+            stack.close()
+    finally:
+        taken.close()
