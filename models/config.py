@@ -71,6 +71,13 @@ class ModelConfig:
     # A rebuyable item bought too recently to be due (models/ranking.py, `not_due`) keeps this
     # share of its score; 0 leaves it out until due.
     not_due_weight: float = 1.0
+    # Learn each evidence kind's weight online from the shop's next events (models/blend.py):
+    # the step size, 0 keeps the weights above fixed. Steps are applied once per
+    # `blend_epoch_s` of event time (0: at once), against `blend_negatives` items ranked above
+    # the picked one. Not in the stream yet: the library and the replay only.
+    blend_rate: float = 0.0
+    blend_epoch_s: float = 600.0
+    blend_negatives: int = 20
 
     def to_dict(self) -> dict:
         return asdict(self)

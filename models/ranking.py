@@ -34,13 +34,15 @@ def rank_for_user(
     catalog: Mapping[str, Mapping[str, Any] | None],
     k: int,
     config: ModelConfig = _DEFAULT,
+    kind_weights: Mapping[str, float] | None = None,
+    parts: Parts | None = None,
 ) -> list[dict[str, Any]]:
     """Blend the item lists of the shopper's anchors; drop what must never be suggested.
 
     Excluded: items in the cart, bought items that are not `rebuyable`, items the catalog
     marks out of stock, and the context items themselves unless `revisit_weight` lets viewed
     ones come back. Rebuyable items not yet due (`not_due`) keep `not_due_weight` of their
-    score: 0 leaves them out until due.
+    score: 0 leaves them out until due. `kind_weights` and `parts`: see `blend`.
     """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
@@ -65,7 +67,8 @@ def rank_for_user(
             revisit[j] = (config.rebuy_weight * times
                           * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON,
                           {"bought": times})
-    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, late)
+    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, late,
+                 kind_weights, parts)
 
 
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
@@ -258,6 +261,8 @@ def blend(
     config: ModelConfig = _DEFAULT,
     revisit: Mapping[str, Revisit] | None = None,
     late: set[str] | None = None,
+    kind_weights: Mapping[str, float] | None = None,
+    parts: Parts | None = None,
 ) -> list[dict[str, Any]]:
     """Sum the anchors' list scores, newer anchors and carted anchors counting more.
 
@@ -267,12 +272,18 @@ def blend(
     their own score and reason, always of kind "revisit". Items in `late` (rebuyable, not
     yet due) keep `not_due_weight` of their score. An entry keeps the `anchor` and `evidence`
     of its largest contribution, so it can be worded at read time (models/wording.py).
+
+    `kind_weights` (learned, models/blend.py) multiply each evidence kind's contributions;
+    None ranks with the configured weights alone. `parts`, when given, is filled with each
+    kept candidate's score split by kind, before `kind_weights`, for the learner.
     """
-    kept, best = _scored(seeds, item_lists, catalog, exclude, bought, config, revisit, late)
+    kept, best = _scored(seeds, item_lists, catalog, exclude, bought, config, revisit, late,
+                         kind_weights, parts)
     return _cut(kept, best, revisit or {}, k, config)
 
 
 Best = dict[str, tuple[float, str, Mapping[str, Any]]]  # item: its largest contribution
+Parts = dict[str, dict[str, float]]  # item: evidence kind: its part of the item's score
 
 
 def _scored(
@@ -284,11 +295,19 @@ def _scored(
     config: ModelConfig,
     revisit: Mapping[str, Revisit] | None,
     late: set[str] | None,
+    kind_weights: Mapping[str, float] | None = None,
+    parts: Parts | None = None,
 ) -> tuple[list[tuple[float, str]], Best]:
     """`blend`'s candidates, (score, item), and each one's largest contribution, uncut."""
     scores: dict[str, float] = {}
     best: Best = {}
-    for j, (c, _, _) in (revisit or {}).items():
+    split: Parts = {}
+    for j, (c, reason, _) in (revisit or {}).items():
+        own = "rebuy" if reason == REBUY_REASON else "revisit"
+        if parts is not None:
+            split[j] = {own: c}
+        if kind_weights is not None:
+            c *= kind_weights.get(own, 1.0)
         scores[j] = c
     for rank, (anchor, committed) in enumerate(seeds):
         lists = item_lists.get(anchor)
@@ -301,8 +320,14 @@ def _scored(
         if not committed:
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
+            lw = 1.0 if kind_weights is None else kind_weights.get(kind, 1.0)
             for e in lists.get(kind, ())[: config.per_anchor(kind)]:
                 j, c = e["item_id"], e["score"] * kw
+                if parts is not None:
+                    own = split.setdefault(j, {})
+                    own[kind] = own.get(kind, 0.0) + c
+                if kind_weights is not None:
+                    c *= lw
                 old = scores.get(j)
                 if old is None:
                     scores[j] = c
@@ -323,7 +348,11 @@ def _scored(
             continue
         if late and j in late:
             score *= config.not_due_weight
+            if j in split:
+                split[j] = {kind: x * config.not_due_weight for kind, x in split[j].items()}
         kept.append((score, j))
+        if parts is not None:
+            parts[j] = split[j]
     return kept, best
 
 

@@ -18,16 +18,20 @@ from cartwise.contract import (
     validate_catalog,
     validate_event,
 )
+from models.blend import KindWeights
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
 from models.graph import KINDS, ItemGraph
 from models.ranking import (
+    Parts,
     anchors,
     cycles_needed,
     listed,
     rank_for_user,
     rebuy_candidates,
 )
+
+BLEND_DEPTH = 20  # the list the blend learner judges: as deep as the replay's HR@20
 
 
 class Contexts:
@@ -64,6 +68,9 @@ class CrossSellRecommender:
         self.catalog: dict[str, dict[str, Any]] = {}
         self._lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._computed_at: dict[str, float] = {}
+        cfg = self.config
+        self.blend = KindWeights(cfg.blend_rate, cfg.blend_epoch_s, cfg.blend_negatives) \
+            if cfg.blend_rate > 0 else None
 
     def learn_one(self, event: Event | dict[str, Any]) -> bool:
         """Learn one event (validated if given as a dict). False when it was a duplicate."""
@@ -71,6 +78,8 @@ class CrossSellRecommender:
             event = validate_event(event)
         p = self.contexts.partition(event.user_id)
         book = self.contexts.books[p]
+        if self.blend is not None and event.type not in FEEDBACK_TYPES:
+            self._learn_blend(event)
         evidence = book.learn(event)
         if evidence is None:
             return False
@@ -82,6 +91,21 @@ class CrossSellRecommender:
         for item, interval in book.last_repeats:  # repurchase cycles, as the stream
             self.graph.repeat(item, interval)
         return True
+
+    def _learn_blend(self, event: Event) -> None:
+        """Before the event is learned: how the shopper's list ranked what they picked."""
+        ctx = self.contexts.get(event.user_id)
+        if ctx is None or not ctx.items or event.event_id in ctx.seen:
+            return
+        parts: Parts = {}
+        ranked = self._rank(ctx, BLEND_DEPTH, parts)
+        assert self.blend is not None
+        self.blend.learn_one(event.ts, parts, [e["item_id"] for e in ranked],
+                             [line.item_id for line in event.lines])
+
+    def blend_weights(self) -> dict[str, float] | None:
+        """The learned multiplier of each evidence kind; None when the weights are fixed."""
+        return None if self.blend is None else self.blend.weights()
 
     def learn_catalog(self, item: CatalogItem | dict[str, Any]) -> None:
         if isinstance(item, dict):
@@ -129,6 +153,10 @@ class CrossSellRecommender:
         ctx = self.contexts.get(user_id)
         if ctx is None:
             return []
+        return self._rank(ctx, k)
+
+    def _rank(self, ctx: ShopperContext, k: int,
+              parts: Parts | None = None) -> list[dict[str, Any]]:
         seeds = anchors(ctx, self.config)
         self._refresh(seeds)
         lists: dict[str, Any] = {a: self._lists.get(a) for a in seeds}
@@ -137,7 +165,8 @@ class CrossSellRecommender:
         offered = listed(lists, cfg) | set(rebuy_candidates(ctx, cfg))
         for j in cycles_needed(ctx.bought, offered, self.catalog) - lists.keys():
             lists[j] = {"repurchase": self.graph.repurchase(j)}
-        return rank_for_user(ctx, lists, self.catalog, k, cfg)
+        weights = None if self.blend is None else self.blend.weights()
+        return rank_for_user(ctx, lists, self.catalog, k, cfg, weights, parts)
 
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:
         """(item, trending score) best first, as the stream keeps them (models/trending.py)."""
