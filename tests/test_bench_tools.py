@@ -1,0 +1,43 @@
+"""The benchmark's own measuring tools (bench/procstat.py, bench/api_latency.py): a figure is
+only as good as the code that takes it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import pytest
+
+from bench.api_latency import process_counts
+from bench.procstat import connections, cpu_s
+
+
+def test_connections_counts_the_established_sockets_a_process_holds_on_a_port():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert connections([os.getpid()], port) == {os.getpid(): 0}
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            # Both ends are ours: the accepted sockets listen on `port` as their local port.
+            assert connections([os.getpid()], port) == {os.getpid(): 3}
+        finally:
+            for s in clients + accepted:
+                s.close()
+
+
+def test_cpu_time_of_a_process_grows_and_of_a_gone_one_is_zero():
+    before = cpu_s(os.getpid())
+    sum(i * i for i in range(300_000))
+    assert cpu_s(os.getpid()) > before
+    assert cpu_s(2**22 + 7) == 0.0  # above the kernel's pid limit: no such process
+
+
+@pytest.mark.parametrize("text", ["0,2", "", "one", "1,-1"])
+def test_process_counts_refuse_what_is_not_a_list_of_positive_counts(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected counts like 1,2"):
+        process_counts(text)
+    assert process_counts("1,2") == [1, 2]
