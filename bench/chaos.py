@@ -321,7 +321,7 @@ def run_broker(broker: str, args: argparse.Namespace, overrides: dict[str, Any],
                 partitions=args.partitions,
                 session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
                 settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
-                refresh_max_users=1_000_000)
+                refresh_max_users=1_000_000, refresh_budget=1.0)  # as tests/conftest.py
             return Settings(**(values | overrides))
 
         for seed in range(args.first_seed, args.first_seed + args.seeds):
