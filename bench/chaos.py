@@ -302,6 +302,14 @@ def table(results: list[ChaosResult]) -> str:
                      for row in rows)
 
 
+def _shown(path: Path) -> str:
+    """A path as the results file shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(RESULTS.parent.parent.resolve()))
+    except ValueError:
+        return path.name
+
+
 def run_broker(broker: str, args: argparse.Namespace, overrides: dict[str, Any], run_id: int,
                logs: Path) -> list[ChaosResult]:
     """Every seed of the soak on one broker's fresh stack."""
@@ -405,7 +413,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps({
         "args": vars(args) | {"gap": list(args.gap), "pause": list(args.pause),
-                              "out": str(args.out), "logs": str(args.logs),
+                              "out": _shown(args.out), "logs": _shown(args.logs),
                               "first_kill_at": list(args.first_kill_at)},
         "seeds": [asdict(r) | {"ok": r.ok} for r in results],
     }, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
