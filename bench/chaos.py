@@ -49,10 +49,12 @@ from cartwise.harness import (
     full_snapshot,
     produce,
     progress,
+    run_settings,
     start_worker,
     state_diff,
     stop_worker,
     wait_complete,
+    worker_counters,
 )
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
@@ -148,13 +150,9 @@ RECOVERY_COUNTERS = ("checkpoint_conflicts", "stale_records", "gap_refetches", "
                      "checkpoint_failures", "errors")
 
 
-def recovery_counters(r: redis.Redis, settings: Settings) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for key in r.scan_iter(f"{settings.prefix}stats:*"):
-        for name, v in orjson.loads(r.get(key)).get("counters", {}).items():
-            if name.rpartition(".")[2] in RECOVERY_COUNTERS:
-                out[name] = out.get(name, 0) + int(v)
-    return dict(sorted(out.items()))
+def recovery_counters(settings: Settings) -> dict[str, int]:
+    return {name: v for name, v in sorted(worker_counters(settings).items())
+            if name.rpartition(".")[2] in RECOVERY_COUNTERS}
 
 
 class LiveTraffic(threading.Thread):
@@ -244,7 +242,7 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
         log(f"seed {cfg.seed}: {res.error}")
     res.chaos_s = round(time.monotonic() - t0, 1)
     time.sleep(1.5)  # let the workers publish their final counters
-    res.counters = recovery_counters(r, settings)
+    res.counters = recovery_counters(settings)
     got = full_snapshot(settings)
     for p in procs.values():
         stop_worker(p, hard=True)
@@ -319,18 +317,10 @@ def run_broker(broker: str, args: argparse.Namespace, overrides: dict[str, Any],
     started: list[subprocess.Popen] = []
     with EmbeddedStack(broker_kind=broker) as stack:
         def make(name: str, topics_from: Settings | None = None, **overrides: Any) -> Settings:
-            base = f"{name}-{broker}-{run_id}"
-            src = topics_from
-            values: dict[str, Any] = dict(
-                broker=stack.broker, redis_url=stack.redis_url, prefix=f"{base}:", app_id=base,
-                events_topic=src.events_topic if src else f"{base}.events",
-                catalog_topic=src.catalog_topic if src else f"{base}.catalog",
-                dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
-                partitions=args.partitions,
-                session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
-                settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
-                refresh_max_users=1_000_000, refresh_budget=1.0)  # as tests/conftest.py
-            return Settings(**(values | overrides))
+            defaults = {"broker": stack.broker, "redis_url": stack.redis_url,
+                        "partitions": args.partitions}
+            return run_settings(f"{name}-{broker}-{run_id}", topics_from,
+                                **(defaults | overrides))
 
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             def start(settings: Settings, name: str, seed: int = seed) -> subprocess.Popen:

@@ -26,6 +26,54 @@ from cartwise.settings import Settings
 from streams.store import Keys
 
 
+def run_settings(base: str, topics_from: Settings | None = None, **overrides: Any) -> Settings:
+    """Settings for a test or bench run named `base` (`broker` and `redis_url` among the
+    overrides: its stack's), with its own prefix, group and topics (or the events and catalog
+    topics of `topics_from`, to replay the same input), a 6 s session (Kafka's minimum) and
+    refreshes of every shopper on every tick, so that a run is complete when its shoppers'
+    lists follow the newest item lists."""
+    src = topics_from
+    values: dict[str, Any] = dict(
+        prefix=f"{base}:", app_id=base,
+        events_topic=src.events_topic if src else f"{base}.events",
+        catalog_topic=src.catalog_topic if src else f"{base}.catalog",
+        dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
+        session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
+        settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
+        refresh_max_users=1_000_000,
+        # Complete means every shopper refreshed; budgeted slices are tested on their own.
+        refresh_budget=1.0,
+    )
+    return Settings(**(values | overrides))
+
+
+def worker_stats(settings: Settings) -> list[dict[str, Any]]:
+    """The stats every worker of a run last published (a killed one's stay until they expire)."""
+    r = redis.Redis.from_url(settings.redis_url)
+    raws = (r.get(k) for k in r.scan_iter(Keys(settings.prefix).stats_pattern))
+    return [orjson.loads(raw) for raw in raws if raw]
+
+
+def worker_counters(settings: Settings) -> dict[str, int]:
+    """Every worker's counters of a run, summed."""
+    total: dict[str, int] = {}
+    for snap in worker_stats(settings):
+        for name, v in snap.get("counters", {}).items():
+            total[name] = total.get(name, 0) + v
+    return total
+
+
+def dead_letters(settings: Settings) -> list[tuple[bytes, dict[str, bytes]]]:
+    """Every record on the dead-letter topic so far, with its headers."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    out = [(m.value, dict(m.headers)) for m in consumer]
+    consumer.close()
+    return out
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for f in dataclasses.fields(settings):

@@ -38,6 +38,7 @@ from api.auth import new_key
 from cartwise.embedded import BROKER_KINDS, EmbeddedStack, free_port
 from cartwise.harness import (
     produce,
+    run_settings,
     start_api,
     start_worker,
     stop_worker,
@@ -192,21 +193,8 @@ def stack(broker_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="session")
 def make_settings(stack: EmbeddedStack) -> Callable[..., Settings]:
     def make(name: str, topics_from: Settings | None = None, **overrides: object) -> Settings:
-        base = f"t{next(_ids)}-{name}"
-        src = topics_from
-        values: dict[str, object] = dict(
-            broker=stack.broker, redis_url=stack.redis_url, prefix=f"{base}:", app_id=base,
-            events_topic=src.events_topic if src else f"{base}.events",
-            catalog_topic=src.catalog_topic if src else f"{base}.catalog",
-            dlq_topic=f"{base}.dlq", touchpoints_topic=f"{base}.touchpoints",
-            session_timeout_s=6.0, rebalance_timeout_s=6.0, heartbeat_interval_s=1.0,
-            settle_idle_s=0.5, refresh_interval_s=0.5, refresh_window_s=1e9,
-            refresh_max_users=1_000_000,
-            # Tests wait for every shopper to be refreshed; slices are tested in test_pipeline.
-            refresh_budget=1.0,
-        )
-        values.update(overrides)
-        return Settings(**values)
+        return run_settings(f"t{next(_ids)}-{name}", topics_from,
+                            **({"broker": stack.broker, "redis_url": stack.redis_url} | overrides))
 
     return make
 

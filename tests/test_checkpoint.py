@@ -28,15 +28,16 @@ def _records(events: list[dict], partition: int) -> list[tuple]:
             for i, e in enumerate(events)]
 
 
-async def _stage(settings, prefix: str) -> tuple[ContextStage, list[tuple[int, int]]]:
-    """A context stage over Redis whose sends succeed at once and whose seeks are recorded."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    store = Store(client, prefix)
+async def recording_stage(settings, prefix: str, sent: list | None = None
+                          ) -> tuple[ContextStage, list[tuple[int, int]]]:
+    """A context stage over Redis whose sends succeed at once (their topics recorded in `sent`
+    when given) and whose seeks are recorded."""
+    store = Store(aioredis.Redis.from_url(settings.redis_url), prefix)
     await store.claim_generation(False)
-    sent: list = []
 
     async def send(topic, value, partition, headers, key=None):  # noqa: ANN001, ANN202
-        sent.append((topic, partition))
+        if sent is not None:
+            sent.append(topic)
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -61,11 +62,11 @@ def test_records_after_a_gap_or_a_revoke_are_never_applied(make_settings):
     recs = _records(events, 0)
 
     async def run() -> tuple[dict, dict, list, list]:
-        ref, _ = await _stage(settings, settings.prefix + "ref:")
+        ref, _ = await recording_stage(settings, settings.prefix + "ref:")
         ref.assign({0})
         await ref.handle(recs)
         await ref.checkpoint(0)
-        stage, seeks = await _stage(settings, settings.prefix + "gap:")
+        stage, seeks = await recording_stage(settings, settings.prefix + "gap:")
         stage.assign({0})
         await stage.handle(recs[:30])
         await stage.checkpoint(0)

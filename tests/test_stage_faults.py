@@ -17,13 +17,20 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from cartwise.contract import expected_partition
-from cartwise.harness import produce, snapshot, wait_complete, worker_env
+from cartwise.harness import (
+    dead_letters,
+    produce,
+    snapshot,
+    wait_complete,
+    worker_counters,
+    worker_env,
+    worker_stats,
+)
 from cartwise.rebuild import running_workers
 from cartwise.simulator import Shop
-from models.config import ModelConfig
 from models.rules import utc_day
 from streams import gaps as gaps_module
 from streams import stage as stage_module
@@ -32,30 +39,16 @@ from streams.context_stage import ContextStage
 from streams.stats import Stats
 from streams.store import Keys, Store
 from streams.topics import ensure_topics
+from tests.test_checkpoint import recording_stage
 from tests.test_pipeline import oracle
 
 START = 1_755_000_000.0
 
 
-def stats_of(settings) -> list[dict]:
-    r = redis.Redis.from_url(settings.redis_url)
-    return [orjson.loads(r.get(k)) for k in r.scan_iter(Keys(settings.prefix).stats_pattern)]
 
 
-def counters(settings) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for snap in stats_of(settings):
-        for name, v in snap["counters"].items():
-            total[name] = total.get(name, 0) + v
-    return total
 
 
-def dead_letters(settings) -> list[tuple[bytes, dict[str, bytes]]]:
-    consumer = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
-    out = [(m.value, dict(m.headers)) for m in consumer]
-    consumer.close()
-    return out
 
 
 @pytest.mark.both_brokers  # through workers: runs on Tansu and Kafka
@@ -75,9 +68,9 @@ def test_a_worker_stopped_by_redis_data_loss_publishes_why(make_settings, worker
         r.delete(key)
     produce(settings, events[150:])
     assert w.wait(60) == 3
-    snaps = stats_of(settings)
+    snaps = worker_stats(settings)
     assert [s.get("stopped") for s in snaps] == ["state_lost"]
-    assert counters(settings).get("state_lost") == 1
+    assert worker_counters(settings).get("state_lost") == 1
     # Its stats are seconds old, but it is not running: `cartwise rebuild` need not wait.
     assert running_workers(r, Keys(settings.prefix), time.time(), alive_s=3600) == []
     out = subprocess.run([sys.executable, "-m", "cartwise", "stats"], env=worker_env(settings),
@@ -123,7 +116,7 @@ def test_a_checkpoint_one_record_keeps_failing_costs_that_record_only(make_setti
     for _, h in letters:
         assert h["cartwise-reason"] == b"checkpoint_failed"
         assert b"finite" in h["cartwise-detail"]
-    total = counters(settings)
+    total = worker_counters(settings)
     applied = sum(v for k, v in total.items() if k.startswith("applied."))
     assert applied == len(events) + len(fine)  # each once; the victim's impressions not
     assert total["dlq.checkpoint_failed"] == len(bad)
@@ -138,28 +131,14 @@ async def _gap_stage(settings, prefix: str, found: str | int | None = "asked",
     """A context stage over Redis with sends that succeed at once (recorded in `sent`),
     recorded seeks and a broker that, asked from an offset on, has the records from there
     or from `found` (the later) up to 79 ("asked": from there; None: nothing came in time)."""
-    store = Store(aioredis.Redis.from_url(settings.redis_url), prefix)
-    await store.claim_generation(False)
-
-    async def send(topic, value, partition, headers, key=None):  # noqa: ANN001, ANN202
-        if sent is not None:
-            sent.append(topic)
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-    stage = ContextStage(store, ModelConfig(), Stats("t"), send, settings)
-    seeks: list[tuple[int, int]] = []
-
-    async def seek(p: int, offset: int) -> None:
-        seeks.append((p, offset))
+    stage, seeks = await recording_stage(settings, prefix, sent)
 
     async def consumable(p: int, offset: int) -> list[int]:
         if found is None:
             return []
         return list(range(max(offset, 0 if found == "asked" else int(found)), 80))
 
-    stage.seek, stage.consumable = seek, consumable
+    stage.consumable = consumable
     stage.assign({0})
     return stage, seeks
 
@@ -321,7 +300,7 @@ def _assert_equals_library(settings, events: list[dict], catalog: list[dict]) ->
     for item in ref.graph.rows:
         assert snap["items"][f"item:{item}"]["cross_sell"] == ref.graph.lists(item)[
             "cross_sell"], item
-    applied = sum(v for k, v in counters(settings).items() if k.startswith("applied."))
+    applied = sum(v for k, v in worker_counters(settings).items() if k.startswith("applied."))
     assert applied == len(events)
 
 
@@ -340,7 +319,7 @@ def test_transaction_markers_do_not_stall_a_partition(make_settings, workers):
     w = workers(settings)
     wait_complete(settings, ends, procs=[w], timeout=180)
     _assert_equals_library(settings, events, shop.catalog)
-    assert counters(settings).get("context.gaps_accepted", 0) >= 1
+    assert worker_counters(settings).get("context.gaps_accepted", 0) >= 1
 
 
 @pytest.mark.both_brokers

@@ -21,7 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cartwise.contract import DLQ_MAX_BYTES, expected_partition
 from cartwise.embedded import EmbeddedStack, free_port
-from cartwise.harness import produce, snapshot, state_diff, wait_complete, worker_env
+from cartwise.harness import (
+    dead_letters,
+    produce,
+    snapshot,
+    state_diff,
+    wait_complete,
+    worker_counters,
+    worker_env,
+)
 from cartwise.rebuild import rebuild, running_workers
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
@@ -34,27 +42,14 @@ START = 1_755_000_000.0
 pytestmark = pytest.mark.both_brokers  # the stream suites run on Tansu and Kafka
 
 
-def dead_letters(settings) -> list[tuple[bytes, dict[str, bytes]]]:
-    consumer = KafkaConsumer(settings.dlq_topic, bootstrap_servers=settings.bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
-    out = [(m.value, dict(m.headers)) for m in consumer]
-    consumer.close()
-    return out
 
 
-def counters(settings) -> dict[str, int]:
-    r = redis.Redis.from_url(settings.redis_url)
-    total: dict[str, int] = {}
-    for k in r.scan_iter(f"{settings.prefix}stats:*"):
-        for name, v in orjson.loads(r.get(k))["counters"].items():
-            total[name] = total.get(name, 0) + v
-    return total
 
 
 def wait_counter(settings, name: str, at_least: int, timeout: float = 30) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        n = counters(settings).get(name, 0)
+        n = worker_counters(settings).get(name, 0)
         if n >= at_least or time.monotonic() > deadline:
             return n
         time.sleep(0.3)
@@ -154,7 +149,7 @@ def test_poison_records_and_wrong_keys_stop_nothing_and_lose_nothing(make_settin
     assert all(h["cartwise-tombstone"] == b"1" for h in tombstone_h)
     assert not any("cartwise-truncated" in h for h in tombstone_h)
     # The worker counted each dead letter once, in its stats and in its Prometheus metrics.
-    total = counters(settings)
+    total = worker_counters(settings)
     want_counts = {reason: len(src) for reason, src in sources.items()}
     assert {k.removeprefix("dlq."): v for k, v in total.items()
             if k.startswith("dlq.")} == want_counts
