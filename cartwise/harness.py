@@ -184,7 +184,26 @@ def wait_complete(settings: Settings, ends: dict[int, int], timeout: float = 120
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {proc.returncode} before completion")
         time.sleep(0.2)
-    raise TimeoutError(f"not complete after {timeout}s: ends={ends} progress={pr}")
+    raise TimeoutError(f"not complete after {timeout}s: ends={ends} progress={pr} "
+                       f"workers={_stuck_hints(settings)}")
+
+
+def _stuck_hints(settings: Settings) -> list[dict[str, Any]]:
+    """What each worker last said about itself: its partitions, checkpoints and the counters
+    that tell a stuck partition from a slow one (gaps, conflicts, failures, stale records)."""
+    hints = []
+    try:
+        for snap in worker_stats(settings):
+            counters = {k: v for k, v in snap.get("counters", {}).items()
+                        if any(w in k for w in ("gap", "conflict", "fail", "stale", "error",
+                                                "dlq", "stopped"))}
+            parts = [{k: p.get(k) for k in ("stage", "partition", "checkpoint", "applied", "lag")}
+                     for p in snap.get("partitions", [])]
+            hints.append({"worker": snap.get("worker_id"), "counters": counters,
+                          "partitions": parts})
+    except Exception as exc:  # the hint must never hide the timeout
+        hints.append({"error": repr(exc)})
+    return hints
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:

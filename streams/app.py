@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,14 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
                              (catalog, settings.catalog_topic)):
             stage.assign({tp.partition for tp in assigned if tp.topic == topic})
 
+    def end_of(topic: str) -> Callable[[int], int | None]:
+        def highwater(partition: int) -> int | None:
+            try:
+                return app.consumer.highwater(TP(topic, partition))
+            except Exception:  # not assigned (any more) or no fetch answer yet
+                return None
+        return highwater
+
     async def guarded(name: str, coro: Any) -> None:
         try:
             await coro
@@ -204,6 +213,8 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         await guarded("checkpoint", graph.checkpoint_all())
         await guarded("gaps", context.refetch_gaps())
         await guarded("gaps", graph.refetch_gaps())
+        await guarded("stalls", context.find_stalls(end_of(settings.events_topic)))
+        await guarded("stalls", graph.find_stalls(end_of(settings.pairs_topic)))
 
     @app.timer(settings.touchpoint_check_s)
     async def touchpoints_timer() -> None:
@@ -237,6 +248,6 @@ def partition_gauges(app: faust.App, settings: Settings, context: ContextStage,
                 end = None
             size = len(st.book.users) if stage is context else len(st.graph.rows)
             out.append({"stage": stage.name, "topic": topic, "partition": p, "size": size,
-                        "checkpoint": st.offset,
+                        "checkpoint": st.offset, "applied": st.applied,
                         "lag": None if end is None else max(0, end - (st.offset + 1))})
     return out

@@ -4,9 +4,16 @@ decision is made by asking the broker, never on timing (docs/architecture.md).""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streams.stage import Stage
+
+log = logging.getLogger("cartwise.stage")
 
 # The workers' consumers read committed records only: an aborted transaction's records are
 # never applied (docs/events.md). The probe below reads alike, so it sees the same holes.
@@ -88,3 +95,76 @@ def prober(bootstrap: list[str], topic: str) -> Any:
         return await loop.run_in_executor(None, consumable, bootstrap, topic, partition,
                                           offset)
     return probe
+
+
+# A partition whose log holds records past what the worker applied, while none arrive for
+# this long, is read again from after its checkpoint (`StallWatch`); where the broker has
+# nothing to give there, it is asked again less and less often, up to STALL_MAX_S apart.
+STALL_S = 3.0
+STALL_MAX_S = 300.0
+
+
+@dataclass
+class Stall:
+    """A partition behind its broker's end: since when, and when to look at it next."""
+
+    applied: int
+    end: int
+    due: float
+    wait: float = STALL_S
+
+
+class StallWatch:
+    """Holes at the end of what a worker was given (mixed into streams.stage.Stage).
+
+    A hole is seen when a later record arrives. Nothing arrives when the consumer starts past
+    the checkpoint at the end of the log: a new owner starts at the group's committed offset,
+    and Faust may commit past a hole it saw, because its own gap bookkeeping counts the
+    offsets a fetch skipped (a seek, a rebalance) as done. The records after the checkpoint
+    then sit on the broker unapplied for good. So the broker's end is compared with what was
+    applied, and a partition that stays behind without records coming is asked about (the
+    probe) and fetched again from after its checkpoint.
+    """
+
+    async def find_stalls(self: Stage, end_of: Callable[[int], int | None]) -> None:
+        """Timer. `end_of(p)`: the partition's high watermark as the consumer last saw it."""
+        now = time.monotonic()
+        for p in sorted(self.assigned):
+            end = end_of(p)
+            if end is None or p in self.gaps:
+                continue  # no fetch answer yet, or a hole already being fetched again
+            st = self.parts.get(p)
+            try:
+                applied = st.applied if st is not None else await self.store.offset(self.name,
+                                                                                    p)
+            except Exception:  # a Redis outage: the next tick looks again
+                continue
+            behind = range(applied + 1, end)
+            empty = self.empty.get(p, ())
+            if not behind or all(o in empty for o in behind):
+                self.stalls.pop(p, None)
+                continue
+            stall = self.stalls.get(p)
+            if stall is None or (stall.applied, stall.end) != (applied, end):
+                self.stalls[p] = Stall(applied, end, now + STALL_S)
+                continue
+            if now < stall.due or self.consumable is None:
+                continue
+            offsets = await self.consumable(p, applied + 1)
+            if p not in self.assigned:
+                continue
+            found = holes(applied + 1, offsets)
+            if found:
+                self.empty.setdefault(p, set()).update(found)
+            if not offsets:
+                # Nothing to apply (a transaction's marker or aborted records at the end), or
+                # no answer in time: asked again later, less and less often.
+                stall.wait = min(STALL_MAX_S, stall.wait * 2)
+                stall.due = time.monotonic() + stall.wait
+                continue
+            stall.due = time.monotonic() + STALL_S
+            self.stats.inc(f"{self.name}.stalls_found")
+            log.warning("%s partition %d: the broker holds records from offset %d on but none "
+                        "came after %d; fetching again from %d", self.name, p, offsets[0],
+                        applied, applied + 1)
+            await self._seek(p, applied + 1)

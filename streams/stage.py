@@ -18,7 +18,7 @@ import orjson
 
 from cartwise.contract import dlq_record
 from models.config import ModelConfig
-from streams.gaps import Gap, holes
+from streams.gaps import Gap, Stall, StallWatch, holes
 from streams.isolation import CheckpointIsolation, Outage, is_outage
 from streams.stats import Stats
 from streams.store import Ops, StateLost, Store
@@ -48,7 +48,7 @@ def list_digest(payload: dict[str, Any], fields: Sequence[str]) -> int:
     return hash(orjson.dumps([payload.get(f) for f in fields]))
 
 
-class Stage(CheckpointIsolation):
+class Stage(CheckpointIsolation, StallWatch):
     """Per-partition state in memory, applied per batch, checkpointed every interval.
 
     A batch is applied to the in-memory state at once (and its outputs written); the state
@@ -93,6 +93,7 @@ class Stage(CheckpointIsolation):
         self.last_checkpoint: dict[int, float] = defaultdict(float)
         self.assigned: set[int] = set()
         self.gaps: dict[int, Gap] = {}  # partition -> the hole before its next record
+        self.stalls: dict[int, Stall] = {}  # partition -> behind the broker's end, none coming
         # partition -> offsets the broker said hold no record (above the checkpoint); a
         # partition here had such holes, so its next gaps are asked about at once
         self.empty: dict[int, set[int]] = {}
@@ -109,6 +110,7 @@ class Stage(CheckpointIsolation):
             self.since.pop(p, None)
             self.held.pop(p, None)
             self.gaps.pop(p, None)
+            self.stalls.pop(p, None)
             self.empty.pop(p, None)
             self.poisoned.pop(p, None)
             self.copies.pop(p, None)
