@@ -188,13 +188,19 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
                              (catalog, settings.catalog_topic)):
             stage.assign({tp.partition for tp in assigned if tp.topic == topic})
 
-    def end_of(topic: str) -> Callable[[int], int | None]:
-        def highwater(partition: int) -> int | None:
+    def end_of(topic: str) -> Callable[[int], tuple[int | None, int | None]]:
+        """(high watermark, last offset handed over) of a partition (StallWatch). The
+        second is Faust's read offset: not public, so read defensively."""
+        read = getattr(app.consumer, "_read_offset", None)
+
+        def ends(partition: int) -> tuple[int | None, int | None]:
+            tp = TP(topic, partition)
             try:
-                return app.consumer.highwater(TP(topic, partition))
+                end = app.consumer.highwater(tp)
             except Exception:  # not assigned (any more) or no fetch answer yet
-                return None
-        return highwater
+                end = None
+            return end, None if read is None else read.get(tp)
+        return ends
 
     async def guarded(name: str, coro: Any) -> None:
         try:
