@@ -21,6 +21,7 @@ _CHECKPOINT_LUA = """
 -- KEYS[1]: the stage's offset for this partition; KEYS[2]: the state generation.
 -- ARGV[1]: the offset this worker loaded ('' for none); ARGV[2]: the new offset;
 -- ARGV[3]: the generation this worker started on; then the ops.
+local MSLICE = 1000
 local cur = redis.call('GET', KEYS[1]) or ''
 if redis.call('GET', KEYS[2]) ~= ARGV[3] then return {-1, cur} end
 if cur ~= ARGV[1] then return {0, cur} end
@@ -29,6 +30,7 @@ local i, n = 4, #ARGV
 while i <= n do
   local op = ARGV[i]
   if op == 'H' or op == 'Z' then i = i + 4
+  elseif op == 'M' then i = i + 3 + 2 * tonumber(ARGV[i+2])
   elseif op == 'D' or op == 'S' or op == 'R' then i = i + 3
   elseif op == 'X' or op == 'I' then i = i + 2
   elseif op == 'E' then i = i + 3
@@ -46,6 +48,15 @@ i = 4
 while i <= n do
   local op = ARGV[i]
   if op == 'H' then redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  elseif op == 'M' then
+    -- 'M' key n f1 v1 ... fn vn: n fields of one hash (unpack in slices: Lua's stack is finite)
+    local first, last = i + 3, i + 2 + 2 * tonumber(ARGV[i+2])
+    while first <= last do
+      local upto = math.min(last, first + 2 * MSLICE - 1)
+      redis.call('HSET', ARGV[i+1], unpack(ARGV, first, upto))
+      first = upto + 1
+    end
+    i = last + 1
   elseif op == 'D' then redis.call('HDEL', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'S' then redis.call('SET', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'X' then redis.call('DEL', ARGV[i+1]); i = i + 2
@@ -217,15 +228,32 @@ class StateLost(RuntimeError):
 
 
 class Ops:
-    """Writes collected during a batch, applied by the checkpoint script in one step."""
+    """Writes collected during a batch, applied by the checkpoint script in one step.
 
-    __slots__ = ("args",)
+    Consecutive fields of one hash travel as one op ('M' key n f1 v1 ...): a checkpoint is
+    mostly a partition's rows, marginals and open evidence, and every argument costs the
+    client its encoding and Redis its parsing (the script's arguments were 7% of a worker's
+    time at 20,000 items).
+    """
+
+    __slots__ = ("args", "_count_at", "_group_key", "_group_end")
 
     def __init__(self) -> None:
-        self.args: list[str | bytes] = []
+        self.args: list[str | bytes | int] = []
+        self._count_at = -1  # index in `args` of the last 'M' op's field count
+        self._group_key = ""
+        self._group_end = -1  # len(args) after it: nothing else came since
 
     def hset(self, key: str, field: str, value: bytes | str) -> None:
-        self.args += ("H", key, field, value)
+        args = self.args
+        if self._group_end == len(args) and self._group_key == key:
+            args[self._count_at] += 1  # type: ignore[operator]
+        else:
+            args += ("M", key, 0)
+            self._count_at, self._group_key = len(args) - 1, key
+            args[-1] = 1
+        args += (field, value)
+        self._group_end = len(args)
 
     def hdel(self, key: str, field: str) -> None:
         self.args += ("D", key, field)
