@@ -151,7 +151,10 @@ class StallWatch:
                 continue
             behind = range(applied + 1, end)
             empty = self.empty.get(p, ())
-            if not behind or all(o in empty for o in behind):
+            since = self.since.get(p)
+            if not behind or all(o in empty for o in behind) or (since and since[-1][2] > applied):
+                # Caught up; or the stage holds records past what it applied (a batch being
+                # retried: an outage or a poison record), which no fetch would help.
                 self.stalls.pop(p, None)
                 continue
             stall = self.stalls.get(p)

@@ -230,6 +230,48 @@ def test_a_gap_is_passed_over_only_where_the_broker_has_no_record(make_settings,
     asyncio.run(run())
 
 
+def test_a_stall_is_told_from_a_busy_or_retrying_partition(make_settings, monkeypatch):
+    """The stall watch seeks back only where the consumer handed over the whole log and the
+    stage holds nothing past what it applied; a partition still being fetched (a busy
+    worker's), one whose batch is being retried, and one whose broker has nothing past the
+    checkpoint (a transaction's last marker) are left alone, the last asked again less and
+    less often."""
+    monkeypatch.setattr(gaps_module, "STALL_S", 0.0)
+    settings = make_settings("stall-watch")
+    events = [e for e in Shop(seed=9).events(2000, start_ts=START)
+              if expected_partition(e["user_id"], settings.partitions) == 0][:80]
+    recs = [(orjson.dumps(e), 0, i, START + 10_000, e["user_id"].encode())
+            for i, e in enumerate(events)]
+
+    async def twice(stage: ContextStage, ends: tuple[int | None, int | None]) -> None:
+        for _ in range(2):  # first sight, then due (STALL_S is 0)
+            await stage.find_stalls(lambda p: ends)
+
+    async def run() -> None:
+        stage, seeks = await _gap_stage(settings, settings.prefix + "a:")
+        await stage.handle(recs[:30])
+        await twice(stage, (80, 50))  # the consumer is still fetching: not a stall
+        await twice(stage, (30, 29))  # caught up
+        assert seeks == []
+        stage.since[0].append(recs[40])  # a batch held, being retried: no fetch would help
+        await twice(stage, (80, 80))
+        assert seeks == []
+        stage.since[0].pop()
+        await twice(stage, (80, 80))  # handed over everything, nothing past 29 came: a stall
+        assert seeks == [(0, 30)]
+        assert stage.stats.counters["context.stalls_found"] == 1
+
+        quiet, seeks = await _gap_stage(settings, settings.prefix + "b:", found=None)
+        await quiet.handle(recs[:30])
+        await twice(quiet, (31, 31))  # offset 30 holds no record the broker would give
+        await quiet.find_stalls(lambda p: (31, 31))  # not due again yet: asked once
+        assert seeks == []
+        assert quiet.stalls[0].wait == 2 * gaps_module.Stall(0, 0, 0.0).wait
+        assert "context.stalls_found" not in quiet.stats.counters
+
+    asyncio.run(run())
+
+
 def test_the_catalog_stage_acks_its_own_partitions_and_retries_dead_letters(make_settings):
     """Records of a partition taken away are neither applied nor acknowledged here, and a
     dead-letter send that fails is sent again instead of escaping the agent."""
