@@ -30,12 +30,12 @@ from typing import Any
 import orjson
 
 from models.config import ModelConfig
+from models.itemlists import KINDS, Candidates, find
 from models.repurchase import DAY, KEEP_PER_ITEM, crowd_cycle, observe
-from models.scoring import confidence_lift, pair_llr, round_sig, top_rounded
+from models.scoring import round_sig
 from models.trending import trending_score
-from models.wording import evidence_fields, render
 
-KINDS = ("cross_sell", "alternatives", "next")
+__all__ = ["KINDS", "ItemGraph"]
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
 
 
@@ -144,24 +144,28 @@ class ItemGraph:
         rows = self.rows
         open_rows = None if epoch is None else self.open_rows.setdefault(epoch, {})
         immediate = epoch is None
+        cap = self.config.max_neighbours
+        dirty, touched, dirty_open = self.dirty, self.touched, self.dirty_open
         for p in pairs:
-            item, other, da, db, na, nb = p[:6]
-            dn = p[6] if len(p) > 6 else 0.0  # evidence written before "next" existed
+            if len(p) == 7:
+                item, other, da, db, na, nb, dn = p
+            else:
+                item, other, da, db, na, nb = p[:6]
+                dn = p[6] if len(p) > 6 else 0.0  # evidence written before "next" existed
             add = [da * g, db * g, na * g, nb * g, dn * g]
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
-            if _add_entry(row, other, add) and immediate \
-                    and len(row) > self.config.max_neighbours:
+            if _add_entry(row, other, add) and immediate and len(row) > cap:
                 self._prune_row(row)
             if open_rows is not None:
                 orow = open_rows.get(item)
                 if orow is None:
                     orow = open_rows[item] = {}
                 _add_entry(orow, other, add)
-                self.dirty_open.add((epoch, "r", item))
-            self.dirty.add(item)
-            self.touched.add(item)
+                dirty_open.add((epoch, "r", item))
+            dirty.add(item)
+            touched.add(item)
         if ts > self.now:
             self.now = ts
 
@@ -336,54 +340,15 @@ class ItemGraph:
 
     def lists(self, item: str) -> dict[str, list[dict[str, Any]]]:
         """Cross-sell, alternatives and next picks for `item`, as counted up to `self.now`."""
-        cfg = self.config
+        return self.candidates(item).lists(item, self.config)
+
+    def candidates(self, item: str) -> Candidates:
+        """What `lists` ranks and makes entries of (models/itemlists.py)."""
         row, mi = self.rows.get(item), self.marg.get(item)
         if not row or mi is None or self.landmark is None:
-            return {k: [] for k in KINDS}
-        s = 2.0 ** (-(self.now - self.landmark) / cfg.half_life_s)
-        ni_a, ni_b = mi[0] * s, mi[1] * s
-        tot_a, tot_b = self.total[0] * s, self.total[1] * s
-        min_support, llr_min, share = cfg.min_support, cfg.llr_min, cfg.alt_max_buy_share
-        found: dict[str, list[tuple]] = {k: [] for k in KINDS}
-        marg = self.marg
-        # "next" is the share of what shoppers picked right after `item` (sequential rules);
-        # its lift and G² (of the all channel) are only shown, never tested.
-        next_total = sum(v[4] for v in row.values())
-        nexts = []
-        cross, alts = found["cross_sell"], found["alternatives"]
-        # confidence_lift inlined (the same arithmetic): this loop is the cost of a list.
-        for other, (a, b, na, nb, dn) in row.items():
-            mj = marg.get(other)
-            if mj is None:
-                continue
-            na_s = na * s
-            if dn > 0 and na_s >= min_support:
-                nexts.append((dn / next_total, other, a * s, ni_a, mj[0] * s, tot_a, na_s))
-            # Support is counted in shopper contexts, not weights: one keen shopper is noise.
-            # G² is only computed here when it filters; otherwise for the kept entries below.
-            nb_s = nb * s
-            if nb_s >= min_support and ni_b > 0:
-                pair, nj = b * s, mj[1] * s
-                if nj > 0 and tot_b > 0:
-                    conf = min(1.0, pair / ni_b)
-                    if conf / min(1.0, nj / tot_b) > 1.0 and (
-                            llr_min <= 0 or pair_llr(pair, ni_b, nj, tot_b) >= llr_min):
-                        cross.append((conf, other, pair, ni_b, nj, tot_b, nb_s))
-                        continue
-            if na_s >= min_support and b <= share * a and ni_a > 0:
-                pair, nj = a * s, mj[0] * s
-                if nj > 0 and tot_a > 0:
-                    conf = min(1.0, pair / ni_a)
-                    if conf / min(1.0, nj / tot_a) > 1.0 and (
-                            llr_min <= 0 or pair_llr(pair, ni_a, nj, tot_a) >= llr_min):
-                        alts.append((conf, other, pair, ni_a, nj, tot_a, na_s))
-        found["next"] = nexts
-        digits = cfg.score_digits
-        out: dict[str, list[dict[str, Any]]] = {}
-        for kind, cands in found.items():
-            out[kind] = [_entry(item, kind, score, c, digits)
-                         for score, c in top_rounded(cands, cfg.list_size, digits)]
-        return out
+            return Candidates.none()
+        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
+        return find(row, mi, self.marg, self.total, s, self.config)
 
     def trending(self, items: Iterable[str]) -> dict[str, float]:
         """Trending scores of `items` (models/trending.py), comparable across partitions."""
@@ -476,31 +441,13 @@ def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> boo
     if v is None:
         row[other] = list(add)
         return True
-    for n in range(len(add)):
-        v[n] += add[n]
+    if len(add) == 5:  # a pair's evidence, on every event: the same sums, written out
+        v[0] += add[0]
+        v[1] += add[1]
+        v[2] += add[2]
+        v[3] += add[3]
+        v[4] += add[4]
+    else:
+        for n in range(len(add)):
+            v[n] += add[n]
     return False
-
-
-# No names here: the text shown to shoppers is rendered again at read time, with them
-# (models/wording.py); this one, without the anchor, serves readers that do not render.
-_REASONS = {kind: render({"kind": kind}, {}) for kind in KINDS}
-
-
-def _entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[str, Any]:
-    """`c` is (score, item, pair count, count of anchor, count of item, total, support)."""
-    conf, item, pair, n_i, n_j, total, support = c
-    _, lift = confidence_lift(pair, n_i, n_j, total)
-    return {
-        "item_id": item,
-        "score": score,
-        "kind": kind,
-        "anchor": anchor,
-        "evidence": evidence_fields(kind, score, round_sig(support, digits), digits),
-        "reason": _REASONS[kind],
-        "confidence": score,
-        "lift": round_sig(lift, digits),
-        # Absolute, not significant, digits: near independence G² is a difference of nearly
-        # equal sums, and its last significant digits depend on the order counts were added.
-        "llr": round(pair_llr(pair, n_i, n_j, total), 4) if lift > 1.0 else 0.0,
-        "support": round_sig(support, digits),
-    }

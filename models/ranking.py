@@ -21,6 +21,7 @@ Revisit = tuple[float, str, dict[str, Any] | None]  # score, reason, evidence
 # at least this share of the cart item's buyers bought it too, at 95% confidence: yogurt
 # with milk. Two of twenty buyers who bought a second phone are not that evidence.
 TOGETHER_MIN_SHARE = 0.1
+_NO_FACTS: Mapping[str, Any] = {}  # an item the catalog does not know (read only)
 
 
 def anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
@@ -74,8 +75,9 @@ def rank_for_user(
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
            config: ModelConfig = _DEFAULT) -> set[str]:
     """Every item the blend can read from these lists: the head of each kind per anchor."""
-    return {e["item_id"] for doc in item_lists.values() if doc for kind in KINDS
-            for e in doc.get(kind, ())[: config.per_anchor(kind)]}
+    heads = [(kind, config.per_anchor(kind)) for kind in KINDS]
+    return {e["item_id"] for doc in item_lists.values() if doc for kind, n in heads
+            for e in doc.get(kind, ())[:n]}
 
 
 def rebuy_candidates(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
@@ -302,6 +304,8 @@ def _scored(
     scores: dict[str, float] = {}
     best: Best = {}
     split: Parts = {}
+    heads = {kind: config.per_anchor(kind) for kind in KINDS}
+    learning = parts is not None or kind_weights is not None  # the blend learner's (one test)
     for j, (c, reason, _) in (revisit or {}).items():
         own = "rebuy" if reason == REBUY_REASON else "revisit"
         if parts is not None:
@@ -321,27 +325,28 @@ def _scored(
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
             lw = 1.0 if kind_weights is None else kind_weights.get(kind, 1.0)
-            for e in lists.get(kind, ())[: config.per_anchor(kind)]:
+            for e in lists.get(kind, ())[: heads[kind]]:
                 j, c = e["item_id"], e["score"] * kw
-                if parts is not None:
-                    own = split.setdefault(j, {})
-                    own[kind] = own.get(kind, 0.0) + c
-                if kind_weights is not None:
-                    c *= lw
+                if learning:
+                    if parts is not None:
+                        own = split.setdefault(j, {})
+                        own[kind] = own.get(kind, 0.0) + c
+                    if kind_weights is not None:
+                        c *= lw
                 old = scores.get(j)
                 if old is None:
                     scores[j] = c
                     best[j] = (c, kind, e)
-                elif j not in best or c > best[j][0]:
-                    scores[j] = old + c
+                    continue
+                scores[j] = old + c
+                top = best.get(j)
+                if top is None or c > top[0]:
                     best[j] = (c, kind, e)
-                else:
-                    scores[j] = old + c
     kept = []
     for j, score in scores.items():
         if j in exclude:
             continue
-        facts = catalog.get(j) or {}
+        facts = catalog.get(j) or _NO_FACTS
         if facts.get("in_stock") is False:
             continue
         if j in bought and not rebuyable(j, item_lists, facts):

@@ -7,6 +7,7 @@ runs both stages in one process, with the stream's per-partition bounds (`partit
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,17 +22,24 @@ from cartwise.contract import (
 from models.blend import KindWeights
 from models.config import ModelConfig
 from models.context import ContextBook, ShopperContext
-from models.graph import KINDS, ItemGraph
+from models.graph import ItemGraph
+from models.itemlists import KINDS, REASONS, Candidates
 from models.ranking import (
     Parts,
     anchors,
     cycles_needed,
-    listed,
     rank_for_user,
     rebuy_candidates,
 )
 
+Heads = dict[str, tuple[dict[str, Any], ...]]  # kind -> the head of an item's list of that kind
 BLEND_DEPTH = 20  # the list the blend learner judges: as deep as the replay's HR@20
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _partition(user_id: str, partitions: int) -> int:
+    """`expected_partition`, remembered: it hashes in Python, twice per replayed event."""
+    return expected_partition(user_id, partitions)
 
 
 class Contexts:
@@ -42,9 +50,11 @@ class Contexts:
         self.partitions = partitions
         self.books = [ContextBook(config) for _ in range(partitions)]
         self.clocks = [-math.inf] * partitions  # newest event time per partition (its clock)
+        if partitions > 1:
+            _partition("", partitions)  # its first call imports kafka (~0.2 s): not per event
 
     def partition(self, user_id: str) -> int:
-        return expected_partition(user_id, self.partitions) if self.partitions > 1 else 0
+        return _partition(user_id, self.partitions) if self.partitions > 1 else 0
 
     def get(self, user_id: str) -> ShopperContext | None:
         return self.books[self.partition(user_id)].get(user_id)
@@ -66,7 +76,12 @@ class CrossSellRecommender:
         self.contexts = Contexts(self.config, partitions)
         self.graph = ItemGraph(self.config, sources=partitions)
         self.catalog: dict[str, dict[str, Any]] = {}
-        self._lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        # Each item's list candidates as last computed (ItemGraph.candidates), the heads of
+        # its lists as a shopper's ranking reads them (`_heads`), and the items in those
+        # (what `listed` finds in them).
+        self._candidates: dict[str, Candidates] = {}
+        self._lists: dict[str, Heads] = {}
+        self._offered: dict[str, set[str]] = {}
         self._computed_at: dict[str, float] = {}
         cfg = self.config
         self.blend = KindWeights(cfg.blend_rate, cfg.blend_epoch_s, cfg.blend_negatives) \
@@ -117,7 +132,9 @@ class CrossSellRecommender:
         `items` when given (the replay asks for a shopper's anchors, not every changed row)."""
         g = self.graph
         for item in g.dropped:
+            self._candidates.pop(item, None)
             self._lists.pop(item, None)
+            self._offered.pop(item, None)
             self._computed_at.pop(item, None)
         g.dropped.clear()
         g.dropped_marg.clear()  # checkpoint bookkeeping: the library keeps no checkpoint
@@ -134,9 +151,26 @@ class CrossSellRecommender:
             todo = [i for i in items if i in g.dirty
                     and (self.list_interval_s <= 0 or self._computed_at.get(i, -1e300) <= due)]
         for item in todo:
-            self._lists[item] = g.lists(item)
+            self._candidates[item] = cands = g.candidates(item)
+            self._lists[item] = heads = self._heads(item, cands)
+            self._offered[item] = {e["item_id"] for head in heads.values() for e in head}
             self._computed_at[item] = g.now
             g.dirty.discard(item)
+
+    def _heads(self, item: str, cands: Candidates) -> Heads:
+        """The part of `item`'s lists a shopper's ranking reads (models/ranking.py): the first
+        `per_anchor` of each kind, as entries without the numbers behind them. Ranking the
+        rest and making whole entries (lift, G², evidence) is most of a list's cost; `recommend`
+        adds the evidence of the few entries it returns, `related` makes whole lists. Tuples,
+        as `Candidates` keeps them: the garbage collector stops visiting them after one look."""
+        cfg = self.config
+        heads: Heads = {}
+        for kind in cands.found:
+            top = cands.ranked(kind, min(cfg.list_size, cfg.per_anchor(kind)), cfg.score_digits)
+            reason = REASONS[kind]
+            heads[kind] = tuple([{"item_id": c[1], "score": score, "kind": kind, "anchor": item,
+                                  "reason": reason} for score, c in top])
+        return heads
 
     def settle(self) -> None:
         """Recompute every list against the current counts (the stream does this when idle)."""
@@ -147,22 +181,36 @@ class CrossSellRecommender:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self._refresh([item_id])
-        return self._lists.get(item_id, {}).get(kind, [])[:k]
+        cands = self._candidates.get(item_id)
+        return [] if cands is None else cands.lists(item_id, self.config)[kind][:k]
 
     def recommend(self, user_id: str, k: int = 10) -> list[dict[str, Any]]:
         ctx = self.contexts.get(user_id)
         if ctx is None:
             return []
-        return self._rank(ctx, k)
+        ranked = self._rank(ctx, k)
+        digits = self.config.score_digits
+        for e in ranked:  # the heads carry no evidence: the entries shown get it here
+            if e["kind"] in KINDS:
+                e["evidence"] = self._candidates[e["anchor"]].evidence(e["kind"], e["item_id"],
+                                                                       digits)
+        return ranked
+
+    def recommend_ids(self, user_id: str, k: int = 10) -> list[str]:
+        """The items of `recommend`, without the evidence it adds (the replay reads ids)."""
+        ctx = self.contexts.get(user_id)
+        return [] if ctx is None else [e["item_id"] for e in self._rank(ctx, k)]
 
     def _rank(self, ctx: ShopperContext, k: int,
               parts: Parts | None = None) -> list[dict[str, Any]]:
+        """The shopper's list; its entries of the item lists have an empty `evidence`."""
         seeds = anchors(ctx, self.config)
         self._refresh(seeds)
         lists: dict[str, Any] = {a: self._lists.get(a) for a in seeds}
         # Whether a bought item may come back depends on its learned cycle (models/ranking.py).
         cfg = self.config
-        offered = listed(lists, cfg) | set(rebuy_candidates(ctx, cfg))
+        offered = set(rebuy_candidates(ctx, cfg)).union(
+            *(self._offered[a] for a in seeds if a in self._offered))  # listed(lists, cfg)
         for j in cycles_needed(ctx.bought, offered, self.catalog) - lists.keys():
             lists[j] = {"repurchase": self.graph.repurchase(j)}
         weights = None if self.blend is None else self.blend.weights()
@@ -196,4 +244,4 @@ class CartwiseModel:
         self.rec.learn_one(event)
 
     def recommend(self, user: str, k: int) -> list[str]:
-        return [e["item_id"] for e in self.rec.recommend(user, k)]
+        return self.rec.recommend_ids(user, k)
