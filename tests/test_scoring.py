@@ -37,6 +37,30 @@ def test_association_measures():
     assert confidence_lift(0, 0, 5, 10) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_round_sig_is_exactly_round(seed):
+    """The float path returns what round() returns, bit for bit: random magnitudes, and
+    values built to sit next to a half at the rounding digit (where a float product could
+    round the wrong way)."""
+    import random
+
+    rng = random.Random(seed)
+    values = []
+    for _ in range(40_000):
+        values.append(rng.uniform(-1, 1) * 10.0 ** rng.randint(-12, 14))
+        digits = rng.randint(1, 15)
+        base = rng.randint(10 ** (digits - 1), 10 ** digits - 1) + 0.5
+        scale = 10.0 ** rng.randint(-10, 6)
+        half = base * scale / 10 ** digits
+        values += [half, math.nextafter(half, 0), math.nextafter(half, math.inf)]
+    for x in values:
+        for digits in (3, 6, 9):
+            places = digits - 1 - math.floor(math.log10(abs(x))) if x else 0
+            want = round(x, places) if x else x
+            assert round_sig(x, digits) == want, (x, digits)
+            assert math.copysign(1, round_sig(x, digits)) == math.copysign(1, want)
+
+
 def test_round_sig():
     assert round_sig(0.123456789123, 9) == 0.123456789
     assert round_sig(123456.789123, 4) == 123500.0
