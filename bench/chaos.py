@@ -147,7 +147,7 @@ def checkpointed(r: redis.Redis, settings: Settings) -> int:
 # Worker counters that show the recovery paths at work (streams/stage.py), summed over every
 # worker process of a run (a killed one counts up to its last published stats).
 RECOVERY_COUNTERS = ("checkpoint_conflicts", "stale_records", "gap_refetches", "gaps_accepted",
-                     "checkpoint_failures", "errors")
+                     "stalls_found", "checkpoint_failures", "errors")
 
 
 def recovery_counters(settings: Settings) -> dict[str, int]:
@@ -280,8 +280,8 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
 
 COLUMNS = ("broker", "seed", "workers", "partitions", "kills", "events", "complete", "items",
            "users", "contexts", "rows", "marginals_all", "meta", "trending", "trending_by_category",
-           "lost_event_ids", "conflicts", "stale", "refetches", "gaps_accepted", "chaos_s",
-           "ok")
+           "lost_event_ids", "conflicts", "stale", "refetches", "gaps_accepted", "stalls",
+           "chaos_s", "ok")
 
 
 def table(results: list[ChaosResult]) -> str:
@@ -292,7 +292,8 @@ def table(results: list[ChaosResult]) -> str:
 
         d = asdict(res) | {"ok": res.ok, "conflicts": total(".checkpoint_conflicts"),
                            "stale": total(".stale_records"), "refetches": total(".gap_refetches"),
-                           "gaps_accepted": total(".gaps_accepted")}
+                           "gaps_accepted": total(".gaps_accepted"),
+                           "stalls": total(".stalls_found")}
         rows.append(tuple(str(res.mismatches.get(c, "-")) if c not in d else str(d[c])
                           for c in COLUMNS))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
