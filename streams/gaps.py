@@ -117,6 +117,7 @@ class Stall:
     end: int
     due: float
     wait: float = STALL_S
+    probing: bool = False
 
 
 class StallWatch:
@@ -161,23 +162,39 @@ class StallWatch:
             if stall is None or (stall.applied, stall.end) != (applied, end):
                 self.stalls[p] = Stall(applied, end, now + STALL_S)
                 continue
-            if now < stall.due or self.consumable is None:
+            if now < stall.due or stall.probing or self.consumable is None:
                 continue
-            offsets = await self.consumable(p, applied + 1)
-            if p not in self.assigned:
-                continue
-            found = holes(applied + 1, offsets)
-            if found:
-                self.empty.setdefault(p, set()).update(found)
-            if not offsets:
-                # Nothing to apply (a transaction's marker or aborted records at the end), or
-                # no answer in time: asked again later, less and less often.
-                stall.wait = min(STALL_MAX_S, stall.wait * 2)
-                stall.due = time.monotonic() + stall.wait
-                continue
-            stall.due = time.monotonic() + STALL_S
-            self.stats.inc(f"{self.name}.stalls_found")
-            log.warning("%s partition %d: the broker holds records from offset %d on but none "
-                        "came after %d; fetching again from %d", self.name, p, offsets[0],
-                        applied, applied + 1)
-            await self._seek(p, applied + 1)
+            # In the background: a probe that finds nothing waits PROBE_TIMEOUT_S, and this
+            # timer also checkpoints idle partitions.
+            stall.probing = True
+            asyncio.ensure_future(self._probe_stall(p, stall))
+
+    async def _probe_stall(self: Stage, p: int, stall: Stall) -> None:
+        """Ask the broker what it has after the stalled checkpoint; fetch it again if any."""
+        want = stall.applied + 1
+        try:
+            assert self.consumable is not None
+            offsets = await self.consumable(p, want)
+        except Exception as exc:  # asked again at the next due time
+            log.warning("%s partition %d: could not ask the broker about offset %d: %s",
+                        self.name, p, want, exc)
+            offsets = []
+        finally:
+            stall.probing = False
+        if p not in self.assigned or self.stalls.get(p) is not stall:
+            return  # moved on meanwhile (records came, or the partition went elsewhere)
+        found = holes(want, offsets)
+        if found:
+            self.empty.setdefault(p, set()).update(found)
+        if not offsets:
+            # Nothing to apply (a transaction's marker or aborted records at the end), or no
+            # answer in time: asked again later, less and less often.
+            stall.wait = min(STALL_MAX_S, stall.wait * 2)
+            stall.due = time.monotonic() + stall.wait
+            return
+        stall.due = time.monotonic() + STALL_S
+        self.stats.inc(f"{self.name}.stalls_found")
+        log.warning("%s partition %d: the broker holds records from offset %d on but none "
+                    "came after %d; fetching again from %d", self.name, p, offsets[0],
+                    stall.applied, want)
+        await self._seek(p, want)
