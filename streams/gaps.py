@@ -129,7 +129,8 @@ class StallWatch:
     offsets a fetch skipped (a seek, a rebalance) as done. The records after the checkpoint
     then sit on the broker unapplied for good. So the broker's end is compared with what was
     applied, and a partition that stays behind without records coming is asked about (the
-    probe) and fetched again from after its checkpoint.
+    probe) and fetched again from after its checkpoint. The probe itself (`ask_broker`) serves
+    the gaps of Stage._probe too.
     """
 
     async def find_stalls(self: Stage,
@@ -169,23 +170,32 @@ class StallWatch:
             stall.probing = True
             asyncio.ensure_future(self._probe_stall(p, stall))
 
+    async def ask_broker(self: Stage, p: int, want: int) -> tuple[list[int], set[int]] | None:
+        """The probe, for gaps (Stage._probe) and stalls: the offsets of the records the broker
+        has from `want` on, and the holes among them, remembered while `p` is owned (passed
+        over at the next sight). None, logged, when the broker could not be asked."""
+        try:
+            assert self.consumable is not None
+            offsets = await self.consumable(p, want)
+        except Exception as exc:
+            log.warning("%s partition %d: could not ask the broker about offset %d: %s",
+                        self.name, p, want, exc)
+            return None
+        found = holes(want, offsets)
+        if p in self.assigned:
+            self.empty.setdefault(p, set()).update(found)
+        return offsets, found
+
     async def _probe_stall(self: Stage, p: int, stall: Stall) -> None:
         """Ask the broker what it has after the stalled checkpoint; fetch it again if any."""
         want = stall.applied + 1
         try:
-            assert self.consumable is not None
-            offsets = await self.consumable(p, want)
-        except Exception as exc:  # asked again at the next due time
-            log.warning("%s partition %d: could not ask the broker about offset %d: %s",
-                        self.name, p, want, exc)
-            offsets = []
+            answer = await self.ask_broker(p, want)  # None: asked again at the next due time
         finally:
             stall.probing = False
         if p not in self.assigned or self.stalls.get(p) is not stall:
             return  # moved on meanwhile (records came, or the partition went elsewhere)
-        found = holes(want, offsets)
-        if found:
-            self.empty.setdefault(p, set()).update(found)
+        offsets = answer[0] if answer is not None else []
         if not offsets:
             # Nothing to apply (a transaction's marker or aborted records at the end), or no
             # answer in time: asked again later, less and less often.

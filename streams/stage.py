@@ -18,7 +18,7 @@ import orjson
 
 from cartwise.contract import dlq_record
 from models.config import ModelConfig
-from streams.gaps import Gap, Stall, StallWatch, holes
+from streams.gaps import Gap, Stall, StallWatch
 from streams.isolation import CheckpointIsolation, Outage, is_outage
 from streams.stats import Stats
 from streams.store import Ops, StateLost, Store
@@ -234,15 +234,11 @@ class Stage(CheckpointIsolation, StallWatch):
         """Ask the broker which records it has from the hole on, then fetch again: the offsets
         among them without a record are passed over at the next sight, no others."""
         try:
-            assert self.consumable is not None
-            offsets = await self.consumable(p, gap.want)
-        except Exception as exc:  # asked again after GAP_CONFIRM_S
-            log.warning("%s partition %d: could not ask the broker about offset %d: %s",
-                        self.name, p, gap.want, exc)
-        else:
-            found = holes(gap.want, offsets)
-            if p in self.assigned:
-                self.empty.setdefault(p, set()).update(found)
+            answer = await self.ask_broker(p, gap.want)  # None: asked again after GAP_CONFIRM_S
+        finally:
+            gap.probing = False
+        if answer is not None:
+            offsets, found = answer
             if gap.want in found:
                 log.warning("%s partition %d: offsets %d-%d hold no record to apply (transaction "
                             "markers, aborted or compacted records, retention), nor %d more up "
@@ -253,8 +249,6 @@ class Stage(CheckpointIsolation, StallWatch):
                 log.warning("%s partition %d: offset %d still missing after %d refetches; the "
                             "broker %s: fetching again until it comes", self.name, p, gap.want,
                             gap.seen, "has it" if offsets else "sent nothing in time")
-        finally:
-            gap.probing = False
         await self._seek(p, gap.want)
 
     async def refetch_gaps(self) -> None:

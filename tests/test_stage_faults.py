@@ -127,6 +127,14 @@ def test_a_checkpoint_one_record_keeps_failing_costs_that_record_only(make_setti
     assert r.hget(keys.shown(users[1], utc_day(ts)), "x") == b"2"
 
 
+def _partition_zero_records(settings) -> list:
+    """80 events of events partition 0 as the stage gets them, at offsets 0-79."""
+    events = [e for e in Shop(seed=9).events(2000, start_ts=START)
+              if expected_partition(e["user_id"], settings.partitions) == 0][:80]
+    return [(orjson.dumps(e), 0, i, START + 10_000, e["user_id"].encode())
+            for i, e in enumerate(events)]
+
+
 async def _gap_stage(settings, prefix: str, found: str | int | None = "asked",
                      sent: list | None = None) -> tuple[ContextStage, list]:
     """A context stage over Redis with sends that succeed at once (recorded in `sent`),
@@ -197,10 +205,7 @@ def test_a_gap_is_passed_over_only_where_the_broker_has_no_record(make_settings,
     monkeypatch.setattr(gaps_module, "GAP_CONFIRM_S", 0.0)
     monkeypatch.setattr(gaps_module, "GAP_RESEEK_S", 0.0)
     settings = make_settings("gap-probe")
-    events = [e for e in Shop(seed=9).events(2000, start_ts=START)
-              if expected_partition(e["user_id"], settings.partitions) == 0][:80]
-    recs = [(orjson.dumps(e), 0, i, START + 10_000, e["user_id"].encode())
-            for i, e in enumerate(events)]
+    recs = _partition_zero_records(settings)
 
     async def sights(stage: ContextStage, batch: list) -> None:
         for _ in range(3 * gaps_module.GAP_CONFIRM):
@@ -238,10 +243,7 @@ def test_a_stall_is_told_from_a_busy_or_retrying_partition(make_settings, monkey
     less often."""
     monkeypatch.setattr(gaps_module, "STALL_S", 0.0)
     settings = make_settings("stall-watch")
-    events = [e for e in Shop(seed=9).events(2000, start_ts=START)
-              if expected_partition(e["user_id"], settings.partitions) == 0][:80]
-    recs = [(orjson.dumps(e), 0, i, START + 10_000, e["user_id"].encode())
-            for i, e in enumerate(events)]
+    recs = _partition_zero_records(settings)
 
     async def twice(stage: ContextStage, ends: tuple[int | None, int | None]) -> None:
         for _ in range(2):  # first sight, then due (STALL_S is 0)
