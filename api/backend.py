@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader
@@ -26,6 +25,7 @@ from api.services.answers import Answers
 from api.services.catalog import CACHE_REFRESH_S, CatalogCache
 from api.services.config import ConfigService
 from api.services.stream import StreamWatch
+from cartwise.redisconn import connect_async
 from cartwise.settings import Settings
 from streams.store import Store
 
@@ -47,8 +47,8 @@ class Backend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=256,
-                                             socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.redis = connect_async(settings, max_connections=256, socket_timeout=2.0,
+                                   socket_connect_timeout=2.0)
         self.store = Store(self.redis, settings.prefix)  # the workers' reads, shared
         self.keys = self.store.keys
         self.keyring = KeyRing(settings.api_keys)
@@ -63,11 +63,11 @@ class Backend:
                                    min_burst={"events": float(settings.max_batch)})
         self.metrics = ApiMetrics()
         self.producer: AIOKafkaProducer | None = None
-        self.config = ConfigService(settings, self.redis, self.keys, lambda: self.producer)
+        self.config = ConfigService(settings, self.store, lambda: self.producer)
         self.catalog = CatalogCache(self.redis, self.store, self.keys)
         self.answers = Answers(settings, self.redis, self.store, self.config, self.catalog,
                                self.metrics)
-        self.stream = StreamWatch(settings, self.redis, self.keys, self.metrics)
+        self.stream = StreamWatch(settings, self.store, self.metrics)
         self._tasks: list[asyncio.Task] = []
         self.metrics_port = (MetricsPort(self.metrics, settings.api_host, settings.metrics_port)
                              if settings.metrics_port else None)

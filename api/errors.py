@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from redis.exceptions import RedisClusterException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -26,7 +27,8 @@ from api.schemas import ErrorBody
 log = logging.getLogger("cartwise.api")
 
 STORE_DOWN = (503, "store_unavailable", "suggestion store unreachable; retry shortly")
-STORE_ERRORS = (aioredis.RedisError, OSError, asyncio.TimeoutError)
+# A cluster client that reaches no node raises RedisClusterException, not a RedisError.
+STORE_ERRORS = (aioredis.RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 # Rules and experiment writes go to the config topic before Redis (ConfigService.publish).
 CONFIG_NOT_SAVED = {"model": ErrorBody, "description": "broker_unavailable: the broker did not "
                     "acknowledge the write to the config topic; nothing was applied, retry"}

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from kafka.partitioner.default import murmur2
 
 from cartwise.harness import (
@@ -56,6 +55,7 @@ from cartwise.harness import (
     wait_complete,
     worker_counters,
 )
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
 from streams.topics import ensure_topics
@@ -139,7 +139,7 @@ def merge_ends(*parts: dict[int, int]) -> dict[int, int]:
     return out
 
 
-def checkpointed(r: redis.Redis, settings: Settings) -> int:
+def checkpointed(r: Client, settings: Settings) -> int:
     """Events covered by the context stage's checkpoints."""
     return sum(o + 1 for o in progress(r, settings)["context"])
 
@@ -193,7 +193,7 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
                       kills=0, events=len(events), backlog=len(backlog), live=len(live),
                       complete=False)
     backlog_ends = produce(src, backlog, shop.catalog)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
 
     t0 = time.monotonic()
     procs = {f"w{i}": start(settings, f"w{i}") for i in range(cfg.workers)}

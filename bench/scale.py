@@ -54,10 +54,13 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
+
+if TYPE_CHECKING:
+    from cartwise.redisconn import Client
 
 RESULTS = Path(__file__).parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -232,14 +235,17 @@ def timer_overruns(logs: list[Path]) -> dict[str, dict]:
     return out
 
 
-def key_kinds(r: redis.Redis, prefix: str, sample: int = 200) -> dict[str, dict]:
-    """Keys and estimated bytes per kind (the key's first part after the prefix), from
-    MEMORY USAGE of up to `sample` keys of each kind."""
+def key_kinds(r: Client, prefix: str, sample: int = 200) -> dict[str, dict]:
+    """Keys and estimated bytes per kind (the key's first part after the prefix; for a
+    partition's state, "state:" and its name), from MEMORY USAGE of up to `sample` keys of
+    each kind."""
     counts: Counter[str] = Counter()
     sizes: dict[str, list[int]] = {}
     for key in r.scan_iter(f"{prefix}*", count=5000):
-        parts = key.decode().removeprefix(prefix).split(":")
-        kind = ":".join(parts[:2]) if parts[0] == "state" and len(parts) > 2 else parts[0]
+        name = key.decode().removeprefix(prefix)
+        # Partition keys carry a hash tag (`{context:3}`, streams/store.py): not a kind.
+        parts = re.sub(r"\{[^}]*\}:?", "", name).split(":")
+        kind = ":".join(parts[:2]) if parts[0] == "state" and "{" in name else parts[0]
         counts[kind] += 1
         got = sizes.setdefault(kind, [])
         if len(got) < sample:
@@ -248,7 +254,7 @@ def key_kinds(r: redis.Redis, prefix: str, sample: int = 200) -> dict[str, dict]
             for k, n in counts.most_common()}
 
 
-def preload_catalog(r: redis.Redis, prefix: str, shop: Any) -> None:
+def preload_catalog(r: Client, prefix: str, shop: Any) -> None:
     """The catalog facts the catalog stage would write (streams/catalog_stage.py), written
     before the workers start: a shop's catalog is there before its traffic, and the workers'
     catalog stage (reading the catalog topic beside the backlog) only rewrites the same."""
@@ -266,7 +272,7 @@ def preload_catalog(r: redis.Redis, prefix: str, shop: Any) -> None:
         r.hset(key, mapping=facts)
 
 
-def drop_prefix(r: redis.Redis, prefix: str) -> None:
+def drop_prefix(r: Client, prefix: str) -> None:
     batch = []
     for key in r.scan_iter(f"{prefix}*", count=5000):
         batch.append(key)
@@ -282,9 +288,10 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
                 profile: dict | None = None) -> dict:
     from bench.throughput import peak_rss_mb
     from cartwise.harness import progress, start_worker, stop_worker
+    from cartwise.redisconn import connect
 
     settings = settings_for(stack, name, partitions, topics)
-    r = redis.Redis.from_url(stack.redis_url)
+    r = connect(settings)
     n = sum(e + 1 for e in ends.values())
     mem0 = r.info("memory")["used_memory"]
     if shop is not None:
@@ -396,7 +403,7 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
     return out
 
 
-def measure_freshness(settings: Any, r: redis.Redis, shop: Any, rate: float, seconds: float,
+def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds: float,
                       known_shoppers: int, new_share: float) -> dict:
     """A steady `rate` events/s on top of the state the worker holds; the worker's own
     event-to-list samples afterwards."""

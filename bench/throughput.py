@@ -30,8 +30,10 @@ import redis
 from cartwise.embedded import EmbeddedStack
 from cartwise.harness import produce, progress, start_worker, stop_worker
 from cartwise.producer import EventProducer
+from cartwise.redisconn import connect
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
+from streams.store import Keys
 from streams.topics import ensure_topics
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,7 +96,7 @@ def run_noop(stack: EmbeddedStack, topic: str, n: int, name: str, log: Path,
 
 def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> dict:
     proc = start_worker(settings, log, settings.app_id)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -109,7 +111,7 @@ def run_worker(settings: Settings, ends: dict[int, int], n: int, log: Path) -> d
         time.sleep(1.5)  # let the stats timer publish the last batch's times
         # From the first batch to the last batch applied, as the worker saw them: neither
         # the polling interval nor the checkpoint interval adds to the measured time.
-        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
+        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(Keys(settings.prefix).stats_pattern)]
         first = min(s["first_batch_at"] for s in stats if s["first_batch_at"])
         cpu_first = min(s["first_batch_cpu"] for s in stats if s["first_batch_at"])
         t_done = max(s["last_batch_at"] for s in stats if s["last_batch_at"])
@@ -132,14 +134,14 @@ def freshness(stack: EmbeddedStack, rate: float, seconds: float, log: Path,
     shop = Shop(seed=5)
     produce(settings, [], shop.catalog)
     proc = start_worker(settings, log, "fresh")
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     try:
         # Warm up until the worker has joined and written something.
         with EventProducer(settings.bootstrap, settings.events_topic) as p:
             events = shop.events(1_000_000, start_ts=time.time(), mean_gap_s=0.0)
-            while not r.get(f"{settings.prefix}state:offset:context:0") and not any(
-                r.scan_iter(f"{settings.prefix}state:offset:context:*")
-            ):
+            keys = Keys(settings.prefix)
+            offsets = [keys.offset("context", q) for q in range(settings.partitions)]
+            while not any(r.get(key) for key in offsets):
                 ev = next(events)
                 ev["ts"] = time.time()
                 p.send(ev)
@@ -157,7 +159,7 @@ def freshness(stack: EmbeddedStack, rate: float, seconds: float, log: Path,
                 sent += 1
             p.flush()
         time.sleep(3)
-        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(f"{settings.prefix}stats:*")]
+        stats = [orjson.loads(r.get(k)) for k in r.scan_iter(Keys(settings.prefix).stats_pattern)]
         rss = peak_rss_mb(proc.pid)
     finally:
         stop_worker(proc)

@@ -16,15 +16,19 @@ from typing import Any
 import orjson
 import redis
 
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
+
+# A cluster client that finds no node raises this, which is no RedisError.
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 class CliError(Exception):
     """An expected failure: printed as one line (with a hint), exit code 2."""
 
 
-def _redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+def _redis(settings: Settings) -> Client:
+    return connect(settings)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -138,7 +142,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_stats(r: redis.Redis, settings: Settings) -> list[dict]:
+def worker_stats(r: Client, settings: Settings) -> list[dict]:
     """Every worker's published stats snapshot (streams/stats.py), by worker key."""
     from streams.store import Keys
 
@@ -170,7 +174,7 @@ def cmd_lag(args: argparse.Namespace) -> int:
     try:
         rows = collect(settings)
         stats = worker_stats(_redis(settings), settings)
-    except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
+    except (KafkaError, *REDIS_ERRORS, TimeoutError, OSError) as exc:
         print(f"cartwise lag: cannot read the broker or Redis: {exc}", file=sys.stderr)
         return 2
     worst = max((row.lag for row in rows), default=0)
@@ -207,7 +211,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     except RebuildRefused as exc:
         print(f"cartwise rebuild: refused: {exc}", file=sys.stderr)
         return 1
-    except (KafkaError, redis.RedisError, TimeoutError, OSError) as exc:
+    except (KafkaError, *REDIS_ERRORS, TimeoutError, OSError) as exc:
         print(f"cartwise rebuild: cannot read the broker or Redis: {exc}", file=sys.stderr)
         return 2
     print(f"cartwise rebuild: {report.summary()}")
@@ -323,6 +327,9 @@ def _expected(exc: BaseException) -> str | None:
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return (f"cannot reach Redis at {where_redis} ({exc}); is redis-server running? "
                 "set CARTWISE_REDIS_URL")
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        return (f"cannot use the Redis Cluster at {where_redis} ({exc}); check "
+                "CARTWISE_REDIS_URL and CARTWISE_REDIS_CLUSTER")
     from aiokafka.errors import KafkaError as AioKafkaError
     from kafka.errors import KafkaError
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-import redis
 
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                       respond_rate, stop), daemon=True))
     for thread in threads:
         thread.start()
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     try:
         while not stop[0]:
             for _ in range(50):
@@ -371,7 +371,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _print_status(r: redis.Redis, settings: Settings) -> None:
+def _print_status(r: Client, settings: Settings) -> None:
     from cartwise.cli import worker_stats
     from streams.store import Keys
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 
 from cartwise.producer import EventProducer
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from streams.store import Keys
 
@@ -49,7 +49,7 @@ def run_settings(base: str, topics_from: Settings | None = None, **overrides: An
 
 def worker_stats(settings: Settings) -> list[dict[str, Any]]:
     """The stats every worker of a run last published (a killed one's stay until they expire)."""
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     raws = (r.get(k) for k in r.scan_iter(Keys(settings.prefix).stats_pattern))
     return [orjson.loads(raw) for raw in raws if raw]
 
@@ -147,7 +147,7 @@ def produce(
     return ends
 
 
-def progress(r: redis.Redis, settings: Settings) -> dict[str, Any]:
+def progress(r: Client, settings: Settings) -> dict[str, Any]:
     keys = Keys(settings.prefix)
     n = settings.partitions
     ctx = [int(r.get(keys.offset("context", p)) or -1) for p in range(n)]
@@ -173,7 +173,7 @@ def is_complete(pr: dict[str, Any], ends: dict[int, int]) -> bool:
 
 def wait_complete(settings: Settings, ends: dict[int, int], timeout: float = 120.0,
                   procs: Iterable[subprocess.Popen] = ()) -> dict[str, Any]:
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     deadline = time.monotonic() + timeout
     pr: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -208,7 +208,7 @@ def _stuck_hints(settings: Settings) -> list[dict[str, Any]]:
 
 def snapshot(settings: Settings) -> dict[str, Any]:
     """Everything a run produced: lists, contexts and counts, without wall-clock stamps."""
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
 
     def docs(pattern: str) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def full_snapshot(settings: Settings) -> dict[str, Any]:
     """`snapshot` plus what it leaves out: every pairs partition's copy of the item totals
     (`snapshot` reads partition 0's only) and the trending sorted sets, shop-wide ("trending")
     and per category ("trending_by_category", keyed "trending:{category}|{item}")."""
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
     out = snapshot(settings)
     out["marginals_all"] = {

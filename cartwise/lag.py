@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import redis
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from cartwise.redisconn import connect
 from cartwise.settings import Settings
 from streams.store import Keys
 
@@ -113,7 +113,7 @@ def collect(settings: Settings) -> list[PartitionLag]:
     ends = high_watermarks(settings.bootstrap, tps)
     offsets = group_offsets(settings.bootstrap, settings.app_id)
     committed = {tp: om.offset for tp, om in offsets.items() if om.offset >= 0}
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
     rows = []
     for tp in tps:

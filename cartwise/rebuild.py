@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
-import redis
 
 from cartwise.contract import ContractError, parse_catalog
+from cartwise.redisconn import Client, connect, is_cluster
 from cartwise.settings import Settings
 from streams.store import Keys
 
@@ -79,7 +79,7 @@ def _consumer(settings: Settings, *topics: str, **options: object) -> KafkaConsu
                          client_id=f"{settings.app_id}-rebuild", **options)
 
 
-def running_workers(r: redis.Redis, keys: Keys, now: float,
+def running_workers(r: Client, keys: Keys, now: float,
                     alive_s: float = ALIVE_S) -> list[str]:
     """The workers of this prefix whose stats were published within `alive_s` of `now`; a
     worker that stopped itself (`"stopped"`: state lost, checkpoint stuck) is not running,
@@ -126,7 +126,7 @@ def rebuild(settings: Settings, force: bool = False, alive_s: float = ALIVE_S) -
     """Clear the derived state for an exact replay; refuses (changing nothing) while a worker
     published stats within `alive_s` seconds (unless `force`) or the events log lost its start.
     """
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
     alive = running_workers(r, keys, time.time(), alive_s)
     if alive and not force:
@@ -154,12 +154,20 @@ def rebuild(settings: Settings, force: bool = False, alive_s: float = ALIVE_S) -
     if not held[keys.experiments] and (raw := r.get(keys.experiments)) is not None:
         experiments_restored = len(orjson.loads(raw))
     generation = secrets.token_hex(8)
+    # The copies beside each partition's state (what its checkpoints check) first, the global
+    # token last: a worker that finds the token then finds every copy too.
+    copies = dict.fromkeys(keys.partition_generations(max(settings.partitions, partitions)),
+                           generation)
+    if is_cluster(r):
+        r.mset_nonatomic(copies)  # one MSET per slot
+    else:
+        r.mset(copies)
     r.set(keys.generation, generation)
     return RebuildReport(deleted, generation, partitions, items, rules_restored,
                          experiments_restored)
 
 
-def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
+def restore_catalog(settings: Settings, r: Client, keys: Keys) -> int:
     """Read the catalog topic from its start into the catalog hash, as the catalog stage does.
 
     The workers' catalog consumer resumes at its committed offset, past what Redis lost.
@@ -186,7 +194,7 @@ def restore_catalog(settings: Settings, r: redis.Redis, keys: Keys) -> int:
     return len(facts)
 
 
-def restore_config(settings: Settings, r: redis.Redis, keys: Keys) -> int:
+def restore_config(settings: Settings, r: Client, keys: Keys) -> int:
     """Read the config topic from its start and write the newest rules and experiments
     documents back to Redis, each only where Redis no longer holds it; returns how many.
 

@@ -40,6 +40,9 @@ def _password(url: str) -> str | None:
 class Settings:
     broker: str = "kafka://127.0.0.1:9092"  # comma-separated host:port list, kafka:// optional
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster at redis_url (any node; the others are found from it): the workers and
+    # the API use a cluster client and write each slot's keys apart (docs/redis.md, "Cluster").
+    redis_cluster: bool = False
     prefix: str = "cw:"  # every Redis key starts with it (docs/redis.md)
     app_id: str = "cartwise"  # Kafka consumer group; also names the internal pairs topic
     events_topic: str = "cartwise.events"
@@ -162,6 +165,11 @@ class Settings:
             raise ValueError("CARTWISE_REDIS_URL uses the placeholder password 'change-me': "
                              "set a real one (REDIS_PASSWORD in docker-compose, the "
                              "cartwise-secrets Secret in Kubernetes)")
+        # Partition keys carry a hash tag in braces (docs/redis.md): one in the prefix would
+        # become the tag of every key and put the whole state in one cluster slot.
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"CARTWISE_PREFIX={self.prefix!r} contains a brace: Redis Cluster "
+                             "reads braces as a hash tag; use letters, digits, ':' or '-'")
         # Apache Kafka refuses a group session outside its broker limits (6 s to 30 min by
         # default) and the worker would then idle without consuming: say so up front.
         if not 6.0 <= self.session_timeout_s <= 1800.0:

@@ -11,9 +11,9 @@ from typing import Any
 
 import faust
 import orjson
-import redis.asyncio as aioredis
 from faust.types import TP
 
+from cartwise.redisconn import connect_async
 from cartwise.settings import Settings
 from models.config import ModelConfig, model_config
 from streams.catalog_stage import CatalogStage
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         return await topics[topic].send(key=key, value=value, partition=partition,
                                         headers=headers)
 
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = connect_async(settings)
     store = Store(redis, settings.prefix)
     stats = Stats(settings.worker_id)
     context = ContextStage(store, config, stats, send, settings)
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         """The state generation: created on a new deployment, checked on every checkpoint."""
         loop = asyncio.get_running_loop()
         progress = await loop.run_in_executor(None, group_has_offsets, settings)
-        await store.claim_generation(progress)
+        await store.claim_generation(progress, settings.partitions)
 
     async def write_stats(stopped: str | None = None) -> None:
         """The worker's stats for `cartwise stats`; a stopping worker says why."""

@@ -92,19 +92,24 @@ class CatalogStage:
         await (await self.send(self.settings.dlq_topic, value, None, headers))
 
     async def _write(self, facts: dict[str, bytes], gone: set[str]) -> None:
-        """Write the facts and removals in one transaction, retried until Redis has them."""
+        """Write the facts and removals, then move the versions, retried until Redis has them.
+
+        The versions follow the facts (in a cluster they are in other slots): a reader that
+        sees a new version reads facts at least that new."""
         delay = 0.1
         while facts or gone:
-            pipe = self.store.redis.pipeline(transaction=True)
+            pipe = self.store.pipeline()
             if facts:
                 pipe.hset(self.store.keys.catalog, mapping=facts)
             if gone:
                 pipe.hdel(self.store.keys.catalog, *gone)
-            pipe.incr(self.store.keys.lists_version)
-            pipe.incr(self.store.keys.catalog_version)
+            versions = self.store.pipeline()
+            versions.incr(self.store.keys.lists_version)
+            versions.incr(self.store.keys.catalog_version)
             try:
                 with self.stats.redis_write("catalog"):
                     await pipe.execute()
+                    await versions.execute()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

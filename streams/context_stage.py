@@ -53,6 +53,10 @@ class ContextPartition:
     written: dict[str, int] = field(default_factory=dict)  # user -> digest of the last list
     # user -> (orders, category-share hash, interest) of the profile last written
     profiled: dict[str, tuple] = field(default_factory=dict)
+    # Shoppers evicted by a checkpoint whose list and profile are still to delete: those keys
+    # are not in the partition's slot, so they go after the checkpoint (`after_checkpoint`);
+    # the checkpoint records them (`Keys.forgotten`), so a worker killed in between is redone.
+    forgotten: set[str] = field(default_factory=set)
     # Touchpoint and due-reminder changes since the last checkpoint: member -> time, or None
     # to remove (docs/replenishment.md); written with the checkpoint, so a replay redoes them.
     schedule: dict[bytes, float | None] = field(default_factory=dict)
@@ -115,7 +119,9 @@ class ContextStage(Stage):
         clusters = InterestClusters.from_bytes(raw) if raw else InterestClusters()
         reranker = (Reranker.from_bytes(raw_rr) if raw_rr
                     else Reranker(self.settings.reranker_min_examples))
+        forgotten = set(await self.store.hgetall(self.keys.forgotten(partition)))
         return ContextPartition(offset, book, clusters=clusters, reranker=reranker,
+                                forgotten=forgotten,
                                 settle_heap=self.feedback.pending(book),
                                 clock=max((c.last_ts for c in book.users.values()),
                                           default=None))
@@ -254,10 +260,7 @@ class ContextStage(Stage):
             if user in book.users:  # back since
                 continue
             ops.hdel(self.keys.contexts(partition), user)
-            # What was written for a forgotten shopper goes with them: the library has no
-            # list for them either, and Redis stays bounded by `max_users`.
-            ops.delete(self.keys.user(user))
-            ops.delete(self.keys.profile(user))
+            ops.hset(self.keys.forgotten(partition), user, b"1")  # lists deleted after it
         for member, at in st.schedule.items():
             if at is None:
                 ops.zrem(self.keys.touchpoints(partition), member)
@@ -265,19 +268,19 @@ class ContextStage(Stage):
                 ops.zadd(self.keys.touchpoints(partition), at, member)
         for member, at in st.due.items():
             if at is None:
-                ops.zrem(self.keys.due, member)
+                ops.zrem(self.keys.due(partition), member)
             else:
-                ops.zadd(self.keys.due, at, member)
+                ops.zadd(self.keys.due(partition), at, member)
         if st.clusters_dirty:
             ops.set(self.keys.clusters(partition), st.clusters.to_bytes())
         for (exp, fld), amount in st.exp_deltas.items():
-            ops.hincrbyfloat(self.keys.experiment(exp), fld, amount)
+            ops.hincrbyfloat(self.keys.experiment(exp, partition), fld, amount)
         days = set()
         for (user, day, item), n in st.shown_deltas.items():
-            ops.hincrbyfloat(self.keys.shown(user, day), item, n)
+            ops.hincrbyfloat(self.keys.shown(partition, user, day), item, n)
             days.add((user, day))
         for user, day in sorted(days):  # a day's counts outlive the day by one day
-            ops.expire(self.keys.shown(user, day), SHOWN_TTL_S)
+            ops.expire(self.keys.shown(partition, user, day), SHOWN_TTL_S)
         if st.reranker_dirty:
             ops.set(self.keys.reranker_state(partition), st.reranker.to_bytes())
             ops.set(self.keys.reranker(partition), orjson.dumps(st.reranker.summary()))
@@ -288,6 +291,7 @@ class ContextStage(Stage):
             if user not in st.book.users:  # their documents are deleted: write anew if back
                 st.written.pop(user, None)
                 st.profiled.pop(user, None)
+                st.forgotten.add(user)
         st.book.dirty.clear()
         st.book.evicted.clear()
         st.schedule.clear()
@@ -296,6 +300,27 @@ class ContextStage(Stage):
         st.exp_deltas.clear()
         st.shown_deltas.clear()
         st.reranker_dirty = False
+
+    async def after_checkpoint(self, partition: int, st: ContextPartition) -> None:
+        """Delete what was written for shoppers the checkpoint forgot: the library has no list
+        for them either, and Redis stays bounded by `max_users`. Then strike them from the
+        partition's record of them; until then a failure or a kill only delays it (retried
+        after the next checkpoint, or by the worker that loads the partition)."""
+        if not st.forgotten:
+            return
+        done = sorted(st.forgotten)
+        gone = [u for u in done if u not in st.book.users]  # back since: their list stays
+        try:
+            with self.stats.redis_write("forget"):
+                await self.store.write_docs({}, [k for u in gone for k in (self.keys.user(u),
+                                                                         self.keys.profile(u))])
+                await self.store.redis.hdel(self.keys.forgotten(partition), *done)
+        except Exception as exc:  # an outage: the next checkpoint tries again
+            log.warning("context partition %d: deleting %d forgotten shoppers' lists failed "
+                        "(%s: %s); retried after the next checkpoint", partition, len(gone),
+                        type(exc).__name__, exc)
+            return
+        st.forgotten.difference_update(done)
 
     async def user_lists(self, partition: int, st: ContextPartition, users: list[str],
                          only_changed: bool = False) -> int:
@@ -344,7 +369,7 @@ class ContextStage(Stage):
             docs[self.keys.refreshed(partition)] = orjson.dumps({"version": -1})
         if docs:
             with self.stats.redis_write("user_lists"):
-                await self.store.redis.mset(docs)  # one command: far cheaper than a SET each
+                await self.store.write_docs(docs)  # one MSET: far cheaper than a SET each
         # Only what reached Redis counts as written: a failed write is retried next time.
         st.written.update(digests)
         st.profiled.update(profiled)

@@ -35,7 +35,7 @@ class Feedback:
         rids = list({e.request_id for e in events if e.type == "impression" and e.request_id})
         if not rids:
             return {}
-        raws = await self.store.redis.mget([self.store.keys.served(r) for r in rids])
+        raws = await self.store.mget([self.store.keys.served(r) for r in rids])
         return {r: orjson.loads(raw) for r, raw in zip(rids, raws, strict=True) if raw}
 
     def attribute(self, st: Any, event: Event, served: dict[str, Any],

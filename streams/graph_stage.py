@@ -207,7 +207,10 @@ class GraphStage(Stage):
             digests[item] = digest
             payload.update(as_of=g.now, generated_at=time.time(), model=MODEL_VERSION)
             docs[self.keys.item(item)] = orjson.dumps(payload)
-        if docs:
+        if docs and self.store.cluster:
+            for key, doc in docs.items():  # the pipeline sends each node its own keys
+                pipe.set(key, doc)
+        elif docs:
             pipe.mset(docs)
         return done, digests, cut
 
@@ -292,7 +295,7 @@ class GraphStage(Stage):
         if (not settling and not st.pending and not st.graph.marg_touched and not st.gone
                 and not st.gone_marg):
             return
-        pipe = self.store.redis.pipeline(transaction=True)
+        pipe = self.store.pipeline()
         scored = await self._trending(p, st, pipe)
         todo: Iterator[str]
         if settling:
@@ -316,16 +319,22 @@ class GraphStage(Stage):
             pipe.delete(*(self.keys.item(i) for i in gone))
         gone_marg = set(st.gone_marg)
         changed = len(digests) + len(gone)
+        # The version and the settled mark follow the lists (a second step: in a cluster they
+        # are in other slots), so whoever reads them then reads lists at least that new.
+        after = self.store.pipeline()
         if changed:
-            pipe.incr(self.keys.lists_version)
+            after.incr(self.keys.lists_version)
         if settling and len(items) == len(st.settle_queue):
-            pipe.set(self.keys.settled(p), orjson.dumps(
+            after.set(self.keys.settled(p), orjson.dumps(
                 {"offset": st.offset, "at": time.time(), "rewritten": changed}))
-        if not len(pipe) and not items:
+        if not len(pipe) and not len(after) and not items:
             return
         try:
             with self.stats.redis_write("item_lists"):
-                await pipe.execute()
+                if len(pipe):
+                    await pipe.execute()
+                if len(after):
+                    await after.execute()
         except Exception:
             st.graph.marg_touched.update(scored)  # to score again next tick
             raise

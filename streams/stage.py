@@ -133,6 +133,10 @@ class Stage(CheckpointIsolation, StallWatch):
     def checkpointed(self, partition: int, st: Any) -> None:
         """Hook after a successful checkpoint: clear what it covered."""
 
+    async def after_checkpoint(self, partition: int, st: Any) -> None:
+        """Writes that follow a checkpoint outside its script: keys in other cluster slots.
+        They must be safe to lose with the worker (a replay does not redo them)."""
+
     async def fatal(self, exc: BaseException, counter: str = "state_lost", code: int = 3) -> None:
         """Carrying on would be wrong (Redis lost the state, or a checkpoint cannot be written
         at all): stop the worker at once, its stats published first so the stop shows. The
@@ -426,6 +430,7 @@ class Stage(CheckpointIsolation, StallWatch):
                             self.name, p, found)
                 self.stats.inc(f"{self.name}.checkpoint_conflicts")
                 self.parts.pop(p, None)
+            await self.after_checkpoint(p, st)
             done = st.offset
             held = self.held[p]
             keep = [e for e in held if e.message.offset > done]

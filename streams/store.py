@@ -1,9 +1,10 @@
 """Redis side of the workers: key names, the checkpoint transaction and state loading.
 
 Every batch ends in one atomic step (a Lua script): compare the partition's stored input offset
-with the one this worker loaded, and only if they match write the new offset, the changed
-state and the suggestion lists together. A worker that lost the partition (or replays after a
-crash) can therefore never overwrite newer state. See docs/architecture.md.
+with the one this worker loaded, and only if they match write the new offset and the changed
+state together. A worker that lost the partition (or replays after a crash) can therefore never
+overwrite newer state. The suggestion lists derived from it are written apart, per slot in a
+Redis Cluster. See docs/architecture.md and docs/redis.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import secrets
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
+
+from cartwise.redisconn import AsyncClient, is_cluster
 
 SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
 
@@ -88,11 +90,28 @@ return 1
 """
 
 
+CONTEXT = "context"  # the stage names, which tag their partitions' keys
+GRAPH = "cooccurrence"
+
+
+def tag(stage: str, partition: int) -> str:
+    """The hash tag of a stage partition's keys: in a Redis Cluster they share one slot, so
+    one checkpoint script can write them all (docs/redis.md, "Cluster")."""
+    return f"{{{stage}:{partition}}}"
+
+
 class Keys:
-    """The Redis key contract (docs/redis.md). One place builds every key name."""
+    """The Redis key contract (docs/redis.md). One place builds every key name.
+
+    Keys a checkpoint writes carry their partition's hash tag; the public lookup keys
+    (`item`, `user`, `catalog`, `trending`, `profile`) do not, and are written apart from it.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+
+    def _state(self, stage: str, partition: int, name: str) -> str:
+        return f"{self.prefix}state:{tag(stage, partition)}:{name}"
 
     def item(self, item_id: str) -> str:
         return f"{self.prefix}item:{item_id}"
@@ -121,11 +140,12 @@ class Keys:
         """The merchant's business rules document (models/rules.py), written by the API."""
         return f"{self.prefix}rules"
 
-    def shown(self, user_id: str, day: str) -> str:
+    def shown(self, partition: int, user_id: str, day: str) -> str:
         """Hash item -> times shown to this shopper on a UTC day (YYYYMMDD): frequency cap.
 
-        Counted from impression events by the workers; expires `SHOWN_TTL_S` after a write."""
-        return f"{self.prefix}shown:{user_id}:{day}"
+        Counted from impression events by the workers, in the shopper's events partition
+        (`cartwise.contract.expected_partition`); expires `SHOWN_TTL_S` after a write."""
+        return f"{self.prefix}shown:{tag(CONTEXT, partition)}:{user_id}:{day}"
 
     @property
     def catalog_version(self) -> str:
@@ -136,40 +156,48 @@ class Keys:
         return f"{self.prefix}state:lists_version"
 
     def offset(self, stage: str, partition: int) -> str:
-        return f"{self.prefix}state:offset:{stage}:{partition}"
+        return self._state(stage, partition, "offset")
 
     def contexts(self, partition: int) -> str:
-        return f"{self.prefix}state:ctx:{partition}"
+        return self._state(CONTEXT, partition, "ctx")
 
     def rows(self, partition: int) -> str:
-        return f"{self.prefix}state:rows:{partition}"
+        return self._state(GRAPH, partition, "rows")
 
     def marginals(self, partition: int) -> str:
-        return f"{self.prefix}state:marg:{partition}"
+        return self._state(GRAPH, partition, "marg")
+
+    def forgotten(self, partition: int) -> str:
+        """Hash user -> 1: shoppers a checkpoint evicted whose list and profile keys are not
+        deleted yet (streams/context_stage.py, `after_checkpoint`)."""
+        return self._state(CONTEXT, partition, "forget")
 
     def touchpoints(self, partition: int) -> str:
         """Sorted set of scheduled touchpoints, [user, item, kind, bought_at] -> send time."""
-        return f"{self.prefix}state:touchpoints:{partition}"
+        return self._state(CONTEXT, partition, "touchpoints")
 
-    @property
-    def due(self) -> str:
-        """Sorted set [user_id, item_id] -> when a consumable's replenish reminder is due."""
-        return f"{self.prefix}due"
+    def due(self, partition: int) -> str:
+        """Sorted set [user_id, item_id] -> when a consumable's replenish reminder is due, for
+        the shoppers of one events partition (`dues` lists them all)."""
+        return f"{self.prefix}due:{tag(CONTEXT, partition)}"
+
+    def dues(self, partitions: int) -> list[str]:
+        return [self.due(p) for p in range(partitions)]
 
     def clusters(self, partition: int) -> str:
         """The partition's interest-cluster model (river, pickled; models/interests.py)."""
-        return f"{self.prefix}state:clusters:{partition}"
+        return self._state(CONTEXT, partition, "clusters")
 
     def open_evidence(self, partition: int) -> str:
         """Hash "epoch|r|item" or "epoch|m|item" -> evidence of an epoch not closed yet."""
-        return f"{self.prefix}state:open:{partition}"
+        return self._state(GRAPH, partition, "open")
 
     def seen_epochs(self, partition: int) -> str:
         """Hash item -> newest closed epoch with evidence of it (what max_items goes by)."""
-        return f"{self.prefix}state:seen:{partition}"
+        return self._state(GRAPH, partition, "seen")
 
     def cycles(self, partition: int) -> str:
-        return f"{self.prefix}state:cycles:{partition}"
+        return self._state(GRAPH, partition, "cycles")
 
     def served(self, request_id: str) -> str:
         """What the API served under a request id, with each item's re-ranker features; read
@@ -181,31 +209,44 @@ class Keys:
         """The experiment definitions (models/experiments.py), written by the API."""
         return f"{self.prefix}experiments"
 
-    def experiment(self, experiment_id: str) -> str:
-        """Hash "variant|counter" -> value: what each variant's shoppers did."""
-        return f"{self.prefix}exp:{experiment_id}"
+    def experiment(self, experiment_id: str, partition: int) -> str:
+        """Hash "variant|counter" -> value: what each variant's shoppers of one events
+        partition did (the API sums `experiment_parts`)."""
+        return f"{self.prefix}exp:{experiment_id}:{tag(CONTEXT, partition)}"
+
+    def experiment_parts(self, experiment_id: str, partitions: int) -> list[str]:
+        return [self.experiment(experiment_id, p) for p in range(partitions)]
 
     def reranker(self, partition: int) -> str:
         """A context partition's re-ranker summary (weights, progressive AUC) for the API."""
-        return f"{self.prefix}reranker:{partition}"
+        return f"{self.prefix}reranker:{tag(CONTEXT, partition)}"
 
     def reranker_state(self, partition: int) -> str:
         """The partition's re-ranker itself (river, pickled): the checkpointed model."""
-        return f"{self.prefix}state:reranker:{partition}"
+        return self._state(CONTEXT, partition, "reranker")
 
     def meta(self, partition: int) -> str:
-        return f"{self.prefix}state:meta:{partition}"
+        return self._state(GRAPH, partition, "meta")
 
     def settled(self, partition: int) -> str:
-        return f"{self.prefix}state:settled:{partition}"
+        return self._state(GRAPH, partition, "settled")
 
     def refreshed(self, partition: int) -> str:
-        return f"{self.prefix}state:refreshed:{partition}"
+        return self._state(CONTEXT, partition, "refreshed")
 
     @property
     def generation(self) -> str:
         """A token written once when the state is created: gone means Redis lost the state."""
         return f"{self.prefix}state:generation"
+
+    def partition_generation(self, stage: str, partition: int) -> str:
+        """The generation's copy beside a partition's state, which its checkpoints check: in
+        a cluster each node can lose its data alone."""
+        return self._state(stage, partition, "generation")
+
+    def partition_generations(self, partitions: int) -> list[str]:
+        return [self.partition_generation(stage, p)
+                for stage in (CONTEXT, GRAPH) for p in range(partitions)]
 
     def stats(self, worker_id: str) -> str:
         return f"{self.prefix}stats:{worker_id}"
@@ -281,19 +322,22 @@ class Ops:
 
 
 class Store:
-    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis: AsyncClient, prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
+        self.cluster = is_cluster(redis)
         self._checkpoint = redis.register_script(_CHECKPOINT_LUA)
         self._audience = redis.register_script(_AUDIENCE_LUA)
         self.generation = ""  # set by `claim_generation` before the first checkpoint
 
-    async def claim_generation(self, state_exists: bool) -> str:
+    async def claim_generation(self, state_exists: bool, partitions: int) -> str:
         """Read the state generation, creating it when this is a new deployment.
 
         `state_exists` says whether the broker remembers progress of this app (committed
         offsets): then a missing generation means Redis lost its data, and carrying on over
-        an empty Redis would silently skip everything before the committed offsets.
+        an empty Redis would silently skip everything before the committed offsets. Each
+        partition's state has its own copy (what its checkpoints check): a cluster node that
+        lost its data shows as copies missing.
         """
         raw = await self.redis.get(self.keys.generation)
         if raw is None:
@@ -304,8 +348,57 @@ class Store:
                     "workers and run `cartwise rebuild` (docs/operations.md).")
             await self.redis.set(self.keys.generation, secrets.token_hex(8), nx=True)
             raw = await self.redis.get(self.keys.generation)
+        copies = self.keys.partition_generations(partitions)
+        found = await self.mget(copies)
+        if state_exists and None in found:
+            missing = sum(v is None for v in found)
+            raise StateLost(
+                f"Redis has no state generation for {missing} of {len(copies)} partition "
+                f"states under prefix {self.keys.prefix!r} but the consumer group has "
+                "committed offsets: Redis (or one of its cluster nodes) lost its data, or the "
+                "state predates partition-tagged keys. Stop all workers and run "
+                "`cartwise rebuild` (docs/operations.md).")
+        for key, value in zip(copies, found, strict=True):
+            if value is None:  # a new deployment: nothing can have been checkpointed yet
+                await self.redis.set(key, raw, nx=True)
+        found = await self.mget(copies)
+        if any(v != raw for v in found):
+            raise StateLost(
+                f"partition states under prefix {self.keys.prefix!r} belong to another state "
+                "generation than the deployment's: Redis lost part of its data. Stop all "
+                "workers and run `cartwise rebuild` (docs/operations.md).")
         self.generation = raw.decode()
         return self.generation
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        """Values of `keys` in order; in a cluster, one MGET per slot."""
+        if not keys:
+            return []
+        if self.cluster:
+            return await self.redis.mget_nonatomic(keys)
+        return await self.redis.mget(keys)
+
+    async def write_docs(self, docs: dict[str, bytes], deleted: list[str] = ()) -> None:
+        """SET every doc and delete `deleted`: one MSET, or one per slot in a cluster."""
+        if self.cluster:
+            if docs:
+                await self.redis.mset_nonatomic(docs)
+            if deleted:
+                await self.redis.delete(*deleted)  # the cluster client splits it per slot
+            return
+        if docs and not deleted:
+            await self.redis.mset(docs)
+        elif docs or deleted:
+            pipe = self.redis.pipeline(transaction=False)
+            if docs:
+                pipe.mset(docs)
+            pipe.delete(*deleted)
+            await pipe.execute()
+
+    def pipeline(self) -> Any:
+        """A transaction on one Redis; in a cluster (where one cannot span slots) a pipeline
+        whose commands each go to their own node."""
+        return self.redis.pipeline(transaction=not self.cluster)
 
     async def offset(self, stage: str, partition: int) -> int:
         raw = await self.redis.get(self.keys.offset(stage, partition))
@@ -321,7 +414,8 @@ class Store:
         """
         exp = "" if expected < 0 else str(expected)
         ok, found = await self._checkpoint(
-            keys=[self.keys.offset(stage, partition), self.keys.generation],
+            keys=[self.keys.offset(stage, partition),
+                  self.keys.partition_generation(stage, partition)],
             args=[exp, str(new), self.generation, *ops.args],
         )
         if ok == -1:
@@ -333,7 +427,18 @@ class Store:
 
     async def audience_index(self, keep: int,
                              rows: list[tuple[str, bool, dict[str, float]]]) -> None:
-        """ZADD GT each key's {user: ts}, trimming those marked to the newest `keep`."""
+        """ZADD GT each key's {user: ts}, trimming those marked to the newest `keep`.
+
+        One script call; in a cluster (where the keys lie in many slots) a pipeline that sends
+        each node its own commands."""
+        if self.cluster:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, trim, users in rows:
+                pipe.zadd(key, {u: float(ts) for u, ts in users.items()}, gt=True)
+                if trim:
+                    pipe.zremrangebyrank(key, 0, -keep - 1)
+            await pipe.execute()
+            return
         args: list[str | float | int] = [keep]
         for key, trim, users in rows:
             args += (key, "1" if trim else "0", len(users))
@@ -352,7 +457,7 @@ class Store:
     async def item_lists(self, items: list[str]) -> dict[str, dict | None]:
         if not items:
             return {}
-        raws = await self.redis.mget([self.keys.item(i) for i in items])
+        raws = await self.mget([self.keys.item(i) for i in items])
         return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}
 
     async def catalog_facts(self, items: list[str]) -> dict[str, dict | None]:

@@ -109,5 +109,6 @@ class Touchpoints:
                 self.stats.inc("context.touchpoints_sent", len(acks))
                 self.stats.inc("context.touchpoints_stale", stale)
         # Reminders whose run-out has passed unanswered are no longer due.
-        await redis.zremrangebyscore(self.keys.due, "-inf",
-                                     time.time() - self.config.replenish_lead_s)
+        for p in sorted(stage.assigned):
+            await redis.zremrangebyscore(self.keys.due(p), "-inf",
+                                         time.time() - self.config.replenish_lead_s)

@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from api.auth import new_key
 from cartwise.embedded import BROKER_KINDS, EmbeddedStack, free_port
@@ -45,6 +44,7 @@ from cartwise.harness import (
     wait_complete,
     wait_http,
 )
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
 from streams.topics import ensure_topics
@@ -230,7 +230,7 @@ class Served:
     ingest: str
     admin: str
     shop: Shop
-    r: redis.Redis
+    r: Client
 
     def get(self, path: str, key: str | None = "read", **params: object) -> httpx.Response:
         return httpx.get(self.base + path, params=params, headers=self._h(key), timeout=10)
@@ -281,7 +281,7 @@ def served(make_settings: Callable[..., Settings],
         base = f"http://127.0.0.1:{settings.api_port}"
         wait_http(base + "/ready", api)
         yield Served(settings, base, keys["read"][0], keys["ingest"][0], keys["admin"][0],
-                     shop, redis.Redis.from_url(settings.redis_url))
+                     shop, connect(settings))
     finally:
         stop_worker(api)
         stop_worker(worker, hard=True)

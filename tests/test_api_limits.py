@@ -16,13 +16,13 @@ from contextlib import contextmanager
 import httpx
 import orjson
 import pytest
-import redis
 import uvicorn
 
 from api import server
 from api.app import create_asgi
 from api.auth import new_key
 from cartwise.embedded import free_port
+from cartwise.redisconn import connect as connect_redis
 from cartwise.settings import Settings
 from streams.store import Keys
 from tests.conftest import Served
@@ -200,7 +200,7 @@ def test_the_ingest_limit_counts_events_not_requests(make_settings, keys):
 def test_served_records_are_bounded_per_process(make_settings, keys):
     settings = limited(make_settings, keys, "served", served_rate=1.0)
     prefix = settings.prefix
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect_redis(settings)
     # Something to answer with: a served record is kept only for a non-empty answer.
     r.zadd(Keys(prefix).trending(None), {f"pop-{n}": float(n) for n in range(10)})
     with running(settings) as (base, _):

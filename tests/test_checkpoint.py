@@ -14,6 +14,7 @@ import redis
 import redis.asyncio as aioredis
 
 from cartwise.contract import expected_partition
+from cartwise.redisconn import connect, connect_async
 from cartwise.simulator import Shop
 from models.config import ModelConfig
 from streams.context_stage import ContextStage
@@ -32,8 +33,8 @@ async def recording_stage(settings, prefix: str, sent: list | None = None
                           ) -> tuple[ContextStage, list[tuple[int, int]]]:
     """A context stage over Redis whose sends succeed at once (their topics recorded in `sent`
     when given) and whose seeks are recorded."""
-    store = Store(aioredis.Redis.from_url(settings.redis_url), prefix)
-    await store.claim_generation(False)
+    store = Store(connect_async(settings), prefix)
+    await store.claim_generation(False, settings.partitions)
 
     async def send(topic, value, partition, headers, key=None):  # noqa: ANN001, ANN202
         if sent is not None:
@@ -83,7 +84,7 @@ def test_records_after_a_gap_or_a_revoke_are_never_applied(make_settings):
         assert stage.parts[0].applied == 79 and seeks[-1] == (0, 80)
         await stage.handle(recs[80:])
         await stage.checkpoint(0)
-        r = redis.Redis.from_url(settings.redis_url)
+        r = connect(settings)
         got = r.hgetall(Keys(settings.prefix + "gap:").contexts(0))
         want = r.hgetall(Keys(settings.prefix + "ref:").contexts(0))
         return got, want, seeks, stage.stats.counters
@@ -102,20 +103,21 @@ def test_a_checkpoint_is_applied_whole_or_not_at_all(stack):
     async def run() -> None:
         client = aioredis.Redis.from_url(stack.redis_url)
         store = Store(client, prefix)
-        await store.claim_generation(False)
+        await store.claim_generation(False, 1)
         keys = store.keys
-        await client.hset(keys.experiment("e"), "A|revenue2", repr(1.7e308))
+        counters = keys.experiment("e", 0)  # partition 0's, beside its contexts
+        await client.hset(counters, "A|revenue2", repr(1.7e308))
         ops = Ops()
         ops.hset(keys.contexts(0), "u1", b"{}")
-        ops.hincrbyfloat(keys.experiment("e"), "A|orders", 1)
-        ops.hincrbyfloat(keys.experiment("e"), "A|revenue2", 1.7e308)
+        ops.hincrbyfloat(counters, "A|orders", 1)
+        ops.hincrbyfloat(counters, "A|revenue2", 1.7e308)
         with pytest.raises(redis.exceptions.ResponseError, match="finite"):
             await store.checkpoint("context", 0, -1, 41, ops)
         assert await client.get(keys.offset("context", 0)) is None
         assert not await client.hexists(keys.contexts(0), "u1")
-        assert not await client.hexists(keys.experiment("e"), "A|orders")
+        assert not await client.hexists(counters, "A|orders")
         with pytest.raises(ValueError, match="not finite"):
-            Ops().hincrbyfloat(keys.experiment("e"), "A|x", float("inf"))
+            Ops().hincrbyfloat(counters, "A|x", float("inf"))
         ok = Ops()
         ok.hset(keys.contexts(0), "u1", b"{}")
         assert await store.checkpoint("context", 0, -1, 41, ok) == (True, 41)
@@ -134,7 +136,7 @@ def test_a_checkpoint_keeps_the_order_of_its_writes(stack):
     async def run() -> None:
         client = aioredis.Redis.from_url(stack.redis_url)
         store = Store(client, prefix)
-        await store.claim_generation(False)
+        await store.claim_generation(False, 1)
         rows, other = f"{prefix}rows", f"{prefix}other"
         ops = Ops()
         want: dict[str, bytes] = {}
@@ -153,6 +155,41 @@ def test_a_checkpoint_keeps_the_order_of_its_writes(stack):
         got = await client.hgetall(rows)
         assert {k.decode(): v for k, v in got.items()} == want
         assert await client.hget(other, "x") == b"1"
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_partition_that_lost_its_generation_copy_stops_alone(stack):
+    """In a Redis Cluster one node can lose its data alone: each checkpoint checks the
+    generation copy beside its own partition's state, so that partition's checkpoints stop
+    (the global token still there), the others' go on, a restarted worker refuses to start,
+    and the API's stream watch sees the loss."""
+    from api.metrics import ApiMetrics
+    from api.services.stream import StreamWatch
+    from cartwise.settings import Settings
+    from streams.store import StateLost
+
+    prefix = f"copies-{time.monotonic_ns()}:"
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        store = Store(client, prefix)
+        await store.claim_generation(False, 2)
+        keys = store.keys
+        watch = StreamWatch(Settings(redis_url=stack.redis_url, prefix=prefix, partitions=2),
+                            store, ApiMetrics())
+        assert not await watch.generation_missing()
+        await client.delete(keys.partition_generation("context", 1))
+        assert await client.exists(keys.generation)
+        with pytest.raises(StateLost):
+            await store.checkpoint("context", 1, -1, 5, Ops())
+        assert await client.get(keys.offset("context", 1)) is None
+        assert await store.checkpoint("context", 0, -1, 5, Ops()) == (True, 5)
+        assert await store.checkpoint("cooccurrence", 1, -1, 5, Ops()) == (True, 5)
+        assert await watch.generation_missing()
+        with pytest.raises(StateLost):  # the broker remembers progress: no new copy is made
+            await Store(client, prefix).claim_generation(True, 2)
         await client.aclose()
 
     asyncio.run(run())

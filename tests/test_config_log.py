@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import redis
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from api.auth import new_key
 from cartwise.embedded import EmbeddedStack, free_port
 from cartwise.harness import start_api, stop_worker, wait_http, worker_env
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from streams.store import Keys
 from streams.topics import ensure_topics, topic_configs, topic_plan
@@ -42,7 +42,7 @@ class Api:
     base: str
     admin: str
     proc: subprocess.Popen
-    r: redis.Redis
+    r: Client
 
     def call(self, method: str, path: str, body: object = None) -> httpx.Response:
         content = None if body is None else orjson.dumps(body)
@@ -66,7 +66,7 @@ def run_api(settings: Settings, logs: Path) -> Api:
     except BaseException:
         stop_worker(proc, hard=True)
         raise
-    return Api(settings, base, admin, proc, redis.Redis.from_url(settings.redis_url))
+    return Api(settings, base, admin, proc, connect(settings))
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from api.auth import new_key
 from cartwise.embedded import free_port
@@ -30,9 +29,11 @@ from cartwise.harness import (
     wait_complete,
     wait_http,
 )
+from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from cartwise.simulator import Responder, Shop
 from models.experiments import Experiment
+from streams.store import Keys
 from streams.topics import ensure_topics
 
 AB = {"variants": [{"name": "plain", "settings": {"ranking": "plain"}},
@@ -46,7 +47,7 @@ class Stack:
     base: str
     keys: dict[str, str]
     shop: Shop
-    r: redis.Redis
+    r: Client
     logs: Path
     worker: Any
     # One keep-alive connection for the test's ~3,000 requests: a new one each costs more than
@@ -76,7 +77,7 @@ def ab_stack(make_settings: Callable[..., Settings],
     api = start_api(settings, logs / "api.log")
     st = Stack(settings, f"http://127.0.0.1:{settings.api_port}",
                {k: v[0] for k, v in keys.items()}, shop,
-               redis.Redis.from_url(settings.redis_url), logs, worker, httpx.Client(timeout=10))
+               connect(settings), logs, worker, httpx.Client(timeout=10))
     try:
         wait_complete(settings, ends, procs=[worker])
         wait_http(st.base + "/ready", api)
@@ -240,7 +241,7 @@ def test_report_page_draws_each_variant_with_its_interval(ab_stack: Stack):
     st = ab_stack
     assert st.call("PUT", "/v1/experiments/page", "admin", AB).status_code == 200
     # The counters the workers would have written (the stream's part is tested above).
-    st.r.hset(f"{st.settings.prefix}exp:page", mapping={
+    st.r.hset(Keys(st.settings.prefix).experiment("page", 0), mapping={  # its one partition
         "plain|shoppers": 150, "plain|converters": 15, "plain|impressions": 300,
         "reranked|shoppers": 150, "reranked|converters": 45, "reranked|impressions": 300})
     with sync_playwright() as pw:
@@ -259,3 +260,34 @@ def test_report_page_draws_each_variant_with_its_interval(ab_stack: Stack):
             assert page.eval_on_selector_all("#chart line", "ls => ls.length") == 2
         finally:
             browser.close()
+
+
+def test_a_report_sums_the_counters_of_every_events_partition(stack):
+    """The workers of each events partition add to that partition's hash: the report reads
+    their sum, field by field, whichever partitions a variant's shoppers are in."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import redis.asyncio as aioredis
+
+    from api.routers.rules import experiment_totals
+
+    settings = Settings(redis_url=stack.redis_url, prefix=f"exp-sum-{time.monotonic_ns()}:",
+                        partitions=3)
+    keys = Keys(settings.prefix)
+    parts = keys.experiment_parts("ab", settings.partitions)
+
+    async def run() -> dict[str, str]:
+        r = aioredis.Redis.from_url(stack.redis_url)
+        await r.hset(parts[0], mapping={"A|shoppers": 2, "A|revenue": 1.5})
+        await r.hset(parts[2], mapping={"A|shoppers": 3, "B|shoppers": 4, "A|revenue": 0.25})
+        await r.hset(keys.experiment("other", 1), "A|shoppers", 100)  # not this experiment
+        try:
+            return await experiment_totals(SimpleNamespace(redis=r, keys=keys,
+                                                           settings=settings), "ab")
+        finally:
+            await r.aclose()
+
+    totals = asyncio.run(run())
+    assert {k: float(v) for k, v in totals.items()} == {
+        "A|shoppers": 5.0, "B|shoppers": 4.0, "A|revenue": 1.75}

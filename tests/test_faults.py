@@ -20,6 +20,7 @@ import redis
 from cartwise.embedded import EmbeddedStack, free_port
 from cartwise.harness import produce, progress, snapshot, stop_worker, wait_complete
 from cartwise.lag import collect
+from cartwise.redisconn import connect
 from cartwise.simulator import Shop
 from models.graph import KINDS
 from streams.topics import ensure_topics
@@ -77,7 +78,7 @@ def second_half_in_background(settings, events: list, ends: dict):  # noqa: ANN0
 
 def wait_under_way(settings) -> None:  # noqa: ANN001
     """Until a worker has checkpointed some of the backlog, not all of it."""
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     deadline = time.monotonic() + 60
     while max(progress(r, settings)["context"]) < 0:
         assert time.monotonic() < deadline

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import time
 
+from cartwise.contract import expected_partition
 from models.rules import utc_day
 from streams.store import SHOWN_TTL_S, Keys
 from tests.conftest import Served
 
 
+def shown_key(s: Served, user: str, day: str) -> str:
+    """Counted beside the state of the shopper's events partition."""
+    return Keys(s.settings.prefix).shown(expected_partition(user, s.settings.partitions),
+                                         user, day)
+
+
 def shown(s: Served, user: str, day: str) -> dict[str, float]:
-    raw = s.r.hgetall(Keys(s.settings.prefix).shown(user, day))
+    raw = s.r.hgetall(shown_key(s, user, day))
     return {k.decode(): float(v) for k, v in raw.items()}
 
 
@@ -34,7 +41,7 @@ def test_impressions_count_once_each_and_answers_do_not(served: Served):
     while shown(s, "fc-1", day) != {a: 2.0, b: 1.0}:
         assert time.monotonic() < deadline, f"shown counts: {shown(s, 'fc-1', day)}"
         time.sleep(0.2)
-    ttl = s.r.ttl(Keys(s.settings.prefix).shown("fc-1", day))
+    ttl = s.r.ttl(shown_key(s, "fc-1", day))
     assert 0 < ttl <= SHOWN_TTL_S
     # Answers are not showings: a storefront polling the API does not use up the cap.
     assert s.put("/v1/rules", {"frequency_cap": 100}).status_code == 200

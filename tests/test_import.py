@@ -11,12 +11,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
 from cartwise import datasets
 from cartwise.cli import main
 from cartwise.harness import snapshot, wait_complete
 from cartwise.importing import Importer, MappingError, PresetSpec, Source
+from cartwise.redisconn import connect
 from cartwise.simulator import Shop
 from streams.store import Keys
 from streams.topics import ensure_topics
@@ -201,7 +201,7 @@ def test_an_import_lands_in_the_workers_state_and_a_rerun_changes_nothing(
 
     # The worker applies exactly what was sent: every shopper of the file has a context.
     worker = workers(env)
-    r = redis.Redis.from_url(env.redis_url)
+    r = connect(env)
     keys = Keys(env.prefix)
     ends = {int(p): end for p, end in first["last_offsets"].items()}
     assert sum(e + 1 for e in ends.values()) == len(rows)
@@ -248,7 +248,7 @@ def test_ctrl_c_keeps_what_the_broker_took_and_the_rerun_sends_the_rest(env, tmp
            "--no-progress", "--jobs", "1"]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    r = redis.Redis.from_url(env.redis_url)
+    r = connect(env)
     ledger = f"{env.prefix}import:events"
     while proc.poll() is None and not r.scard(ledger):
         time.sleep(0.05)

@@ -6,10 +6,10 @@ import time
 
 import orjson
 import pytest
-import redis
 from kafka import KafkaConsumer
 
 from cartwise.harness import produce, snapshot, wait_complete
+from cartwise.redisconn import connect
 from cartwise.simulator import Shop
 from models import CrossSellRecommender
 from models.config import ModelConfig
@@ -74,7 +74,7 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
 
     # Trending (the cold-start answer): the same scores as the library's, shop-wide and per
     # category, trimmed to the configured size.
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     for category in (None, "phones", "coffee"):
         key = f"{settings.prefix}trending" + (f":{category}" if category else "")
         got = {m.decode(): v for m, v in r.zrange(key, 0, -1, withscores=True)}

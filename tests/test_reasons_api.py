@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from cartwise.contract import expected_partition
 from models import serving
 from models.wording import NOTES, WORDING
+from streams.store import Keys
 from tests.conftest import Served
 
 
@@ -152,14 +154,15 @@ def test_the_frequency_cap_counts_what_the_shopper_saw_not_what_was_asked(
     asked = [s.get(f"/v1/users/{user}/suggestions", k=3).json() for _ in range(3)]
     assert asked[0]["items"] == asked[2]["items"] and asked[2]["note"] is None
     day = time.strftime("%Y%m%d", time.gmtime(now))
-    assert not s.r.exists(f"{s.settings.prefix}shown:{user}:{day}")
+    key = Keys(s.settings.prefix).shown(expected_partition(user, s.settings.partitions), user,
+                                        day)
+    assert not s.r.exists(key)
     # Seeing it twice (two impressions, counted by the worker) caps every item of the list.
     shown = [{"item_id": e["item_id"]} for e in s.doc("user", user)["items"]][:50]
     events = [{"event_id": f"rc-i{n}", "type": "impression", "user_id": user, "ts": now + n,
                "request_id": asked[n]["request_id"], "placement": "product", "items": shown}
               for n in (1, 2)]
     assert s.post("/v1/events", events).status_code == 202
-    key = f"{s.settings.prefix}shown:{user}:{day}"
     wait_for("the impressions counted",
              lambda: (c := s.r.hgetall(key)) and all(float(v) >= 2 for v in c.values())
              and len(c) == len({e["item_id"] for e in shown}))

@@ -12,9 +12,9 @@ import time
 
 import orjson
 import pytest
-import redis
 
 from cartwise.harness import produce, progress, snapshot, stop_worker, wait_complete
+from cartwise.redisconn import connect
 from cartwise.simulator import Shop
 from streams.topics import ensure_topics
 
@@ -81,7 +81,7 @@ def test_sigkill_mid_backlog_then_restart_gives_the_same_state(
     topics, ends, total = backlog
     settings = make_settings("crash", topics_from=topics)
     ensure_topics(settings)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     w = workers(settings, "before-crash")
     deadline = time.monotonic() + 120
     done_at_kill = 0
@@ -110,7 +110,7 @@ def test_two_workers_over_four_partitions_give_the_same_state(
     procs = [workers(settings, "a"), workers(settings, "b")]
     wait_complete(settings, ends, timeout=240, procs=procs)
     assert_same_state(snapshot(settings), reference)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     time.sleep(1.5)  # let both publish their final counters
     applied = []
     for key in r.scan_iter(f"{settings.prefix}stats:*"):

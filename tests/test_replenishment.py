@@ -15,6 +15,7 @@ from models.context import ContextBook
 from models.graph import ItemGraph
 from models.ranking import REBUY_REASON, not_due, rank_for_user, rebuyable
 from models.repurchase import DAY, Estimate, blend, observe, predict, touchpoints
+from streams.store import Keys
 from tests.conftest import Served
 
 NOW = 1_700_000_000.0
@@ -193,7 +194,7 @@ def test_reminders_and_touchpoints_flow_to_redis_the_topic_and_the_api(served: S
     assert reminder["expected_run_out"] == pytest.approx(now + 6.5 * DAY, abs=1)
     assert not any(u == "rep-c" for u, _ in got) and ("rep-a", "day_1") not in got
     day7 = orjson.dumps(["rep-c", "rep-ink", "day_7", now - 5 * DAY])
-    assert any(s.r.zscore(f"{prefix}state:touchpoints:{p}", day7) is not None
+    assert any(s.r.zscore(Keys(prefix).touchpoints(p), day7) is not None
                for p in range(s.settings.partitions))
     due = s.get("/v1/replenishment/due", key="admin", within="7d").json()
     rows = {(d["user_id"], d["item_id"]): d for d in due["due"]}
@@ -202,6 +203,39 @@ def test_reminders_and_touchpoints_flow_to_redis_the_topic_and_the_api(served: S
     bad = s.get("/v1/replenishment/due", key="admin", within="1y")
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "query.within"
     assert s.get("/v1/replenishment/due", key="read").status_code == 403
+
+
+def test_due_pages_merge_the_partitions_as_one_sorted_set_would(stack):
+    """Each events partition has its own due set: a page over them all (ties on the score
+    included, ordered by member) is the page one ZRANGEBYSCORE over their union gives."""
+    import asyncio
+    import random
+
+    import redis.asyncio as aioredis
+
+    from api.routers.shoppers import merged_range
+
+    keys = Keys(f"due-merge-{time.monotonic_ns()}:")
+    sets = keys.dues(4)
+    union = f"{keys.prefix}union"
+    rng = random.Random(3)
+
+    async def run() -> None:
+        r = aioredis.Redis.from_url(stack.redis_url)
+        for n in range(300):
+            member = orjson.dumps([f"u{n}", f"i{n % 7}"])
+            score = float(rng.randint(0, 90))  # many ties
+            await r.zadd(sets[rng.randrange(4)], {member: score})
+            await r.zadd(union, {member: score})
+        for low, high in ((0, 90), (20, 40), (91, 99)):
+            for start, num in ((0, 1), (0, 101), (7, 10), (150, 101), (290, 20), (999, 5)):
+                want = await r.zrangebyscore(union, low, high, start=start, num=num,
+                                             withscores=True)
+                got = await merged_range(r, sets, low, high, start, num)
+                assert got == want, (low, high, start, num)
+        await r.aclose()
+
+    asyncio.run(run())
 
 
 def test_the_worker_offers_again_what_shoppers_rebuy_when_the_catalog_does_not_say(

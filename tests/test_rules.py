@@ -9,6 +9,7 @@ import httpx
 import orjson
 import pytest
 
+from cartwise.contract import expected_partition
 from models.rules import (
     BOOST_REASON,
     PIN_REASON,
@@ -23,6 +24,7 @@ from models.rules import (
     shortfall,
     utc_day,
 )
+from streams.store import Keys
 from tests.conftest import Served
 
 
@@ -232,7 +234,8 @@ def test_frequency_cap_and_boost_for_a_returning_shopper(rules_reset: Served):
         {"event_id": f"{user}-cap-{n}", "type": "impression", "user_id": user, "ts": now,
          "request_id": answers[n]["request_id"], "placement": "product",
          "items": [{"item_id": i} for i in first]} for n in (0, 1)]).status_code == 202
-    key = f"{s.settings.prefix}shown:{user}:{time.strftime('%Y%m%d', time.gmtime(now))}"
+    key = Keys(s.settings.prefix).shown(expected_partition(user, s.settings.partitions), user,
+                                        time.strftime('%Y%m%d', time.gmtime(now)))
     deadline = time.monotonic() + 60
     while float(s.r.hget(key, new) or 0) < 2:
         assert time.monotonic() < deadline, "impressions never counted"

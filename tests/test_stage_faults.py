@@ -15,8 +15,6 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
-import redis
-import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
 from cartwise.contract import expected_partition
@@ -31,6 +29,7 @@ from cartwise.harness import (
     worker_stats,
 )
 from cartwise.rebuild import running_workers
+from cartwise.redisconn import connect, connect_async
 from cartwise.simulator import Shop
 from models.rules import utc_day
 from streams import gaps as gaps_module
@@ -64,7 +63,7 @@ def test_a_worker_stopped_by_redis_data_loss_publishes_why(make_settings, worker
     ends = produce(settings, events[:150], shop.catalog)
     w = workers(settings)
     wait_complete(settings, ends, procs=[w])
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     for key in r.scan_iter(f"{settings.prefix}*"):  # Redis loses this deployment's data
         r.delete(key)
     produce(settings, events[150:])
@@ -100,8 +99,8 @@ def test_a_checkpoint_one_record_keeps_failing_costs_that_record_only(make_setti
     ts = START + 100
     bad = [_impression(victim, n, ts + n) for n in range(2)]
     fine = [_impression(users[1], n, ts + n) for n in range(2)]
-    r = redis.Redis.from_url(settings.redis_url)
-    r.hset(Keys(settings.prefix).shown(victim, utc_day(ts)), "x", b"not a number")
+    r = connect(settings)
+    r.hset(Keys(settings.prefix).shown(home, victim, utc_day(ts)), "x", b"not a number")
     stream = events[:200] + bad[:1] + fine + events[200:400] + bad[1:] + events[400:]
     ensure_topics(settings)
     ends = produce(settings, stream, shop.catalog)
@@ -124,7 +123,8 @@ def test_a_checkpoint_one_record_keeps_failing_costs_that_record_only(make_setti
     assert total["context.checkpoint_isolations"] >= 1
     assert "context.checkpoint_stuck" not in total
     keys = Keys(settings.prefix)
-    assert r.hget(keys.shown(users[1], utc_day(ts)), "x") == b"2"
+    other = expected_partition(users[1], settings.partitions)
+    assert r.hget(keys.shown(other, users[1], utc_day(ts)), "x") == b"2"
 
 
 def _partition_zero_records(settings) -> list:
@@ -158,9 +158,10 @@ class Exited(BaseException):
 
 def test_a_checkpoint_that_fails_without_any_record_stops_the_worker(make_settings,
                                                                       monkeypatch):
-    """When even a checkpoint that changes nothing fails (here the state generation key has
-    the wrong type), no record is at fault: the worker stops with exit 4 and says why,
-    instead of retrying forever or dead-lettering innocent records."""
+    """When even a checkpoint that changes nothing fails (here the state generation keys
+    have the wrong type: the global one and every partition's copy, which checkpoints
+    check), no record is at fault: the worker stops with exit 4 and says why, instead of
+    retrying forever or dead-lettering innocent records."""
     exits: list[int] = []
 
     def exit_(code: int) -> None:
@@ -184,8 +185,10 @@ def test_a_checkpoint_that_fails_without_any_record_stops_the_worker(make_settin
         stage, _ = await _gap_stage(settings, settings.prefix, sent=sent)
         stage.on_stop = on_stop
         r = stage.store.redis
-        await r.delete(stage.keys.generation)
-        await r.hset(stage.keys.generation, "not", "a string")
+        keys = stage.keys
+        for key in (keys.generation, *keys.partition_generations(settings.partitions)):
+            await r.delete(key)
+            await r.hset(key, "not", "a string")
         with pytest.raises(Exited):  # retried forever before: a hang guard, not a timing
             await asyncio.wait_for(stage.handle(recs), 60)
         return sent
@@ -297,7 +300,7 @@ def test_the_catalog_stage_acks_its_own_partitions_and_retries_dead_letters(make
         acked.append(e.message.partition)
 
     async def run() -> dict:
-        store = Store(aioredis.Redis.from_url(settings.redis_url), settings.prefix)
+        store = Store(connect_async(settings), settings.prefix)
         stage = CatalogStage(store, Stats("t"), send, settings)
         stage.ack = ack
         stage.assign({0})

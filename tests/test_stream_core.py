@@ -14,7 +14,6 @@ import time
 import httpx
 import orjson
 import pytest
-import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +30,7 @@ from cartwise.harness import (
     worker_env,
 )
 from cartwise.rebuild import rebuild, running_workers
+from cartwise.redisconn import connect
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
 from models.config import ModelConfig
@@ -68,7 +68,7 @@ def test_poison_records_and_wrong_keys_stop_nothing_and_lose_nothing(make_settin
     users = sorted({e["user_id"] for e in events})
     misrouted = set(random.Random(5).sample(users, len(users) // 10))
     # A corrupt "what was served" record: reading it fails, so does the impression's batch.
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     r.set(Keys(settings.prefix).served("rq-corrupt"), b"\x00not json")
     victim = events[10]["user_id"]
     impression = {"v": 1, "event_id": "imp-1", "type": "impression", "user_id": victim,
@@ -249,7 +249,7 @@ def test_catalog_records_read_during_a_redis_outage_are_kept(own_stack, make_set
     items = [{"item_id": f"c{i}", "price": float(i), "category": "k"} for i in range(210)]
     produce(settings, [], items[:10])
     workers(settings)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     key = Keys(settings.prefix).catalog
     deadline = time.monotonic() + 60
     while r.hlen(key) < 10:
@@ -259,7 +259,7 @@ def test_catalog_records_read_during_a_redis_outage_are_kept(own_stack, make_set
     produce(settings, [], items[10:])
     time.sleep(3)  # the worker reads them and fails to write them
     own_stack.start_redis()
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     deadline = time.monotonic() + 60
     while r.hlen(key) < len(items) and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -288,7 +288,7 @@ def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
     while not group_has_offsets(settings):
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     # Redis loses everything of this deployment (a flush, a failover to an empty replica).
     for key in r.scan_iter(f"{settings.prefix}*"):
         r.delete(key)
@@ -303,6 +303,9 @@ def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
         time.sleep(0.2)
     report = rebuild(settings, alive_s=1.0)
     assert "from offset 0 of its 4 partitions" in report.summary()
+    # A new generation, in the global token and beside every partition's state.
+    tokens = [keys.generation, *keys.partition_generations(settings.partitions)]
+    assert [r.get(k) for k in tokens] == [report.generation.encode()] * len(tokens)
     ends = {p: max(ends.get(p, -1), more.get(p, -1)) for p in set(ends) | set(more)}
     w2 = workers(settings, "after")
     wait_complete(settings, ends, procs=[w2], timeout=180)
@@ -340,15 +343,18 @@ def test_rebuild_refuses_while_a_worker_runs(make_settings, workers):
     ends = produce(settings, list(shop.events(40, start_ts=START)), shop.catalog)
     w = workers(settings, "alive")
     wait_complete(settings, ends, procs=[w])
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
     before = {k: r.type(k) for k in r.scan_iter(f"{settings.prefix}*")}
+    # The global token and its copies beside each partition's state (what checkpoints check).
+    tokens = [keys.generation, *keys.partition_generations(settings.partitions)]
     generation = r.get(keys.generation)
     assert generation and running_workers(r, keys, time.time())
+    assert [r.get(k) for k in tokens] == [generation] * len(tokens)
     out = run_rebuild(settings)
     assert_refused(out, "published stats in the last 5 s (alive-")
     assert "--force" in out.stderr  # the hint
-    assert r.get(keys.generation) == generation
+    assert [r.get(k) for k in tokens] == [generation] * len(tokens)
     assert set(before) <= set(r.scan_iter(f"{settings.prefix}*"))
 
 
@@ -361,9 +367,11 @@ def test_rebuild_refuses_an_events_log_that_lost_its_start(make_settings, broker
     settings = make_settings("rebuild-retention")
     ensure_topics(settings)
     produce(settings, list(Shop(seed=29).events(40, start_ts=START)), [])
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings)
     keys = Keys(settings.prefix)
-    r.set(keys.generation, b"g0")
+    tokens = [keys.generation, *keys.partition_generations(settings.partitions)]
+    for key in tokens:
+        r.set(key, b"g0")
     r.hset(keys.contexts(0), "u-kept", b"{}")
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
     admin.delete_records({TopicPartition(settings.events_topic, 0): 2})
@@ -371,7 +379,8 @@ def test_rebuild_refuses_an_events_log_that_lost_its_start(make_settings, broker
     out = run_rebuild(settings, "--force")
     assert_refused(out, "partition 0 starts at 2")
     assert "retention.ms=-1" in out.stderr
-    assert r.get(keys.generation) == b"g0" and r.hexists(keys.contexts(0), "u-kept")
+    assert [r.get(k) for k in tokens] == [b"g0"] * len(tokens)
+    assert r.hexists(keys.contexts(0), "u-kept")
 
 
 BOUNDS = "max_neighbours=12,max_items=60,max_users=40"
@@ -427,7 +436,7 @@ def test_bounded_state_is_the_same_however_it_is_run(make_settings, workers):
     # Redis holds no more per-shopper documents than the workers hold shoppers: the lists and
     # profiles of evicted shoppers are gone, so Redis memory follows `max_users`.
     kept = set(ref.contexts.users)
-    r = redis.Redis.from_url(topics.redis_url)
+    r = connect(topics)
     for settings, snap in zip(runs, snaps, strict=True):
         assert {k.removeprefix("user:") for k in snap["users"]} == kept
         profiles = {k.decode().removeprefix(Keys(settings.prefix).profile(""))

@@ -26,6 +26,20 @@ async def json_body(request: Request) -> object:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
 
 
+async def experiment_totals(backend: Backend, experiment_id: str) -> dict[str, str]:
+    """The experiment's counters ("variant|counter" -> value) summed over the events
+    partitions: each partition's workers add to their own hash (`Keys.experiment`)."""
+    pipe = backend.redis.pipeline(transaction=False)  # one read per node in a cluster
+    for key in backend.keys.experiment_parts(experiment_id, backend.settings.partitions):
+        pipe.hgetall(key)
+    totals: dict[str, float] = {}
+    for part in await pipe.execute():
+        for field, value in part.items():
+            name = field.decode()
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return {name: repr(value) for name, value in totals.items()}
+
+
 def router(backend: Backend) -> APIRouter:
     s = backend.settings
     config = backend.config
@@ -91,7 +105,8 @@ def router(backend: Backend) -> APIRouter:
             raise ApiError(404, "not_found", f"no experiment {experiment_id!r}",
                            "path.experiment_id")
         await config.save_experiments(current)
-        await backend.redis.delete(backend.keys.experiment(experiment_id))
+        # Each events partition keeps its own counters (the cluster client splits the DEL).
+        await backend.redis.delete(*backend.keys.experiment_parts(experiment_id, s.partitions))
         return json_response({"deleted": experiment_id, "request_id": request_id(request)})
 
     @r.get("/v1/experiments/{experiment_id}/report", tags=["experiments"],
@@ -105,8 +120,7 @@ def router(backend: Backend) -> APIRouter:
         if exp is None:
             raise ApiError(404, "not_found", f"no experiment {experiment_id!r}",
                            "path.experiment_id")
-        counters = parse_counters(await backend.redis.hgetall(
-            backend.keys.experiment(experiment_id)))
+        counters = parse_counters(await experiment_totals(backend, experiment_id))
         out = experiment_report(exp, counters, time.time())
         return json_response(out | {"request_id": request_id(request)})
 

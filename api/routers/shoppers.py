@@ -5,6 +5,7 @@ No `from __future__ import annotations`: FastAPI reads the route signatures at r
 
 import re
 import time
+from collections import deque
 from typing import Annotated
 
 import orjson
@@ -16,6 +17,7 @@ from api.errors import ApiError, json_response, request_id
 from api.schemas import ErrorBody
 from api.services.audience import MAX_AUDIENCE, audience
 from cartwise.contract import MAX_ID_LEN
+from cartwise.redisconn import AsyncClient
 from models.segments import rfm
 
 
@@ -26,6 +28,43 @@ def parse_span(text: str) -> float | None:
         return None
     seconds = float(m[1]) * (86400.0 if m[2] == "d" else 3600.0)
     return seconds if 0 < seconds <= 90 * 86400.0 else None
+
+
+async def merged_range(redis: AsyncClient, keys: list[str], low: float, high: float,
+                       start: int, num: int) -> list[tuple[bytes, float]]:
+    """ZRANGEBYSCORE `low` `high` LIMIT `start` `num` WITHSCORES over the union of the sorted
+    sets `keys` (one per events partition; their members differ), in Redis's order: score,
+    then member. Each set is read in growing slices, as far as the merge needs: a deep cursor
+    costs about what Redis's own LIMIT offset does, not that times the partitions."""
+    heads: list[deque[tuple[bytes, float]]] = [deque() for _ in keys]
+    read = [0] * len(keys)  # rows taken from each set so far
+    size = [max(16, num)] * len(keys)  # the next slice's length, doubled after each
+    left = set(range(len(keys)))  # sets that may hold more rows in the range
+    out: list[tuple[bytes, float]] = []
+    skip = start
+    while len(out) < num:
+        empty = [i for i in left if not heads[i]]
+        if empty:
+            pipe = redis.pipeline(transaction=False)  # one round trip (a node each)
+            for i in empty:
+                pipe.zrangebyscore(keys[i], low, high, start=read[i], num=size[i],
+                                   withscores=True)
+            for i, rows in zip(empty, await pipe.execute(), strict=True):
+                heads[i].extend(rows)
+                read[i] += len(rows)
+                if len(rows) < size[i]:
+                    left.discard(i)
+                size[i] = min(2 * size[i], 1 << 16)
+        ready = [i for i in range(len(keys)) if heads[i]]
+        if not ready:
+            break
+        first = min(ready, key=lambda i: (heads[i][0][1], heads[i][0][0]))
+        row = heads[first].popleft()
+        if skip:
+            skip -= 1
+        else:
+            out.append(row)
+    return out
 
 
 def router(backend: Backend) -> APIRouter:
@@ -80,8 +119,8 @@ def router(backend: Backend) -> APIRouter:
         now = time.time()
         lead = s.replenish_lead_days * 86400.0
         # Due = reminded up to `lead` ago (the run-out is still ahead) or within `ahead`.
-        rows = await backend.redis.zrangebyscore(backend.keys.due, now - lead, now + ahead,
-                                                 start=cursor, num=count + 1, withscores=True)
+        rows = await merged_range(backend.redis, backend.keys.dues(s.partitions), now - lead,
+                                  now + ahead, cursor, count + 1)
         more = len(rows) > count
         rows = rows[:count]
         catalog = await backend.catalog.facts(list({orjson.loads(m)[1] for m, _ in rows}))

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from api.auth import TokenBucket
 from api.metrics import ApiMetrics
 from api.services.catalog import CatalogCache
 from api.services.config import ConfigService
+from cartwise.contract import expected_partition
+from cartwise.redisconn import AsyncClient
 from cartwise.settings import Settings
 from models import serving, wording
 from models.config import ModelConfig
@@ -45,7 +46,7 @@ CONFIG = ModelConfig()  # the model settings the workers run with (their default
 class Answers:
     """Builds suggestion bodies (without request_id; the caller adds it)."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, store: Store,
+    def __init__(self, settings: Settings, redis: AsyncClient, store: Store,
                  config: ConfigService, catalog: CatalogCache, metrics: ApiMetrics) -> None:
         self.settings, self.redis, self.store = settings, redis, store
         self.keys: Keys = store.keys
@@ -153,8 +154,11 @@ class Answers:
 
     async def shown_today(self, user_id: str) -> dict[str, int]:
         """What this shopper saw today (UTC), item -> impressions: the workers count them
-        with HINCRBYFLOAT (`cw:shown:{user}:{YYYYMMDD}`), hence "2.0", not "2"."""
-        got = await self.redis.hgetall(self.keys.shown(user_id, utc_day(time.time())))
+        with HINCRBYFLOAT (`Keys.shown`, beside their events partition's state), hence "2.0",
+        not "2"."""
+        partition = expected_partition(user_id, self.settings.partitions)
+        got = await self.redis.hgetall(self.keys.shown(partition, user_id,
+                                                       utc_day(time.time())))
         return {k.decode(): int(float(v)) for k, v in got.items()}
 
     async def with_anchors(self, entries: list[dict], catalog: dict) -> None:
@@ -196,9 +200,9 @@ class Answers:
     async def item(self, item_id: str, kind: str, k: int,
                    user_id: str | None = None, rid: str | None = None) -> dict[str, Any]:
         experiment, strategy, rules, reranked = self.config.strategy(user_id)
-        if user_id is not None and rules.needs_profile:  # one round trip for both
-            raw, profile = await self.redis.mget(self.keys.item(item_id),
-                                                 self.keys.profile(user_id))
+        if user_id is not None and rules.needs_profile:  # one round trip (a node each)
+            raw, profile = await self.store.mget([self.keys.item(item_id),
+                                                  self.keys.profile(user_id)])
         else:
             raw, profile = await self.redis.get(self.keys.item(item_id)), None
         doc = orjson.loads(raw) if raw else None
@@ -248,9 +252,9 @@ class Answers:
     async def user(self, user_id: str, placement: str, k: int,
                    rid: str | None = None) -> dict[str, Any]:
         experiment, strategy, rules, reranked = self.config.strategy(user_id)
-        if rules.needs_profile:  # one round trip for both
-            raw, profile = await self.redis.mget(self.keys.user(user_id),
-                                                 self.keys.profile(user_id))
+        if rules.needs_profile:  # one round trip (a node each)
+            raw, profile = await self.store.mget([self.keys.user(user_id),
+                                                  self.keys.profile(user_id)])
         else:
             raw, profile = await self.redis.get(self.keys.user(user_id)), None
         doc = orjson.loads(raw) if raw else None

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
+from cartwise.redisconn import AsyncClient
 from models.audience import RELATED_PER_KIND, rank_audience, related_items
 from streams.store import Store
 
@@ -15,7 +15,7 @@ MAX_AUDIENCE = 1000  # shoppers per audience request
 AUDIENCE_READ = 200  # newest shoppers read per related item and channel
 
 
-async def audience(redis: aioredis.Redis, store: Store, item_id: str, k: int) -> dict[str, Any]:
+async def audience(redis: AsyncClient, store: Store, item_id: str, k: int) -> dict[str, Any]:
     """Shoppers most likely to buy `item_id` who have not, with the related items used."""
     keys = store.keys
     raw = await redis.get(keys.item(item_id))
@@ -38,7 +38,7 @@ async def audience(redis: aioredis.Redis, store: Store, item_id: str, k: int) ->
     ranked = rank_audience(related, touches, now, 2 * k + 20)
     owners: set[str] = set()
     if ranked:
-        profiles = await redis.mget([keys.profile(e["user_id"]) for e in ranked])
+        profiles = await store.mget([keys.profile(e["user_id"]) for e in ranked])
         owners = {e["user_id"] for e, p in zip(ranked, profiles, strict=True)
                   if p and item_id in orjson.loads(p).get("bought", ())}
     shoppers = [e for e in ranked if e["user_id"] not in owners][:k]

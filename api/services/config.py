@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from api.errors import ApiError
@@ -23,7 +22,7 @@ from cartwise.settings import Settings
 from models.experiments import RANKINGS, Experiment, ExperimentError, Strategy, choose
 from models.feedback import combine
 from models.rules import NO_RULES, Rules, RulesError
-from streams.store import Keys
+from streams.store import Store
 from streams.topics import ensure_topics
 
 log = logging.getLogger("cartwise.api")
@@ -32,9 +31,10 @@ log = logging.getLogger("cartwise.api")
 class ConfigService:
     """Rules, experiments and re-ranker weights, as last read from Redis."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, keys: Keys,
+    def __init__(self, settings: Settings, store: Store,
                  producer: Callable[[], AIOKafkaProducer | None]) -> None:
-        self.settings, self.redis, self.keys, self._producer = settings, redis, keys, producer
+        self.settings, self.store, self._producer = settings, store, producer
+        self.redis, self.keys = store.redis, store.keys
         if settings.ranking not in RANKINGS:
             raise ValueError(f"CARTWISE_RANKING must be one of {list(RANKINGS)}, not "
                              f"{settings.ranking!r}")
@@ -99,8 +99,9 @@ class ConfigService:
         self.experiments, self._experiments_raw = experiments, raw
 
     async def load_reranker(self) -> None:
-        """The partitions' re-rankers, combined (models/feedback.py, combine)."""
-        raws = await self.redis.mget([self.keys.reranker(p)
+        """The partitions' re-rankers, combined (models/feedback.py, combine); each lies in
+        its own partition's slot, hence `Store.mget`."""
+        raws = await self.store.mget([self.keys.reranker(p)
                                       for p in range(self.settings.partitions)])
         self.reranker = combine((orjson.loads(r) for r in raws if r),
                                 self.settings.reranker_min_examples)

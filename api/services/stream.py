@@ -6,13 +6,11 @@ import asyncio
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from api.metrics import ApiMetrics
 from cartwise.lag import StallDetector
 from cartwise.lag import collect as collect_lag
 from cartwise.settings import Settings
-from streams.store import Keys
+from streams.store import Store
 
 
 class StreamWatch:
@@ -23,10 +21,17 @@ class StreamWatch:
     cartwise_stream_stalled instead (docs/operations.md).
     """
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, keys: Keys,
-                 metrics: ApiMetrics) -> None:
-        self.settings, self.redis, self.keys, self.metrics = settings, redis, keys, metrics
+    def __init__(self, settings: Settings, store: Store, metrics: ApiMetrics) -> None:
+        self.settings, self.store, self.metrics = settings, store, metrics
         self.status: dict[str, Any] = {"status": "unknown", "detail": "not checked yet"}
+
+    async def generation_missing(self) -> bool:
+        """The global token or a partition's copy of it is gone: in a cluster one node can
+        lose its data alone, taking only its partitions' copies."""
+        keys = self.store.keys
+        found = await self.store.mget(
+            [keys.generation, *keys.partition_generations(self.settings.partitions)])
+        return None in found
 
     async def run(self) -> None:
         detector = StallDetector(self.settings.stall_after_s)
@@ -41,9 +46,10 @@ class StreamWatch:
                     m.stream_stalled.labels(*labels).set(0)
                 for row, _ in stalled:
                     m.stream_stalled.labels(row.topic, str(row.partition)).set(1)
-                # Progress committed, yet no generation: Redis lost the state (the workers stop).
+                # Progress committed, yet no generation or no copy of it beside a partition's
+                # state: Redis (or a cluster node) lost the state (the workers stop).
                 lost = (any((row.committed or 0) > 0 for row in rows)
-                        and not await self.redis.exists(self.keys.generation))
+                        and await self.generation_missing())
                 m.state_lost.set(1 if lost else 0)
                 self.status = {
                     "status": "state_lost" if lost else "stalled" if stalled else "ok",

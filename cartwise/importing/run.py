@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-import redis
 
 from cartwise.contract import (
     MAX_EVENT_BYTES,
@@ -33,6 +32,7 @@ from cartwise.contract import (
 from cartwise.importing.mapping import CatalogPreset, Preset, PresetSpec, Skip
 from cartwise.importing.reader import BadLine, Source
 from cartwise.importing.sender import BatchSender, Ledger, event_digest
+from cartwise.redisconn import connect
 from cartwise.settings import Settings
 
 SHOWN_REJECTS = 10  # rejected lines printed one by one; the rest are counted (and filed)
@@ -229,7 +229,7 @@ class Importer:
             topic = self.settings.events_topic if self.kind == "events" \
                 else self.settings.catalog_topic
             if self.kind == "events":
-                r = redis.Redis.from_url(self.settings.redis_url)
+                r = connect(self.settings)
                 r.ping()  # fail before anything is sent, not halfway
                 ledger = Ledger(r, f"{self.settings.prefix}import:events")
             sender = BatchSender(self.settings.bootstrap, topic)

@@ -1,0 +1,257 @@
+"""The workers and the API on a real three-master Redis Cluster (cartwise/rediscluster.py).
+
+A cluster refuses any command or script over keys of several hash slots (CROSSSLOT), and each
+node holds only its slots' keys: a run here shows every write and read the pipeline and the
+API make is routed per slot, that each stage partition's checkpoint keys share one slot (their
+hash tag), and that the result is still exactly what the library computes.
+
+The end-to-end test runs on one broker (the module is not `both_brokers`): what it checks is
+the Redis side, which is the same whichever broker feeds the workers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from api.auth import new_key
+from cartwise.embedded import free_port
+from cartwise.harness import (
+    produce,
+    snapshot,
+    start_api,
+    stop_worker,
+    wait_complete,
+    wait_http,
+    worker_counters,
+)
+from cartwise.rediscluster import LocalRedisCluster, slot_ranges
+from cartwise.redisconn import connect
+from cartwise.simulator import Shop
+from streams.store import CONTEXT, GRAPH, Keys, tag
+from streams.topics import ensure_topics
+from tests.test_pipeline import oracle
+
+START = 1_750_000_000.0
+TAG = re.compile(r"\{([^{}]+)\}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    c = LocalRedisCluster(parent=tmp_path_factory.mktemp("redis-cluster")).start()
+    yield c
+    c.stop()
+
+
+def owner(cluster: LocalRedisCluster, slot: int) -> int:
+    """The port of the master that serves `slot` (node n was given the n-th slot range)."""
+    for port, slots in zip(cluster.ports, slot_ranges(len(cluster.ports)), strict=True):
+        if slot in slots:
+            return port
+    raise AssertionError(slot)
+
+
+def keys_by_node(cluster: LocalRedisCluster, prefix: str) -> dict[int, list[str]]:
+    """Every key under `prefix`, by the port of the node that holds it (each node asked
+    alone: a node answers SCAN with its own keys only)."""
+    out = {}
+    for port in cluster.ports:
+        with cluster.node(port) as r:
+            out[port] = sorted(k.decode() for k in r.scan_iter(f"{prefix}*", count=1000))
+    return out
+
+
+def test_the_fixture_is_a_three_master_cluster_that_routes_by_slot(cluster):
+    rc = RedisCluster.from_url(cluster.url)
+    try:
+        assert {n.port for n in rc.get_primaries()} == set(cluster.ports)
+        # One key in each master's slot range.
+        probes: dict[int, str] = {}
+        n = 0
+        while len(probes) < len(cluster.ports):
+            key = f"probe:{n}"
+            probes.setdefault(owner(cluster, key_slot(key.encode())), key)
+            n += 1
+        for port, key in probes.items():
+            assert rc.set(key, str(port))
+        for port, key in probes.items():
+            assert rc.get(key) == str(port).encode()
+            assert rc.get_node_from_key(key).port == port
+            # The key lives on its master alone; another node redirects (MOVED).
+            with cluster.node(port) as r:
+                assert r.get(key) == str(port).encode()
+            other = next(p for p in cluster.ports if p != port)
+            with cluster.node(other) as r, pytest.raises(redis.exceptions.MovedError):
+                r.get(key)
+        # Keys of several slots in one command: the server refuses it (CROSSSLOT), as it
+        # would refuse a checkpoint script over another partition's keys.
+        with cluster.node(cluster.ports[0]) as r:
+            with pytest.raises(redis.exceptions.ResponseError, match="same slot"):
+                r.execute_command("MGET", "probe:{x}a", "probe:{y}b")
+        assert rc.delete(*probes.values()) == len(probes)
+    finally:
+        rc.close()
+
+
+def test_pipeline_and_api_on_a_redis_cluster_match_the_library(cluster, make_settings, workers,
+                                                               tmp_path):
+    read_key, read_entry = new_key("read")
+    settings = make_settings("cluster", redis_cluster=True, redis_url=cluster.url,
+                             api_port=free_port(), api_keys=read_entry)
+    assert settings.partitions == 4
+    ensure_topics(settings)
+    shop = Shop(seed=11)  # the simulator's small default shop
+    events = list(shop.events(200, start_ts=START, dup_rate=0.02))
+    ends = produce(settings, events, shop.catalog)
+    w = workers(settings)
+    wait_complete(settings, ends, procs=[w])
+    rc = connect(settings)
+    assert isinstance(rc, RedisCluster)
+
+    # What the stream wrote equals what the library computes (as tests/test_pipeline.py).
+    snap = snapshot(settings)
+    ref = oracle(events, shop.catalog)
+    assert snap["items"], "no item lists were written"
+    for item in ref.graph.rows:
+        got = snap["items"].get(f"item:{item}")
+        assert got is not None, item
+        expected = ref.graph.lists(item)
+        assert got["cross_sell"] == expected["cross_sell"], item
+        assert got["alternatives"] == expected["alternatives"], item
+    assert any(d["cross_sell"] for d in snap["items"].values())
+    users = {e["user_id"] for e in events if isinstance(e, dict)}
+    assert {k.removeprefix("user:") for k in snap["users"]} == users
+    for user in users:
+        assert snap["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+    trending = {m.decode(): v for m, v in rc.zrange(f"{settings.prefix}trending", 0, -1,
+                                                    withscores=True)}
+    want = dict(ref.trending(k=settings.trending_size))
+    assert trending.keys() == want.keys()
+    assert all(abs(trending[i] - want[i]) < 1e-9 for i in trending)
+
+    # Every valid event applied once, none dead-lettered (a batch failing on a cluster error
+    # would be retried, then dead-lettered record by record). Workers publish their counters
+    # once a second: wait for a snapshot that counts every record.
+    valid = [e for e in events if isinstance(e, dict)]
+    unique = {e["event_id"] for e in valid}
+    deadline = time.monotonic() + 30
+    while True:
+        counters = worker_counters(settings)
+        applied = sum(v for k, v in counters.items() if k.startswith("applied."))
+        dead = sum(v for k, v in counters.items() if k.startswith("dlq."))
+        if applied + dead + counters.get("duplicate", 0) >= len(valid):
+            break
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.2)
+    assert (applied, dead, counters.get("duplicate", 0)) == (
+        len(unique), 0, len(valid) - len(unique)), counters
+
+    # Each stage partition's state keys share the slot of its hash tag...
+    keys = Keys(settings.prefix)
+    for p in range(settings.partitions):
+        context = [keys.offset(CONTEXT, p), keys.contexts(p), keys.touchpoints(p),
+                   keys.clusters(p), keys.reranker_state(p), keys.refreshed(p),
+                   keys.partition_generation(CONTEXT, p), keys.shown(p, "u", "20250101"),
+                   keys.due(p), keys.experiment("x", p), keys.reranker(p)]
+        graph = [keys.offset(GRAPH, p), keys.rows(p), keys.marginals(p), keys.open_evidence(p),
+                 keys.seen_epochs(p), keys.cycles(p), keys.meta(p), keys.settled(p),
+                 keys.partition_generation(GRAPH, p)]
+        for stage, names in ((CONTEXT, context), (GRAPH, graph)):
+            slot = key_slot(tag(stage, p).encode())
+            assert {key_slot(k.encode()) for k in names} == {slot}, (stage, p, names)
+        # ...and the checkpointed ones are there, on the master serving that slot.
+        written = [keys.offset(CONTEXT, p), keys.contexts(p), keys.refreshed(p),
+                   keys.partition_generation(CONTEXT, p), keys.offset(GRAPH, p), keys.rows(p),
+                   keys.marginals(p), keys.meta(p), keys.settled(p),
+                   keys.partition_generation(GRAPH, p)]
+        for key in written:
+            with cluster.node(owner(cluster, key_slot(key.encode()))) as r:
+                assert r.exists(key), key
+    # Every tagged key Redis holds is one of a stage partition's, and each tag's keys lie on
+    # one node; keys (state and lookups) landed on all three masters.
+    held = keys_by_node(cluster, settings.prefix)
+    assert all(held.values()), {port: len(k) for port, k in held.items()}
+    tags = {tag(s, p).strip("{}") for s in (CONTEXT, GRAPH) for p in range(settings.partitions)}
+    nodes_of_tag: dict[str, set[int]] = defaultdict(set)
+    for port, names in held.items():
+        for name in names:
+            found = TAG.search(name)
+            if found:
+                assert found.group(1) in tags, name
+                nodes_of_tag[found.group(1)].add(port)
+    assert nodes_of_tag.keys() == tags
+    assert all(len(ports) == 1 for ports in nodes_of_tag.values()), nodes_of_tag
+    assert {p for ports in nodes_of_tag.values() for p in ports} == set(cluster.ports)
+
+    # The API reads through a cluster client: an item's and a shopper's suggestions are the
+    # lists Redis holds (in stock, in order), as tests/test_api.py checks on one Redis.
+    api = start_api(settings, tmp_path / "api.log")
+    try:
+        base = f"http://127.0.0.1:{settings.api_port}"
+        wait_http(base + "/ready", api)
+        headers = {"X-API-Key": read_key}
+        in_stock = {c["item_id"] for c in shop.catalog if c["in_stock"]}
+
+        def doc(kind: str, id_: str) -> dict | None:
+            raw = rc.get(f"{settings.prefix}{kind}:{id_}")
+            return None if raw is None else orjson.loads(raw)
+
+        item = next(i for i in shop.complements
+                    if (d := doc("item", i)) and len(d["cross_sell"]) >= 3 and d["alternatives"])
+        stored = doc("item", item)
+        for kind in ("cross_sell", "alternatives"):
+            resp = httpx.get(f"{base}/v1/items/{item}/suggestions", headers=headers,
+                             params={"kind": kind, "k": 5}, timeout=10)
+            assert resp.status_code == 200, resp.text
+            got = [e for e in resp.json()["items"] if e["kind"] != "trending"]
+            want_items = [e for e in stored[kind] if e["item_id"] in in_stock][:5]
+            assert [(e["item_id"], e["score"]) for e in got] == [
+                (e["item_id"], e["score"]) for e in want_items], kind
+
+        user = next(u for u in sorted(users) if (d := doc("user", u)) and d["items"])
+        stored = doc("user", user)
+        resp = httpx.get(f"{base}/v1/users/{user}/suggestions", headers=headers,
+                         params={"k": 20}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        got_ids = [e["item_id"] for e in resp.json()["items"] if e["kind"] != "trending"]
+        assert got_ids == [e["item_id"] for e in stored["items"]
+                           if e["item_id"] in in_stock][:20]
+        assert got_ids
+        # Nothing was retried on a Redis error along the way (a CROSSSLOT script or command, a
+        # redirection a plain client cannot follow): those would be logged, not failed.
+        for log in (tmp_path / "w.log", tmp_path / "api.log"):
+            text = log.read_text(errors="replace")
+            assert not re.search(r"Traceback|CROSSSLOT|same slot|MOVED|RedisError", text), (
+                log.name, text[-4000:])
+    finally:
+        stop_worker(api)
+        rc.close()
+        print("--- api.log (last lines) ---",
+              *(tmp_path / "api.log").read_text(errors="replace").splitlines()[-30:], sep="\n")
+
+
+def test_cluster_stop_removes_its_processes_and_dir(tmp_path):
+    c = LocalRedisCluster(parent=tmp_path).start()
+    workdir, procs = c.workdir, list(c.procs)
+    assert workdir is not None and workdir.is_dir()
+    c.stop()
+    assert not workdir.exists()
+    assert all(p.poll() is not None for p in procs)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis(port=c.ports[0], socket_connect_timeout=0.2).ping()
+        except redis.exceptions.ConnectionError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a node still answers after stop()")
