@@ -159,7 +159,11 @@ def rebuild(settings: Settings, force: bool = False, alive_s: float = ALIVE_S) -
     copies = dict.fromkeys(keys.partition_generations(max(settings.partitions, partitions)),
                            generation)
     if is_cluster(r):
-        r.mset_nonatomic(copies)  # one MSET per slot
+        # And one in every slot: the workers watch them for a node that lost its data.
+        pipe = r.pipeline(transaction=False)
+        for key in (*copies, *keys.sentinels()):
+            pipe.set(key, generation)
+        pipe.execute()
     else:
         r.mset(copies)
     r.set(keys.generation, generation)

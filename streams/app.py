@@ -21,11 +21,13 @@ from streams.context_stage import ContextStage
 from streams.gaps import ISOLATION_LEVEL, prober
 from streams.graph_stage import GraphStage
 from streams.stats import Stats
-from streams.store import Store
+from streams.store import StateLost, Store
 from streams.topics import group_has_offsets
 
 log = logging.getLogger("cartwise.app")
 STATS_TTL_S = 86400
+
+GENERATION_CHECK_S = 10.0  # how often a worker on a Redis Cluster checks every slot's sentinel
 
 
 def _records(batch: list[Any]) -> list[tuple[bytes | None, int, int, float, bytes | None]]:
@@ -229,6 +231,20 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     @app.timer(settings.refresh_interval_s)
     async def refresh_timer() -> None:
         await guarded("refresh", context.refresh())
+
+    if store.cluster:
+        @app.timer(GENERATION_CHECK_S)
+        async def generation_timer() -> None:
+            """A cluster node can lose its data where no checkpoint of ours looks (lists, the
+            catalog, versions): every slot keeps a copy of the generation (docs/redis.md)."""
+            try:
+                await store.check_generation()
+            except StateLost as exc:
+                await context.fatal(exc)
+            except Exception as exc:  # an outage: checked again at the next tick
+                stats.inc("generation.errors")
+                log.warning("checking the state generation failed (%s: %s)",
+                            type(exc).__name__, exc)
 
     @app.timer(1.0)
     async def publish_stats() -> None:

@@ -9,11 +9,13 @@ Redis Cluster. See docs/architecture.md and docs/redis.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from typing import Any
 
 import orjson
+from redis.crc import key_slot
 
 from cartwise.redisconn import AsyncClient, is_cluster
 
@@ -92,6 +94,25 @@ return 1
 
 CONTEXT = "context"  # the stage names, which tag their partitions' keys
 GRAPH = "cooccurrence"
+
+
+CLUSTER_SLOTS = 16384
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """A hash tag for each Redis Cluster slot, in slot order (`s<n>` for the first n that
+    hashes there): a key under each watches its slot's node for data loss."""
+    tags: list[str] = [""] * CLUSTER_SLOTS
+    left, n = CLUSTER_SLOTS, 0
+    while left:
+        t = f"s{n}"
+        slot = key_slot(t.encode())
+        if not tags[slot]:
+            tags[slot] = t
+            left -= 1
+        n += 1
+    return tuple(tags)
 
 
 def tag(stage: str, partition: int) -> str:
@@ -248,6 +269,11 @@ class Keys:
         return [self.partition_generation(stage, p)
                 for stage in (CONTEXT, GRAPH) for p in range(partitions)]
 
+    def sentinels(self) -> list[str]:
+        """The generation once in every cluster slot (cluster only): a node that lost its
+        data shows as missing sentinels, even one that holds no partition's state."""
+        return [f"{self.prefix}state:{{{t}}}:sentinel" for t in slot_tags()]
+
     def stats(self, worker_id: str) -> str:
         return f"{self.prefix}stats:{worker_id}"
 
@@ -367,8 +393,50 @@ class Store:
                 f"partition states under prefix {self.keys.prefix!r} belong to another state "
                 "generation than the deployment's: Redis lost part of its data. Stop all "
                 "workers and run `cartwise rebuild` (docs/operations.md).")
+        if self.cluster:
+            sentinels = self.keys.sentinels()
+            found = await self._get_all(sentinels)
+            if state_exists and None in found:
+                raise StateLost(self._sentinels_lost(found))
+            missing = [k for k, v in zip(sentinels, found, strict=True) if v is None]
+            if missing:  # a new deployment
+                pipe = self.redis.pipeline(transaction=False)
+                for key in missing:
+                    pipe.set(key, raw, nx=True)
+                await pipe.execute()
         self.generation = raw.decode()
+        if self.cluster:
+            await self.check_generation()
         return self.generation
+
+    async def check_generation(self) -> None:
+        """Raise StateLost unless every slot of the cluster still holds this generation: a
+        node restarted empty or flushed lost lists and shared keys (catalog, versions) even
+        where no partition's state lives. A worker calls it every `GENERATION_CHECK_S`."""
+        if not self.cluster or not self.generation:
+            return
+        found = await self._get_all([self.keys.generation, *self.keys.sentinels()])
+        want = self.generation.encode()
+        if found[0] != want or any(v != want for v in found[1:]):
+            raise StateLost(self._sentinels_lost(found[1:]) if found[0] == want else
+                            f"the state generation under prefix {self.keys.prefix!r} is gone "
+                            "or changed: Redis lost its data. Stop all workers and run "
+                            "`cartwise rebuild` (docs/operations.md).")
+
+    def _sentinels_lost(self, found: list[bytes | None]) -> str:
+        want = self.generation.encode() if self.generation else None
+        bad = [slot for slot, v in enumerate(found) if v is None or (want and v != want)]
+        return (f"{len(bad)} of {CLUSTER_SLOTS} cluster slots (first: {bad[:3]}) lost the state "
+                f"generation under prefix {self.keys.prefix!r}: a Redis Cluster node lost its "
+                "data (restarted empty, flushed, or failed over without a replica). Stop all "
+                "workers and run `cartwise rebuild` (docs/operations.md).")
+
+    async def _get_all(self, keys: list[str]) -> list[bytes | None]:
+        """GET each of many keys of many slots: one pipeline, a round trip per node."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        return await pipe.execute()
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         """Values of `keys` in order; in a cluster, one MGET per slot."""
