@@ -20,7 +20,9 @@ of an uninterrupted run, N workers equal one, nothing is skipped. Per seed:
    checkpoint meta and the trending sets to a relative 1e-9. Per-category trending entries
    are reported but do not fail a seed (`TIMING_DEPENDENT`: they differ between two
    uninterrupted runs too). A chaos run not complete `--timeout` s after the last kill is
-   reported stuck (some evidence never arrives) and compared as it stands.
+   reported stuck (some evidence never arrives) and compared as it stands. An item list that
+   differs only in the last rounded digit of some numbers (`ORDER_DEPENDENT`, below) is
+   reported apart and does not fail a seed either.
 
 A seed fixes the events and the kill schedule (victims, gaps, pauses), not where the kills
 land relative to the workers' batches: the same seed can pass once and fail the next time.
@@ -31,6 +33,7 @@ bench/results/logs/chaos/. The scenario (`run_seed`) is shared with tests/test_c
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import subprocess
 import threading
@@ -58,6 +61,7 @@ from cartwise.harness import (
 from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
+from models.config import ModelConfig
 from streams.topics import ensure_topics
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,6 +90,9 @@ class ChaosConfig:
     # Settings for the chaos run's workers (the reference keeps the defaults), e.g.
     # {"checkpoint_interval_s": 2.0}: the claim holds for any configuration.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # A folder to write both runs' snapshots to (seed<N>-chaos.json, seed<N>-reference.json),
+    # to see how differing keys differ; None writes nothing.
+    dump: Path | None = None
 
 
 @dataclass
@@ -115,7 +122,7 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return self.complete and self.error is None and not any(
-            n for kind, n in self.mismatches.items() if kind not in TIMING_DEPENDENT)
+            n for kind, n in self.mismatches.items() if kind not in NOT_HELD)
 
 
 # Differs between two *uninterrupted* runs too, so it is reported, not held against the claim:
@@ -123,6 +130,59 @@ class ChaosResult:
 # scored before the catalog reached Redis stays in the shop-wide set only (streams/graph_stage.py
 # `_trending`; the catalog is read through a cache of `lists_interval_s * 25`).
 TIMING_DEPENDENT = ("trending_by_category",)
+
+# An item list's numbers are rounded (`score_digits` significant digits, G² to 4 decimals) from
+# counts that are float sums in arrival order: two runs hold them equal to a relative 1e-9
+# only (harness.CLOSE_KINDS; the reference's own totals differ from the library's in the last
+# bits). Rounding makes lists equal except where a value lies within that noise of a rounding
+# midpoint: there it rounds up in one run and down in the other. Seed 21: the lift of the pair
+# gar-000/lap-009 is 3.990007445 +- 1e-14 (total view count 555327.8195380325 in the chaos
+# run, ...0346 in the reference, ...0344 in the library), shown as 3.99000744 in one and
+# 3.99000745 in the other, in both items' lists. Such a list (same items, same order, every
+# other field equal, numbers at most one unit of their last rounded digit apart) is moved from
+# "items" to this kind: reported, not held against the claim. Anything more still fails.
+LAST_DIGIT = "items_last_digit"
+ORDER_DEPENDENT = (LAST_DIGIT,)
+NOT_HELD = (*TIMING_DEPENDENT, *ORDER_DEPENDENT)
+
+
+def last_digit_apart(a: Any, b: Any, digits: int, key: str | None = None) -> bool:
+    """Whether two list documents are equal but for numbers at most one unit of their last
+    rounded digit apart (`digits` significant digits; "llr" to 4 decimals, models/itemlists.py):
+    same keys, same entries in the same order, every string and flag equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(last_digit_apart(a[k], b[k], digits, k) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(last_digit_apart(x, y, digits, key)
+                                        for x, y in zip(a, b, strict=True))
+    if (isinstance(a, float) and isinstance(b, float) and a != b
+            and math.isfinite(a) and math.isfinite(b) and a * b > 0):
+        # The smaller's unit: 9.99999999 and 10.0000000 are one unit of the former apart.
+        small = min(abs(a), abs(b))
+        unit = 1e-4 if key == "llr" else 10.0 ** (math.floor(math.log10(small)) - digits + 1)
+        return abs(a - b) <= unit * (1 + 1e-6)
+    return type(a) is type(b) and a == b
+
+
+def last_digit_paths(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two documents `last_digit_apart` differ: "path: a != b" for each number."""
+    if isinstance(a, dict):
+        return [p for k in a for p in last_digit_paths(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list):
+        return [p for n, (x, y) in enumerate(zip(a, b, strict=True))
+                for p in last_digit_paths(x, y, f"{path}[{n}]")]
+    return [] if a == b else [f"{path.lstrip('.')}: {a!r} != {b!r}"]
+
+
+def split_last_digit(diff: dict[str, dict[str, list[str]]], got: dict[str, Any],
+                     want: dict[str, Any], digits: int) -> dict[str, list[str]]:
+    """Move the item lists that are `last_digit_apart` from diff["items"]["differ"] to
+    diff[LAST_DIGIT]; returns, per moved key, where its numbers differ (chaos != reference)."""
+    moved = {k: last_digit_paths(got[k], want[k])
+             for k in diff["items"]["differ"] if last_digit_apart(got[k], want[k], digits)}
+    diff["items"]["differ"] = [k for k in diff["items"]["differ"] if k not in moved]
+    diff[LAST_DIGIT] = {"differ": sorted(moved)}
+    return moved
 
 
 def make_events(seed: int, n: int, bad_rate: float, dup_rate: float) -> tuple[Shop, list]:
@@ -257,7 +317,13 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
         stop_worker(w, hard=True)
     res.reference_s = round(time.monotonic() - t1, 1)
     want = full_snapshot(ref)
+    if cfg.dump is not None:
+        cfg.dump.mkdir(parents=True, exist_ok=True)
+        for name, snap in (("chaos", got), ("reference", want)):
+            (cfg.dump / f"seed{cfg.seed}-{name}.json").write_bytes(
+                orjson.dumps(snap, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS))
     diff = state_diff(got, want)
+    rounding = split_last_digit(diff, got["items"], want["items"], ModelConfig().score_digits)
     res.mismatches = diff_counts(diff)
     res.lost_event_ids = len(
         {e for c in want["contexts"].values() for e in c.get("e", ())}
@@ -275,13 +341,16 @@ def run_seed(cfg: ChaosConfig, make: Callable[..., Settings], start: Starter,
         f"reference {res.reference_s}s")
     if res.examples:
         log(f"seed {cfg.seed}: examples {res.examples}")
+    if rounding:
+        log(f"seed {cfg.seed}: item lists one unit of a rounded digit apart (not held, "
+            f"ORDER_DEPENDENT): {rounding}")
     return res
 
 
 COLUMNS = ("broker", "seed", "workers", "partitions", "kills", "events", "complete", "items",
            "users", "contexts", "rows", "marginals_all", "meta", "trending", "trending_by_category",
-           "lost_event_ids", "conflicts", "stale", "refetches", "gaps_accepted", "stalls",
-           "chaos_s", "ok")
+           LAST_DIGIT, "lost_event_ids", "conflicts", "stale", "refetches", "gaps_accepted",
+           "stalls", "chaos_s", "ok")
 
 
 def table(results: list[ChaosResult]) -> str:
@@ -335,7 +404,7 @@ def run_broker(broker: str, args: argparse.Namespace, overrides: dict[str, Any],
                               live_chunks=args.live_chunks,
                               first_kill_at=tuple(args.first_kill_at),
                               overrides=overrides,
-                              timeout_s=args.timeout)
+                              timeout_s=args.timeout, dump=args.dump)
             try:
                 results.append(replace(run_seed(cfg, make, start), broker=broker))
             except Exception as exc:  # noqa: BLE001 - one seed's failure is a result too
@@ -375,6 +444,9 @@ def main() -> None:
                          "cartwise/kafka_broker.py)")
     ap.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     ap.add_argument("--logs", type=Path, default=RESULTS / "logs" / "chaos")
+    ap.add_argument("--dump", type=Path, default=None, metavar="DIR",
+                    help="write both runs' full snapshots per seed to DIR, to inspect how "
+                         "differing keys differ")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a Settings field for the chaos run's workers, e.g. "
                          "checkpoint_interval_s=2 (repeatable)")
@@ -405,6 +477,7 @@ def main() -> None:
     out.write_bytes(orjson.dumps({
         "args": vars(args) | {"gap": list(args.gap), "pause": list(args.pause),
                               "out": _shown(args.out), "logs": _shown(args.logs),
+                              "dump": args.dump and _shown(args.dump),
                               "first_kill_at": list(args.first_kill_at)},
         "seeds": [asdict(r) | {"ok": r.ok} for r in results],
     }, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

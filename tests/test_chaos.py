@@ -9,7 +9,9 @@ reads the same topics (its own consumer group and prefix) and everything is comp
 lists, shopper lists and contexts exactly; rows, every partition's totals, checkpoint meta and
 the shop-wide trending set to a relative 1e-9. The per-category trending sets are compared and
 reported but not asserted: they depend on when the catalog reached Redis, so they differ
-between two uninterrupted runs too (bench/chaos.py, TIMING_DEPENDENT). The scenario is
+between two uninterrupted runs too (bench/chaos.py, TIMING_DEPENDENT); nor is an item list
+whose numbers differ by one unit of their last rounded digit (ORDER_DEPENDENT: a value at a
+rounding midpoint, within the float noise of sums added in another order). The scenario is
 bench/chaos.py's (`run_seed`); the long soak is `python -m bench.chaos`.
 """
 
@@ -19,7 +21,7 @@ import os
 
 import pytest
 
-from bench.chaos import TIMING_DEPENDENT, ChaosConfig, run_seed
+from bench.chaos import NOT_HELD, ChaosConfig, run_seed
 
 # One seed per broker keeps `make test` within its time (Tansu seed 1, Apache Kafka seed 2);
 # CHAOS_SEEDS=1,2,3,4 runs those seeds on every broker, and bench/chaos.py is the long soak.
@@ -49,7 +51,7 @@ def test_random_sigkills_under_live_traffic_give_the_state_of_an_uninterrupted_r
     # The attack happened: every kill landed, and before the last event went through.
     assert res.kills == cfg.kills
     assert res.kill_log[0]["checkpointed"] < res.backlog
-    asserted = {k: n for k, n in res.mismatches.items() if k not in TIMING_DEPENDENT}
+    asserted = {k: n for k, n in res.mismatches.items() if k not in NOT_HELD}
     assert res.complete and res.error is None and not any(asserted.values()), (
         f"seed {seed}: after {res.kills} kills over {res.events} events the state differs from "
         f"the uninterrupted run: keys differing {asserted}; event ids lost (lower bound) "
