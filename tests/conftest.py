@@ -54,7 +54,8 @@ _ids = itertools.count()
 # Unmarked stack modules that run on the last broker picked (Kafka under `--broker both`), not the
 # first: Tansu's half also has every other unmarked module, so this evens out the two xdist
 # workers. Only modules with a stack of their own (not `served`, which one worker builds once).
-ON_LAST_BROKER = frozenset({"test_experiments_stream.py"})
+ON_LAST_BROKER = frozenset({"test_experiments_stream.py", "test_redis_cluster.py",
+                            "test_config_log.py"})
 
 ENABLE_KAFKA = ("install Java 17+ and Maven (the jars are fetched once into .cartwise/), or set "
                 "CARTWISE_KAFKA_LIBS to a folder of Kafka 4.x jars")

@@ -11,6 +11,7 @@ the Redis side, which is the same whichever broker feeds the workers.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import re
@@ -27,6 +28,8 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from api.auth import new_key
+from api.metrics import ApiMetrics
+from api.services.stream import StreamWatch
 from cartwise.embedded import free_port
 from cartwise.harness import (
     produce,
@@ -40,9 +43,10 @@ from cartwise.harness import (
 )
 from cartwise.rebuild import rebuild, running_workers
 from cartwise.rediscluster import LocalRedisCluster, slot_ranges
-from cartwise.redisconn import connect
+from cartwise.redisconn import connect, connect_async
+from cartwise.settings import Settings
 from cartwise.simulator import Shop
-from streams.store import CONTEXT, GRAPH, Keys, tag
+from streams.store import CONTEXT, GRAPH, Keys, Store, tag
 from streams.topics import ensure_topics, group_has_offsets
 from tests.test_pipeline import oracle
 
@@ -272,6 +276,16 @@ def test_cluster_stop_removes_its_processes_and_dir(tmp_path):
 LOOKUPS = ("item:", "user:", "profile:", "trending", "viewers:", "buyers:", "stats:")
 
 
+async def api_sees_loss(settings: Settings) -> bool:
+    """What an API process reports: the generation or a slot's sentinel is gone."""
+    client = connect_async(settings)
+    try:
+        watch = StreamWatch(settings, Store(client, settings.prefix), ApiMetrics())
+        return await watch.generation_missing()
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 def lone_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
     """A cluster of the test's own, for a test that flushes and restarts its nodes."""
@@ -346,6 +360,7 @@ def test_a_node_losing_its_data_stops_the_workers_and_rebuild_restores_the_state
         [generation] * (1 + len(copies)))
     stopped = {s["worker_id"].split("-")[0]: s.get("stopped") for s in worker_stats(settings)}
     assert stopped == {"before": "state_lost"}, stopped
+    assert asyncio.run(api_sees_loss(settings))  # the API's /ready says state_lost too
     report = rebuild(settings)
     w1 = workers(settings, "rebuilt")
     wait_complete(settings, ends, procs=[w1], timeout=180)
@@ -362,6 +377,7 @@ def test_a_node_losing_its_data_stops_the_workers_and_rebuild_restores_the_state
     # Everything the loss took is back (lists, the audience index, the profiles).
     assert [k for k in lost if not k.startswith(keys.stats("")) and not rc.exists(k)] == []
     generation = report.generation.encode()
+    assert not asyncio.run(api_sees_loss(settings))
     w = w1
 
     # 2. A node with state restarts empty (no persistence, no replica): its partitions'

@@ -26,12 +26,14 @@ class StreamWatch:
         self.status: dict[str, Any] = {"status": "unknown", "detail": "not checked yet"}
 
     async def generation_missing(self) -> bool:
-        """The global token or a partition's copy of it is gone: in a cluster one node can
-        lose its data alone, taking only its partitions' copies."""
+        """The global token or a partition's copy of it is gone, or in a cluster a node's
+        slot sentinels (docs/redis.md, "Cluster"): one node can lose its data alone."""
         keys = self.store.keys
         found = await self.store.mget(
             [keys.generation, *keys.partition_generations(self.settings.partitions)])
-        return None in found
+        if None in found:
+            return True
+        return self.store.cluster and bool(await self.store.lost_slots(found[0]))
 
     async def run(self) -> None:
         detector = StallDetector(self.settings.stall_after_s)
