@@ -55,6 +55,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Wait for a process told to stop; SIGKILL it after `timeout` s."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -210,11 +219,7 @@ class EmbeddedStack:
                 proc.wait()
             elif proc is not None and proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                wait_or_kill(proc)
 
     def close(self) -> None:
         self.stop()

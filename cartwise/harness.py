@@ -171,6 +171,17 @@ def is_complete(pr: dict[str, Any], ends: dict[int, int]) -> bool:
     return all(pr["refreshed"][p]["version"] >= pr["lists_version"] for p in ends)
 
 
+def wait_committed(settings: Settings, timeout: float = 60.0) -> None:
+    """Until the consumer group has committed progress to the broker (Faust commits every few
+    seconds): what makes a Redis without state read as data loss."""
+    from streams.topics import group_has_offsets
+
+    deadline = time.monotonic() + timeout
+    while not group_has_offsets(settings):
+        assert time.monotonic() < deadline, "the consumer group committed no offsets"
+        time.sleep(0.5)
+
+
 def wait_complete(settings: Settings, ends: dict[int, int], timeout: float = 120.0,
                   procs: Iterable[subprocess.Popen] = ()) -> dict[str, Any]:
     r = connect(settings)

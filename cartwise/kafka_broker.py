@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cartwise.embedded import free_port
+from cartwise.embedded import free_port, wait_or_kill
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -361,11 +361,7 @@ class KafkaBroker:
             return
         if proc.poll() is None:
             proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            wait_or_kill(proc, timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """A clean shutdown (SIGTERM: Kafka flushes and closes its logs); SIGKILL after timeout."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from cartwise.embedded import _ephemeral_start, redis_binary, wait_port
+from cartwise.embedded import _ephemeral_start, redis_binary, wait_or_kill, wait_port
 
 SLOTS = 16384
 # Redis 6.2 always listens for the cluster bus at the client port + 10000 (`cluster-port`
@@ -150,11 +150,7 @@ class LocalRedisCluster:
         routing those slots to it, now empty. Returns once the cluster is ready again."""
         proc = self.procs[n]
         proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc)
         self.procs[n] = self._spawn(n)
         wait_port(self.ports[n], proc=self.procs[n])
         self._wait_ready()
@@ -223,11 +219,7 @@ class LocalRedisCluster:
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            wait_or_kill(proc)
         self.procs = []
         if self.workdir is not None and not os.environ.get("CARTWISE_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)

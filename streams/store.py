@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -395,7 +396,7 @@ class Store:
                 "workers and run `cartwise rebuild` (docs/operations.md).")
         if self.cluster:
             sentinels = self.keys.sentinels()
-            found = await self._get_all(sentinels)
+            found = await self.mget(sentinels)
             if state_exists and None in found:
                 raise StateLost(self._sentinels_lost(
                     [slot for slot, v in enumerate(found) if v is None]))
@@ -431,7 +432,7 @@ class Store:
         ranges = await self.redis.cluster_slots()
         slots = sorted({slot for first, last in ranges for slot in (first, last)})
         sentinels = self.keys.sentinels()
-        found = await self._get_all([sentinels[s] for s in slots])
+        found = await self.mget([sentinels[s] for s in slots])
         return [s for s, v in zip(slots, found, strict=True) if v != want]
 
     def _sentinels_lost(self, bad: list[int]) -> str:
@@ -440,22 +441,16 @@ class Store:
                 "empty, flushed, or failed over without a replica). Stop all workers and run "
                 "`cartwise rebuild` (docs/operations.md).")
 
-    async def _get_all(self, keys: list[str]) -> list[bytes | None]:
-        """GET each of many keys of many slots: one pipeline, a round trip per node."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        return await pipe.execute()
-
     async def mget(self, keys: list[str]) -> list[bytes | None]:
-        """Values of `keys` in order; in a cluster, one MGET per slot."""
+        """Values of `keys` in order; in a cluster, one MGET per slot, sent as one pipeline
+        (a round trip per node)."""
         if not keys:
             return []
         if self.cluster:
             return await self.redis.mget_nonatomic(keys)
         return await self.redis.mget(keys)
 
-    async def write_docs(self, docs: dict[str, bytes], deleted: list[str] = ()) -> None:
+    async def write_docs(self, docs: dict[str, bytes], deleted: Sequence[str] = ()) -> None:
         """SET every doc and delete `deleted`: one MSET, or one per slot in a cluster."""
         if self.cluster:
             if docs:

@@ -36,6 +36,7 @@ from cartwise.harness import (
     snapshot,
     start_api,
     stop_worker,
+    wait_committed,
     wait_complete,
     wait_http,
     worker_counters,
@@ -47,7 +48,7 @@ from cartwise.redisconn import connect, connect_async
 from cartwise.settings import Settings
 from cartwise.simulator import Shop
 from streams.store import CONTEXT, GRAPH, Keys, Store, tag
-from streams.topics import ensure_topics, group_has_offsets
+from streams.topics import ensure_topics
 from tests.test_pipeline import oracle
 
 START = 1_750_000_000.0
@@ -334,11 +335,7 @@ def test_a_node_losing_its_data_stops_the_workers_and_rebuild_restores_the_state
     ends = produce(settings, events[:300], shop.catalog)
     w = workers(settings, "before")
     wait_complete(settings, ends, procs=[w])
-    # The group has committed its progress to the broker (Faust commits every few seconds).
-    deadline = time.monotonic() + 60
-    while not group_has_offsets(settings):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_committed(settings)
     rc = connect(settings)
     generation = rc.get(keys.generation)
     assert generation and [rc.get(k) for k in copies.values()] == [generation] * len(copies)

@@ -25,6 +25,7 @@ from cartwise.harness import (
     produce,
     snapshot,
     state_diff,
+    wait_committed,
     wait_complete,
     worker_counters,
     worker_env,
@@ -35,7 +36,7 @@ from cartwise.settings import Settings
 from cartwise.simulator import Shop
 from models.config import ModelConfig
 from streams.store import Keys
-from streams.topics import ensure_topics, group_has_offsets
+from streams.topics import ensure_topics
 from tests.test_pipeline import oracle
 
 START = 1_755_000_000.0
@@ -283,11 +284,7 @@ def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
     ends = produce(settings, events[:400], shop.catalog)
     w = workers(settings, "before")
     wait_complete(settings, ends, procs=[w])
-    # The group has committed its progress to the broker (Faust commits every few seconds).
-    deadline = time.monotonic() + 60
-    while not group_has_offsets(settings):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_committed(settings)
     r = connect(settings)
     # Redis loses everything of this deployment (a flush, a failover to an empty replica).
     for key in r.scan_iter(f"{settings.prefix}*"):
