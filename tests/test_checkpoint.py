@@ -29,7 +29,8 @@ def _records(events: list[dict], partition: int) -> list[tuple]:
             for i, e in enumerate(events)]
 
 
-async def recording_stage(settings, prefix: str, sent: list | None = None
+async def recording_stage(settings, prefix: str, sent: list | None = None,
+                          config: ModelConfig | None = None
                           ) -> tuple[ContextStage, list[tuple[int, int]]]:
     """A context stage over Redis whose sends succeed at once (their topics recorded in `sent`
     when given) and whose seeks are recorded."""
@@ -43,7 +44,7 @@ async def recording_stage(settings, prefix: str, sent: list | None = None
         fut.set_result(None)
         return fut
 
-    stage = ContextStage(store, ModelConfig(), Stats("t"), send, settings)
+    stage = ContextStage(store, config or ModelConfig(), Stats("t"), send, settings)
     seeks: list[tuple[int, int]] = []
 
     async def seek(p: int, offset: int) -> None:
@@ -93,6 +94,49 @@ def test_records_after_a_gap_or_a_revoke_are_never_applied(make_settings):
     assert len(want) > 10
     assert got == want
     assert stats["context.stale_records"] == 10
+
+
+def test_a_worker_killed_before_deleting_forgotten_shoppers_leaves_it_to_the_next(make_settings):
+    """A checkpoint that evicts shoppers records them; their list and profile keys (in other
+    cluster slots) are deleted right after it. A worker killed in between (here: the step
+    never runs) leaves the record, and the next owner of the partition deletes them: Redis
+    ends with lists for exactly the shoppers the partition still holds."""
+    settings = make_settings("forget")
+    shop = Shop(seed=5)
+    events = [e for e in shop.events(3000, start_ts=START)
+              if expected_partition(e["user_id"], settings.partitions) == 0][:200]
+    recs = _records(events, 0)
+    config = ModelConfig(max_users=8)
+    keys = Keys(settings.prefix)
+
+    async def run() -> tuple[set, set, set, dict]:
+        first, _ = await recording_stage(settings, settings.prefix, config=config)
+
+        async def killed(partition: int, st: object) -> None:  # dies before the deletions
+            return None
+
+        first.after_checkpoint = killed
+        first.assign({0})
+        for n in range(0, len(recs), 10):  # lists written batch by batch, then evicted
+            await first.handle(recs[n:n + 10])
+        await first.checkpoint(0)
+        r = connect(settings)
+        pending = {u.decode() for u in r.hkeys(keys.forgotten(0))}
+        left = {k.decode().removeprefix(keys.user("")) for k in r.scan_iter(keys.user("*"))}
+        held = set(first.parts[0].book.users)
+        assert pending and pending <= left  # the kill left their lists behind, recorded
+        nxt, _ = await recording_stage(settings, settings.prefix, config=config)
+        nxt.assign({0})
+        await nxt.checkpoint(0)  # loads the partition; nothing new to write
+        users = {k.decode().removeprefix(keys.user("")) for k in r.scan_iter(keys.user("*"))}
+        profiles = {k.decode().removeprefix(keys.profile(""))
+                    for k in r.scan_iter(keys.profile("*"))}
+        return held, users, profiles, {"pending": r.hlen(keys.forgotten(0))}
+
+    held, users, profiles, after = asyncio.run(run())
+    assert len(held) == 8
+    assert users == held and profiles <= held
+    assert after == {"pending": 0}
 
 
 def test_a_checkpoint_is_applied_whole_or_not_at_all(stack):
