@@ -252,7 +252,9 @@ def test_report_page_draws_each_variant_with_its_interval(ab_stack: Stack):
             page.fill("#key", st.keys["admin"])
             page.click("#load")
             page.select_option("#experiment", "page")
-            page.wait_for_function("document.querySelectorAll('#chart rect').length === 2")
+            # Load shows the first experiment ("ab") until the chosen one's report arrives.
+            page.wait_for_function(
+                "document.querySelectorAll('#chart[data-experiment=\"page\"] rect').length === 2")
             verdict = page.text_content("#verdict")
             assert "reranked beats plain on conversion_rate" in verdict
             labels = page.eval_on_selector_all("#chart text", "ts => ts.map(t => t.textContent)")

@@ -54,7 +54,10 @@ async function show() {
   const id = $("experiment").value;
   if (!id) return;
   try {
-    report = await api(`/v1/experiments/${encodeURIComponent(id)}/report`);
+    const got = await api(`/v1/experiments/${encodeURIComponent(id)}/report`);
+    if ($("experiment").value !== id) return;  // another experiment was chosen meanwhile
+    report = got;
+    $("chart").dataset.experiment = id;
     $("verdict").textContent = `${report.status}: ${report.verdict}`;
     chart($("metric").value);
     table();
