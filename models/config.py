@@ -61,7 +61,13 @@ class ModelConfig:
     per_anchor_next: int = 50
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
-    revisit_weight: float = 1.0
+    revisit_weight: float = 20.0
+    # The item the shopper is on now (the newest, only viewed) comes back only as far as
+    # shoppers pick it again right after itself (a re-click, a cart of the item just viewed):
+    # `repeat_weight` x viewed_weight x its repeat share, drawn toward the share of the
+    # shopper's partition by `repeat_prior` picks (models/ranking.py, `repeat_share`).
+    repeat_weight: float = 300.0
+    repeat_prior: float = 5.0
     # A bought item that may be bought again (models/ranking.py, `rebuyable`) comes back as a
     # revisit scored `rebuy_weight` x times bought, halving every `rebuy_half_life_s` since the
     # last purchase; only the newest `rebuy_max` bought items are considered.

@@ -36,6 +36,7 @@ class Touch:
     b: float  # strongest buy-type weight (buy channel), 0 if only viewed
     ts: float
     session: str
+    r: int = 0  # times picked again right after itself while in this context
 
 
 @dataclass(slots=True)
@@ -59,7 +60,7 @@ class ShopperContext:
         return orjson.dumps(
             {
                 "f": self.feedback,
-                "i": [[k, t.w, t.b, t.ts, t.session] for k, t in self.items.items()],
+                "i": [[k, t.w, t.b, t.ts, t.session, t.r] for k, t in self.items.items()],
                 "c": self.cart,
                 "b": self.bought,
                 "e": list(self.seen),
@@ -75,7 +76,7 @@ class ShopperContext:
     def from_json(cls, raw: bytes | str) -> ShopperContext:
         d = orjson.loads(raw)
         return cls(
-            items={k: Touch(w, b, ts, s) for k, w, b, ts, s in d["i"]},
+            items={t[0]: Touch(*t[1:]) for t in d["i"]},
             cart=d["c"],
             bought=d["b"],
             seen=deque(d["e"]),
@@ -125,6 +126,13 @@ class ContextBook:
         # and purchases that start a repurchase cycle (item, ts, previous purchase ts or None).
         self.last_repeats: list[tuple[str, float]] = []
         self.last_purchases: list[tuple[str, float, float | None]] = []
+        # "Next" evidence this partition's shoppers gave: [of it a pick of the item itself
+        # again, all of it] (models/ranking.py, `repeat_share`); checkpointed with the contexts.
+        self.picks = [0.0, 0.0]
+
+    def repeat_rate(self) -> float:
+        """The share of picks right after another that were the same item again."""
+        return self.picks[0] / self.picks[1] if self.picks[1] > 0 else 0.0
 
     def get(self, user_id: str) -> ShopperContext | None:
         return self.users.get(user_id)
@@ -188,6 +196,12 @@ class ContextBook:
                         self.last_repeats.append((line.item_id, now - prev))
                     self.last_purchases.append((line.item_id, now, prev))
                 ctx.bought[line.item_id] = now_or_prev
+        picks = self.picks
+        for p in pairs:
+            if p[6] > 0:
+                picks[1] += p[6]
+                if p[0] == p[1]:
+                    picks[0] += p[6]
         while len(ctx.bought) > cfg.bought_max:
             del ctx.bought[next(iter(ctx.bought))]
         while len(ctx.repeats) > cfg.bought_max:
@@ -202,6 +216,13 @@ class ContextBook:
     ) -> None:
         # Hot path (every event): plain comparisons instead of min()/max() calls.
         items = ctx.items
+        old = items.get(item)
+        if old is not None and old.session == ctx.session and next(reversed(items)) == item:
+            # Picked again right after itself in the session (a re-click, or a cart of the
+            # item just viewed): "next" evidence of the item for itself (models/itemlists.py,
+            # `repeat`); its support counts each shopper context once, on its first repeat.
+            pairs.append((item, item, 0.0, 0.0, 0.0 if old.r else 1.0, 0.0, 1.0))
+            old.r += 1
         old = items.pop(item, None)
         w_old, b_old = (old.w, old.b) if old is not None else (0.0, 0.0)
         w_new = w_type if w_type > w_old else w_old

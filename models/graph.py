@@ -156,8 +156,8 @@ class ItemGraph:
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
-            if _add_entry(row, other, add) and immediate and len(row) > cap:
-                self._prune_row(row)
+            if _add_entry(row, other, add) and immediate and len(row) > cap + (item in row):
+                self._prune_row(item, row)
             if open_rows is not None:
                 orow = open_rows.get(item)
                 if orow is None:
@@ -243,8 +243,10 @@ class ItemGraph:
         closed = {k: self._closed_part(v, opens, k) for k, v in row.items()}
         has_open = {k for o in opens if o is not None for k in o}
         # An entry whose evidence is all open has a closed part of rounding noise only.
+        # The item's own entry (picked again right after itself) has no pair count to weigh:
+        # it is kept, as one entry beyond the bound.
         weighed = [(round_sig(c[0], digits), k) for k, c in closed.items()
-                   if k not in has_open or c[0] > 1e-9 * abs(row[k][0])]
+                   if k != item and (k not in has_open or c[0] > 1e-9 * abs(row[k][0]))]
         if len(weighed) <= self.config.max_neighbours:
             return
         weighed.sort(key=lambda t: (-t[0], t[1]))
@@ -283,12 +285,17 @@ class ItemGraph:
         still ages every count), and the source's clock with it."""
         self.apply(ts, (), (), src, clock)
 
-    def _prune_row(self, row: dict[str, list[float]]) -> None:
-        """Keep the strongest three quarters of the neighbour bound (ties by id)."""
-        keep = sorted(row.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    def _prune_row(self, item: str, row: dict[str, list[float]]) -> None:
+        """Keep the strongest three quarters of the neighbour bound (ties by id), and the
+        item's own entry."""
+        own = row.get(item)
+        keep = sorted(((k, v) for k, v in row.items() if k != item),
+                      key=lambda kv: (-kv[1][0], kv[0]))
         keep = keep[: self.config.max_neighbours * 3 // 4]
         row.clear()
         row.update(keep)
+        if own is not None:
+            row[item] = own
 
     def _prune_items(self) -> None:
         """Forget the quarter of items seen least recently, with their rows."""
@@ -338,8 +345,9 @@ class ItemGraph:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def lists(self, item: str) -> dict[str, list[dict[str, Any]]]:
-        """Cross-sell, alternatives and next picks for `item`, as counted up to `self.now`."""
+    def lists(self, item: str) -> dict[str, Any]:
+        """Cross-sell, alternatives and next picks for `item`, as counted up to `self.now`, and
+        the share of picks right after it that were itself (`repeat`)."""
         return self.candidates(item).lists(item, self.config)
 
     def candidates(self, item: str) -> Candidates:
@@ -348,7 +356,7 @@ class ItemGraph:
         if not row or mi is None or self.landmark is None:
             return Candidates.none()
         s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
-        return find(row, mi, self.marg, self.total, s, self.config)
+        return find(item, row, mi, self.marg, self.total, s, self.config)
 
     def trending(self, items: Iterable[str]) -> dict[str, float]:
         """Trending scores of `items` (models/trending.py), comparable across partitions."""

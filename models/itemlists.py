@@ -17,6 +17,9 @@ from models.scoring import confidence_lift, pair_llr, round_sig, top_rounded
 from models.wording import evidence_fields, render
 
 KINDS = ("cross_sell", "alternatives", "next")
+# `picks` only weighs an item's repeat share against its partition's (models/ranking.py): two
+# digits say enough, and keep a list that did not change from being rewritten as time decays it.
+PICKS_DIGITS = 2
 # No names here: the text shown to shoppers is rendered again at read time, with them
 # (models/wording.py); this one, without the anchor, serves readers that do not render.
 REASONS = {kind: render({"kind": kind}, {}) for kind in KINDS}
@@ -35,6 +38,10 @@ class Candidates:
     decay: float  # stored count -> count at the time
     found: dict[str, tuple[tuple, ...]]  # kind -> candidates
     base: dict[str, tuple[float, float]]  # kind -> (count of the anchor, total), decayed
+    # Of the picks right after the item (`picks`, decayed), the share that were the item
+    # itself: a re-click, or a cart of the item just viewed (models/ranking.py, repeat_share).
+    repeat: float = 0.0
+    picks: float = 0.0
 
     def facts(self, kind: str, c: tuple) -> tuple:
         """(score, item, pair count, count of the anchor, count of item, total, support),
@@ -47,12 +54,14 @@ class Candidates:
         """The `n` best of a kind, (rounded score, candidate), as `lists` ranks them."""
         return top_rounded(self.found[kind], n, digits)
 
-    def lists(self, anchor: str, config: ModelConfig) -> dict[str, list[dict[str, Any]]]:
-        """Each kind's list: the `list_size` best entries."""
+    def lists(self, anchor: str, config: ModelConfig) -> dict[str, Any]:
+        """Each kind's list (the `list_size` best entries), and `repeat` of `picks`."""
         size, digits = config.list_size, config.score_digits
-        return {kind: [entry(anchor, kind, score, self.facts(kind, c), digits)
-                       for score, c in self.ranked(kind, size, digits)]
-                for kind in self.found}
+        out: dict[str, Any] = {kind: [entry(anchor, kind, score, self.facts(kind, c), digits)
+                                      for score, c in self.ranked(kind, size, digits)]
+                               for kind in self.found}
+        out["repeat"], out["picks"] = self.repeat, self.picks
+        return out
 
     def evidence(self, kind: str, item: str, digits: int) -> dict[str, float]:
         """The `evidence` of `item`'s entry in the list of `kind`, alone."""
@@ -67,15 +76,19 @@ class Candidates:
         return cls(1.0, dict.fromkeys(KINDS, ()), {})
 
 
-def find(row: dict[str, list[float]], mi: list[float], marg: dict[str, list[float]],
-         total: list[float], s: float, cfg: ModelConfig) -> Candidates:
-    """The candidates of an item with row `row` and totals `mi`; `s` decays stored counts."""
+def find(item: str, row: dict[str, list[float]], mi: list[float],
+         marg: dict[str, list[float]], total: list[float], s: float,
+         cfg: ModelConfig) -> Candidates:
+    """The candidates of `item` with row `row` and totals `mi`; `s` decays stored counts."""
     ni_a, ni_b = mi[0] * s, mi[1] * s
     tot_a, tot_b = total[0] * s, total[1] * s
     min_support, llr_min, share = cfg.min_support, cfg.llr_min, cfg.alt_max_buy_share
     # "next" is the share of what shoppers picked right after the item (sequential rules);
     # its lift and G² (of the all channel) are only shown, never tested.
     next_total = sum([v[4] for v in row.values()])
+    own = row.get(item)  # (0, 0, shopper contexts, 0, picks): models/context.py, `_touch`
+    repeat = own[4] / next_total if own is not None and own[4] > 0 \
+        and own[2] * s >= min_support else 0.0
     cross: list[tuple] = []
     alts: list[tuple] = []
     nexts: list[tuple] = []
@@ -84,7 +97,7 @@ def find(row: dict[str, list[float]], mi: list[float], marg: dict[str, list[floa
     # of finding candidates.
     for other, (a, b, na, nb, dn) in row.items():
         mj = marg.get(other)
-        if mj is None:
+        if mj is None or other == item:
             continue
         na_s = na * s
         if dn > 0 and na_s >= min_support:
@@ -115,7 +128,9 @@ def find(row: dict[str, list[float]], mi: list[float], marg: dict[str, list[floa
     return Candidates(s, {"cross_sell": tuple(cross), "alternatives": tuple(alts),
                           "next": tuple(nexts)},
                       {"cross_sell": (ni_b, tot_b), "alternatives": (ni_a, tot_a),
-                       "next": (ni_a, tot_a)})
+                       "next": (ni_a, tot_a)},
+                      round_sig(repeat, cfg.score_digits),
+                      round_sig(next_total * s, PICKS_DIGITS))
 
 
 def entry(anchor: str, kind: str, score: float, c: tuple, digits: int) -> dict[str, Any]:

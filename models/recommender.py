@@ -32,7 +32,8 @@ from models.ranking import (
     rebuy_candidates,
 )
 
-Heads = dict[str, tuple[dict[str, Any], ...]]  # kind -> the head of an item's list of that kind
+# kind -> the head of an item's list of that kind; "repeat" and "picks" -> the item's
+Heads = dict[str, Any]
 BLEND_DEPTH = 20  # the list the blend learner judges: as deep as the replay's HR@20
 
 
@@ -113,7 +114,7 @@ class CrossSellRecommender:
         if ctx is None or not ctx.items or event.event_id in ctx.seen:
             return
         parts: Parts = {}
-        ranked = self._rank(ctx, BLEND_DEPTH, parts)
+        ranked = self._rank(event.user_id, ctx, BLEND_DEPTH, parts)
         assert self.blend is not None
         self.blend.learn_one(event.ts, parts, [e["item_id"] for e in ranked],
                              [line.item_id for line in event.lines])
@@ -153,7 +154,7 @@ class CrossSellRecommender:
         for item in todo:
             self._candidates[item] = cands = g.candidates(item)
             self._lists[item] = heads = self._heads(item, cands)
-            self._offered[item] = {e["item_id"] for head in heads.values() for e in head}
+            self._offered[item] = {e["item_id"] for kind in KINDS for e in heads.get(kind, ())}
             self._computed_at[item] = g.now
             g.dirty.discard(item)
 
@@ -170,6 +171,7 @@ class CrossSellRecommender:
             reason = REASONS[kind]
             heads[kind] = tuple([{"item_id": c[1], "score": score, "kind": kind, "anchor": item,
                                   "reason": reason} for score, c in top])
+        heads["repeat"], heads["picks"] = cands.repeat, cands.picks
         return heads
 
     def settle(self) -> None:
@@ -188,7 +190,7 @@ class CrossSellRecommender:
         ctx = self.contexts.get(user_id)
         if ctx is None:
             return []
-        ranked = self._rank(ctx, k)
+        ranked = self._rank(user_id, ctx, k)
         digits = self.config.score_digits
         for e in ranked:  # the heads carry no evidence: the entries shown get it here
             if e["kind"] in KINDS:
@@ -199,9 +201,9 @@ class CrossSellRecommender:
     def recommend_ids(self, user_id: str, k: int = 10) -> list[str]:
         """The items of `recommend`, without the evidence it adds (the replay reads ids)."""
         ctx = self.contexts.get(user_id)
-        return [] if ctx is None else [e["item_id"] for e in self._rank(ctx, k)]
+        return [] if ctx is None else [e["item_id"] for e in self._rank(user_id, ctx, k)]
 
-    def _rank(self, ctx: ShopperContext, k: int,
+    def _rank(self, user_id: str, ctx: ShopperContext, k: int,
               parts: Parts | None = None) -> list[dict[str, Any]]:
         """The shopper's list; its entries of the item lists have an empty `evidence`."""
         seeds = anchors(ctx, self.config)
@@ -214,7 +216,8 @@ class CrossSellRecommender:
         for j in cycles_needed(ctx.bought, offered, self.catalog) - lists.keys():
             lists[j] = {"repurchase": self.graph.repurchase(j)}
         weights = None if self.blend is None else self.blend.weights()
-        return rank_for_user(ctx, lists, self.catalog, k, cfg, weights, parts)
+        rate = self.contexts.books[self.contexts.partition(user_id)].repeat_rate()
+        return rank_for_user(ctx, lists, self.catalog, k, cfg, weights, parts, rate)
 
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[str, float]]:
         """(item, trending score) best first, as the stream keeps them (models/trending.py)."""

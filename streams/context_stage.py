@@ -114,8 +114,11 @@ class ContextStage(Stage):
         offset = await self.store.offset(self.name, partition)
         log.info("context partition %d loaded: %d shoppers, offset %d", partition,
                  len(book.users), offset)
-        raw, raw_rr = await self.store.redis.mget(self.keys.clusters(partition),
-                                                  self.keys.reranker_state(partition))
+        raw, raw_rr, raw_picks = await self.store.redis.mget(
+            self.keys.clusters(partition), self.keys.reranker_state(partition),
+            self.keys.picks(partition))
+        if raw_picks:
+            book.picks = orjson.loads(raw_picks)
         clusters = InterestClusters.from_bytes(raw) if raw else InterestClusters()
         reranker = (Reranker.from_bytes(raw_rr) if raw_rr
                     else Reranker(self.settings.reranker_min_examples))
@@ -271,6 +274,7 @@ class ContextStage(Stage):
                 ops.zrem(self.keys.due(partition), member)
             else:
                 ops.zadd(self.keys.due(partition), at, member)
+        ops.set(self.keys.picks(partition), orjson.dumps(book.picks))
         if st.clusters_dirty:
             ops.set(self.keys.clusters(partition), st.clusters.to_bytes())
         for (exp, fld), amount in st.exp_deltas.items():
@@ -349,7 +353,7 @@ class ContextStage(Stage):
         for n, (user, ctx) in enumerate(ctxs):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
-            payload = self._user_payload(user, ctx, lists, catalog)
+            payload = self._user_payload(user, ctx, lists, catalog, st.book.repeat_rate())
             if only_changed:
                 digest = list_digest(payload, ("items", "context"))
                 if st.written.get(user) == digest:
@@ -375,10 +379,12 @@ class ContextStage(Stage):
         st.profiled.update(profiled)
         return len(docs)
 
-    def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict) -> dict:
+    def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict,
+                      repeat_rate: float) -> dict:
         return {
             "user_id": user,
-            "items": rank_for_user(ctx, lists, catalog, USER_LIST_SIZE, self.config),
+            "items": rank_for_user(ctx, lists, catalog, USER_LIST_SIZE, self.config,
+                                   repeat_rate=repeat_rate),
             "context": ctx.public(),
             "as_of": ctx.last_ts,
             "generated_at": time.time(),

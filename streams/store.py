@@ -189,6 +189,11 @@ class Keys:
     def marginals(self, partition: int) -> str:
         return self._state(GRAPH, partition, "marg")
 
+    def picks(self, partition: int) -> str:
+        """JSON [repeat, all]: the "next" evidence partition p's shoppers gave, and how much
+        of it was an item picked again right after itself (models/context.py, `picks`)."""
+        return self._state(CONTEXT, partition, "picks")
+
     def forgotten(self, partition: int) -> str:
         """Hash user -> 1: shoppers a checkpoint evicted whose list and profile keys are not
         deleted yet (streams/context_stage.py, `after_checkpoint`)."""

@@ -51,7 +51,7 @@ def _lift(anchor: str, total: float) -> float:
     row = {other: [PAIR, 0.0, PAIR, 0.0, 0.0]}
     marg = {"gar-000": [N_GAR, 2931.622408544383, 0.0, 0.0], "lap-009": [N_LAP, 0.0, 0.0, 0.0]}
     s = 2.0 ** (-(NOW - LANDMARK) / CONFIG.half_life_s)
-    cands = find(row, marg[anchor], marg, [total, 386979.9842154698], s, CONFIG)
+    cands = find(anchor, row, marg[anchor], marg, [total, 386979.9842154698], s, CONFIG)
     (c,) = cands.found["alternatives"]
     (doc,) = cands.lists(anchor, CONFIG)["alternatives"]
     return doc["lift"], confidence_lift(*cands.facts("alternatives", c)[2:6])[1]

@@ -10,7 +10,8 @@ import pytest
 
 from cartwise.contract import ContractError, validate_event
 from models import ContextBook, CrossSellRecommender, ItemGraph, ModelConfig, ShopperContext
-from models.ranking import rank_for_user
+from models.itemlists import KINDS
+from models.ranking import rank_for_user, repeat_share
 from models.scoring import round_sig, top_rounded
 
 T0 = 1_700_000_000.0
@@ -33,8 +34,10 @@ def test_evidence_follows_event_weights_and_channels():
     assert book.learn(event(2, "view", "B")) == (
         T0, [("B", 1.0, 0.0)],
         [("B", "A", 1.0, 0.0, 1.0, 0.0, 0.0), ("A", "B", 1.0, 0.0, 1.0, 0.0, 1.0)])
-    # Carting B: stronger in both channels, but A was only viewed, so no pair grows.
-    assert book.learn(event(3, "add_to_cart", "B")) == (T0, [("B", 2.0, 3.0)], [])
+    # Carting B: stronger in both channels, but A was only viewed, so no pair grows. B was
+    # the item just viewed: picked again right after itself, a first repeat in this context.
+    assert book.learn(event(3, "add_to_cart", "B")) == (
+        T0, [("B", 2.0, 3.0)], [("B", "B", 0.0, 0.0, 1.0, 0.0, 1.0)])
     # Carting A too: now the pair is a buy-together pair, counted once as a new buy pair.
     assert book.learn(event(4, "add_to_cart", "A")) == (
         T0, [("A", 2.0, 3.0)],
@@ -44,7 +47,8 @@ def test_evidence_follows_event_weights_and_channels():
                             "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
     assert book.learn(order) == (
         T0, [("A", 2.0, 2.0), ("B", 2.0, 2.0)],
-        [("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
+        [("A", "A", 0.0, 0.0, 1.0, 0.0, 1.0),  # A, carted last, bought right after
+         ("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
     ctx = book.get("u")
     assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
 
@@ -61,6 +65,73 @@ def test_next_evidence_counts_steps_back_within_the_session():
                      ("D", "C"): 0.0, ("D", "B"): 0.0, ("D", "A"): 0.0}
     # A second look at B is not a new pick: no next evidence.
     assert all(p[6] == 0.0 for p in book.learn(event(10, "add_to_cart", "B"))[2])
+
+
+def test_an_item_picked_again_right_after_itself_is_next_evidence_of_itself():
+    book = ContextBook()
+    book.learn(event(1, "view", "A"))
+    out = book.learn(event(2, "view", "A"))  # a re-click: A right after A
+    assert out[2] == [("A", "A", 0.0, 0.0, 1.0, 0.0, 1.0)]
+    # A second repeat in the same context: more picks, no second shopper context.
+    assert book.learn(event(3, "view", "A"))[2] == [("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0)]
+    book.learn(event(4, "view", "B"))  # B right after A: one pick, not a repeat
+    # A again, but B came between: a return, not a repeat; another session: neither.
+    assert all(p[0] != p[1] for p in book.learn(event(5, "view", "A"))[2])
+    assert book.learn(event(6, "view", "A", session="s2"))[2] == []
+    # The partition's picks by hand: the two repeats of A, and B one step after A: 2 of 3.
+    assert book.picks == [2.0, 3.0]
+    assert book.repeat_rate() == pytest.approx(2 / 3)
+    # It survives a checkpoint of the context (the repeat count of A too).
+    again = ContextBook()
+    again.load("u", book.get("u").to_json())
+    assert again.get("u").items["A"].r == 2
+
+
+def test_an_items_repeat_share_is_its_own_part_of_the_picks_after_it():
+    g = ItemGraph(ModelConfig(min_support=0.5))
+    g.apply(T0, [("A", 1, 0), ("B", 1, 0)],
+            [("A", "A", 0, 0, 1, 0, 1.0), ("A", "A", 0, 0, 0, 0, 1.0),
+             ("A", "B", 1, 0, 1, 0, 1.0), ("A", "B", 0, 0, 0, 0, 1.0)])
+    lists = g.lists("A")
+    # Of 4 picks right after A, 2 were A: a share, never an entry of A's own lists.
+    assert lists["repeat"] == 0.5 and lists["picks"] == 4.0
+    assert [e["item_id"] for e in lists["next"]] == ["B"]
+    assert lists["next"][0]["score"] == 0.5
+    assert all(e["item_id"] != "A" for kind in KINDS for e in lists[kind])
+    # Below the support floor (shopper contexts, not picks), the share says nothing.
+    g2 = ItemGraph(ModelConfig(min_support=2))
+    g2.apply(T0, [("A", 1, 0)], [("A", "A", 0, 0, 1, 0, 3.0)])
+    assert g2.lists("A")["repeat"] == 0.0
+
+
+def test_repeat_share_is_drawn_toward_the_partitions_share_by_the_prior():
+    # 10 picks after the item, 40% of them itself, against a partition that repeats 10%:
+    # (0.4 * 10 + 5 * 0.1) / (10 + 5) by hand.
+    assert repeat_share({"repeat": 0.4, "picks": 10.0}, 0.1, 5.0) == pytest.approx(0.3)
+    assert repeat_share(None, 0.1, 5.0) == pytest.approx(0.1)  # no lists yet: the partition's
+    assert repeat_share({"repeat": 0.4, "picks": 10.0}, 0.1, 0.0) == pytest.approx(0.4)
+    assert repeat_share(None, 0.0, 0.0) == 0.0
+
+
+def test_the_item_the_shopper_is_on_comes_back_only_on_repeat_evidence():
+    cfg = ModelConfig(revisit_weight=20.0, repeat_weight=300.0, repeat_prior=5.0,
+                      anchor_decay=0.5, viewed_weight=0.6, next_weight=0.0)
+    book = ContextBook(cfg)
+    book.learn(event(1, "view", "older"))
+    book.learn(event(2, "view", "now"))
+    ctx = book.get("u")
+    none = {"cross_sell": [], "alternatives": [], "next": []}
+    # Shoppers never pick "now" again right after it, in a shop that never repeats: it is
+    # not suggested; the item seen before it is, at 20 x 0.5.
+    got = rank_for_user(ctx, {"now": {**none, "repeat": 0.0, "picks": 50.0}}, {}, 10, cfg,
+                        repeat_rate=0.0)
+    assert [(e["item_id"], e["score"]) for e in got] == [("older", 10.0)]
+    # A third of the picks after it are itself: 300 x 0.6 x (1/3 x 10 + 5 x 0.3) / 15.
+    got = rank_for_user(ctx, {"now": {**none, "repeat": 1 / 3, "picks": 10.0}}, {}, 10, cfg,
+                        repeat_rate=0.3)
+    assert [e["item_id"] for e in got] == ["now", "older"]
+    assert got[0]["score"] == pytest.approx(300 * 0.6 * (10 / 3 + 1.5) / 15)
+    assert got[0]["kind"] == "revisit"
 
 
 def test_next_list_is_the_share_of_picks_right_after_an_item():
