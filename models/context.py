@@ -217,7 +217,9 @@ class ContextBook:
         # Hot path (every event): plain comparisons instead of min()/max() calls.
         items = ctx.items
         old = items.get(item)
-        if old is not None and old.session == ctx.session and next(reversed(items)) == item:
+        # (A purchase of an item in the cart is its checkout, not a pick.)
+        if old is not None and old.session == ctx.session and next(reversed(items)) == item \
+                and not (b_type >= self.config.weight("purchase") and item in ctx.cart):
             # Picked again right after itself in the session (a re-click, or a cart of the
             # item just viewed): "next" evidence of the item for itself (models/itemlists.py,
             # `repeat`); its support counts each shopper context once, on its first repeat.

@@ -47,8 +47,8 @@ def test_evidence_follows_event_weights_and_channels():
                             "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
     assert book.learn(order) == (
         T0, [("A", 2.0, 2.0), ("B", 2.0, 2.0)],
-        [("A", "A", 0.0, 0.0, 1.0, 0.0, 1.0),  # A, carted last, bought right after
-         ("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
+        # A was carted last: buying it is its checkout, not a pick of it again.
+        [("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
     ctx = book.get("u")
     assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
 
@@ -78,13 +78,17 @@ def test_an_item_picked_again_right_after_itself_is_next_evidence_of_itself():
     # A again, but B came between: a return, not a repeat; another session: neither.
     assert all(p[0] != p[1] for p in book.learn(event(5, "view", "A"))[2])
     assert book.learn(event(6, "view", "A", session="s2"))[2] == []
-    # The partition's picks by hand: the two repeats of A, and B one step after A: 2 of 3.
-    assert book.picks == [2.0, 3.0]
-    assert book.repeat_rate() == pytest.approx(2 / 3)
+    # Carting the item just viewed is a pick of it again; buying it from the cart is not.
+    assert book.learn(event(7, "add_to_cart", "A", session="s2"))[2] == [
+        ("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0)]
+    assert all(p[0] != p[1] for p in book.learn(event(8, "purchase", "A", session="s2"))[2])
+    # The partition's picks by hand: the three repeats of A, and B one step after A: 3 of 4.
+    assert book.picks == [3.0, 4.0]
+    assert book.repeat_rate() == pytest.approx(3 / 4)
     # It survives a checkpoint of the context (the repeat count of A too).
     again = ContextBook()
     again.load("u", book.get("u").to_json())
-    assert again.get("u").items["A"].r == 2
+    assert again.get("u").items["A"].r == 3
 
 
 def test_an_items_repeat_share_is_its_own_part_of_the_picks_after_it():
