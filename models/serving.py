@@ -15,7 +15,7 @@ from models.trending import trending_entries
 from models.wording import WORDING
 
 ITEM_KINDS = ("cross_sell", "alternatives", "next", "upsell")
-PLACEMENTS = ("product", "cart", "home")
+PLACEMENTS = ("product", "cart", "home", "new")
 # What an answer keeps of a stored entry: the facts rendering words (models/wording.py), not
 # the scoring internals (confidence, lift, support) a storefront has no use for.
 ENTRY_FIELDS = ("item_id", "score", "kind", "reason", "anchor", "evidence")
@@ -27,6 +27,9 @@ PLACEMENT_KINDS: dict[str, tuple[str, ...] | None] = {
     "product": None,
     "cart": ("cross_sell", "next"),
     "home": None,
+    # "New for you": what the shopper never touched, without their own items (revisits and
+    # rebuys); a storefront shows recently viewed items in a widget of its own.
+    "new": ("cross_sell", "next", "alternatives"),
 }
 
 Catalog = Mapping[str, Mapping[str, Any] | None]
@@ -108,13 +111,16 @@ def for_placement(entries: Iterable[Mapping[str, Any]], placement: str) -> list[
     return [e for e in entries if kinds is None or e.get("kind") in kinds]
 
 
-def user_exclusions(doc: Mapping[str, Any] | None, catalog: Catalog) -> set[str]:
-    """Items a shopper must not be offered as a filler: what they hold or own (durables)."""
+def user_exclusions(doc: Mapping[str, Any] | None, catalog: Catalog,
+                    placement: str = "product") -> set[str]:
+    """Items a shopper must not be offered as a filler: what they hold or own (durables);
+    for the "new" placement, everything they bought."""
     if not doc:
         return set()
     ctx = doc.get("context") or {}
     out = set(ctx.get("recent", ())) | set(ctx.get("cart", {}))
-    out |= {i for i in ctx.get("bought", ()) if not (catalog.get(i) or {}).get("consumable")}
+    out |= {i for i in ctx.get("bought", ())
+            if placement == "new" or not (catalog.get(i) or {}).get("consumable")}
     return out
 
 

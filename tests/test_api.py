@@ -101,6 +101,15 @@ def test_user_suggestions_follow_placement_and_fall_back_for_strangers(served):
     assert not set(stored["context"]["cart"]) & {e["item_id"] for e in product["items"]}
     recent = set(stored["context"]["recent"])
     assert all(e["kind"] == "revisit" for e in product["items"] if e["item_id"] in recent)
+    # "New for you": the same list without the shopper's own items, topped up with trending
+    # items they never touched either.
+    new = served.get(f"/v1/users/{user}/suggestions", k=20, placement="new").json()
+    own = recent | set(stored["context"]["cart"]) | set(stored["context"]["bought"])
+    assert new["items"] and not own & {e["item_id"] for e in new["items"]}
+    theirs = [e["item_id"] for e in product["items"] if e["kind"] not in ("revisit", "trending")]
+    listed = [e["item_id"] for e in new["items"] if e["kind"] != "trending"]
+    assert listed[: len(theirs)] == theirs  # the same order; room for more below them
+    assert any(e["kind"] == "revisit" for e in product["items"])  # there was something to drop
 
     stranger = served.get("/v1/users/nobody-yet/suggestions", k=5).json()
     assert stranger["fallback"] == "trending" and len(stranger["items"]) == 5

@@ -50,9 +50,10 @@ def router(backend: Backend) -> APIRouter:
         request: Request,
         user_id: Annotated[str, id_path],
         k: Annotated[int, k_param] = 10,
-        placement: Annotated[Literal["product", "cart", "home"],
+        placement: Annotated[Literal["product", "cart", "home", "new"],
                              Query(description="Where the list is shown: a cart shows only "
-                                               "complements")] = "product",
+                                               "complements; new only what the shopper "
+                                               "never touched")] = "product",
     ) -> Response:
         rid = request_id(request)
         body = await answers.user(user_id, placement, k, rid)

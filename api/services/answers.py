@@ -277,7 +277,7 @@ class Answers:
             [*wanted, *wording.anchors_of(evidence), *recent[:1],
              *(in_cart if placement == "cart" else ()), *rules.wanted(anchors, existing)])))
         anchor = catalog.get(recent[0]) if recent else None
-        exclude = serving.user_exclusions(doc, catalog)
+        exclude = serving.user_exclusions(doc, catalog, placement)
         # The worker ranked `listed` from the context stored beside it (revisits included on
         # purpose); the exclusions are for the trending fillers and what the rules add.
         entries, xs = self.order(serving.in_stock(listed, catalog, room), catalog, anchor,
