@@ -72,6 +72,10 @@ def shop_with_feedback(served, hero: str, category: str, tmp_path: Path) -> None
                         for e in stored.get(kind, [])}
             assert hero not in {s.split(":")[0] for s in before}
             assert before[0].split(":")[0] in evidence
+            # Before a cart, "you may also need" is the "new for you" answer: nothing seen.
+            kinds = page.eval_on_selector_all("#user-suggestions li",
+                                              "ls => ls.map(l => l.dataset.kind)")
+            assert set(kinds) <= {"cross_sell", "next", "alternatives"}, kinds
 
             # Adding the first suggestion to the cart changes the list within seconds: the
             # carted item leaves it and the list now answers the cart (complements only).

@@ -189,10 +189,11 @@ function renderCart() {
 
 async function refresh() {
   try {
-    const placement = state.cart.length ? "cart" : "product";
+    // "You may also need" shows what the shopper has not seen yet: with a cart, what
+    // completes it; without, the "new for you" answer (no revisits of items already seen).
+    const placement = state.cart.length ? "cart" : "new";
     const mine = await api(`/v1/users/${encodeURIComponent(state.user)}/suggestions` +
                            `?k=7&placement=${placement}`);
-    // The item on screen may come back as a revisit; next to itself it is no suggestion.
     mine.items = mine.items.filter((s) => s.item_id !== state.item).slice(0, 6);
     renderList($("user-suggestions"), mine, placement);
     // The answer's note says what happened (a rule, the cap, no evidence yet); without one,
