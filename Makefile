@@ -67,6 +67,7 @@ bench: $(TEST_STAMP)
 quality: $(TEST_STAMP)
 	$(BIN)/python -m bench.repurchase
 	$(BIN)/python -m bench.ladder
+	$(BIN)/python -m bench.discovery
 	$(BIN)/python -m bench.quality
 
 # requirements.lock: the production image's exact dependencies with hashes (docs/production.md).

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from bench.api_latency import process_counts
+from bench.discovery import new_rank
 from bench.procstat import connections, cpu_s
 
 
@@ -41,3 +42,11 @@ def test_process_counts_refuse_what_is_not_a_list_of_positive_counts(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected counts like 1,2"):
         process_counts(text)
     assert process_counts("1,2") == [1, 2]
+
+
+def test_a_new_items_rank_counts_only_what_the_shopper_never_touched():
+    recs = ["seen-1", "a", "seen-2", "b", "c"]
+    own = {"seen-1", "seen-2", "elsewhere"}
+    assert [new_rank(recs, i, own) for i in ("a", "b", "c")] == [1, 2, 3]
+    assert new_rank(recs, "missing", own) == 0
+    assert new_rank(recs, "b", ()) == 4  # nothing left out: the plain rank
