@@ -201,7 +201,7 @@ class GraphStage(Stage):
             done.append(item)
             payload: dict[str, Any] = {"item_id": item, **g.lists(item),
                                        "repurchase": g.repurchase(item)}
-            digest = list_digest(payload, (*KINDS, "repeat", "repurchase"))
+            digest = list_digest(payload, (*KINDS, "repeat", "picks", "repurchase"))
             if st.written.get(item) == digest:
                 continue
             digests[item] = digest

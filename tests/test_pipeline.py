@@ -148,3 +148,32 @@ def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settin
     assert got == bad
     ctx = snapshot(settings)["contexts"]
     assert list(ctx) == ["u"] and [i[0] for i in ctx["u"]["i"]] == ["i"]
+
+
+
+def test_lists_whose_counts_only_aged_are_rewritten_for_shoppers_ranked_on_them(
+        make_settings, workers):
+    """Item lists carry a decayed count (`picks`) that the ranking of the item a shopper is on
+    reads (models/ranking.py, `repeat_share`). An item only ever re-clicked alone has empty
+    lists and a count; a month later the idle stream recomputes its lists at the new time, and
+    the aged count must reach Redis too, or its shopper is ranked on the old one."""
+    month = 30 * 86400.0
+    solo = [{"event_id": f"solo-{n}", "type": "view", "user_id": "solo-shopper",
+             "item_id": "solo-item", "ts": START + n, "session_id": "solo-s"} for n in range(3)]
+    shop = Shop(seed=5)
+    events = solo + list(shop.events(150, start_ts=START + month))
+    settings = make_settings("aged")
+    ensure_topics(settings)
+    w = workers(settings)
+    # The solo item's lists are written at its own time first, then the shop moves on.
+    wait_complete(settings, produce(settings, solo, shop.catalog), procs=[w])
+    wait_complete(settings, produce(settings, events[len(solo):]), procs=[w])
+    snap = snapshot(settings)
+    ref = oracle(events, shop.catalog)
+    want = ref.graph.lists("solo-item")
+    assert want["repeat"] == 1.0 and 0 < want["picks"] < 2.0  # two re-clicks, a month old
+    assert not any(want[kind] for kind in ("cross_sell", "alternatives", "next"))
+    got = snap["items"]["item:solo-item"]
+    assert (got["repeat"], got["picks"]) == (want["repeat"], want["picks"])
+    ranked = snap["users"]["user:solo-shopper"]["items"]
+    assert ranked == ref.recommend("solo-shopper", k=20) and ranked[0]["item_id"] == "solo-item"
