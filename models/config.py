@@ -51,6 +51,10 @@ class ModelConfig:
     # Ranking a shopper's list from the context (models/ranking.py).
     max_anchors: int = 30  # newest context items whose lists are blended
     anchor_decay: float = 0.5  # each older anchor counts this much less than the next newer
+    # Of those, the newest whose item lists are read and blended; older anchors still come back
+    # as revisits. Blending is most of a shopper's cost, and an anchor's weight halves per
+    # step: the 12th weighs 0.05% of the newest (docs/model.md, "Cost of a shopper's list").
+    list_anchors: int = 12
     viewed_weight: float = 0.6  # an anchor only viewed, against one carted or bought
     alternatives_weight: float = 0.5  # alternatives are offered for viewed anchors only
     next_weight: float = 20.0  # what shoppers picked right after an anchor

@@ -29,6 +29,11 @@ def anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
     return list(reversed(ctx.items))[: config.max_anchors]
 
 
+def list_anchors(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
+    """The anchors whose item lists are blended (the newest `list_anchors`), newest first."""
+    return anchors(ctx, config)[: config.list_anchors]
+
+
 def repeat_share(doc: Mapping[str, Any] | None, rate: float, prior: float) -> float:
     """The share of picks right after an item that were the item again, from its lists'
     `repeat` share of `picks` picks, drawn toward `rate` (the share over all items of the
@@ -86,8 +91,8 @@ def rank_for_user(
             revisit[j] = (config.rebuy_weight * times
                           * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON,
                           {"bought": times})
-    return blend(seeds, item_lists, catalog, k, exclude, set(ctx.bought), config, revisit, late,
-                 kind_weights, parts)
+    return blend(seeds[: config.list_anchors], item_lists, catalog, k, exclude, set(ctx.bought),
+                 config, revisit, late, kind_weights, parts)
 
 
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],

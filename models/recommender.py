@@ -26,8 +26,8 @@ from models.graph import ItemGraph
 from models.itemlists import KINDS, REASONS, Candidates
 from models.ranking import (
     Parts,
-    anchors,
     cycles_needed,
+    list_anchors,
     rank_for_user,
     rebuy_candidates,
 )
@@ -206,7 +206,7 @@ class CrossSellRecommender:
     def _rank(self, user_id: str, ctx: ShopperContext, k: int,
               parts: Parts | None = None) -> list[dict[str, Any]]:
         """The shopper's list; its entries of the item lists have an empty `evidence`."""
-        seeds = anchors(ctx, self.config)
+        seeds = list_anchors(ctx, self.config)
         self._refresh(seeds)
         lists: dict[str, Any] = {a: self._lists.get(a) for a in seeds}
         # Whether a bought item may come back depends on its learned cycle (models/ranking.py).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,10 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         return ends
 
     async def guarded(name: str, coro: Any) -> None:
+        t0 = time.perf_counter()
         try:
             await coro
+            stats.add_time(f"timer.{name}", time.perf_counter() - t0)
         except Exception:
             stats.inc(f"{name}.errors")
             log.exception("%s failed; will run again at the next tick", name)

@@ -28,10 +28,17 @@ from cartwise.contract import (
 from models.context import ContextBook, ShopperContext
 from models.feedback import Delta, Example, Reranker
 from models.interests import InterestClusters
-from models.ranking import anchors, cycles_needed, listed, rank_for_user, rebuy_candidates
+from models.ranking import (
+    anchors,
+    cycles_needed,
+    list_anchors,
+    listed,
+    rank_for_user,
+    rebuy_candidates,
+)
 from models.rules import impression_counts
 from streams.audience import AudienceIndex
-from streams.cache import ReadCache
+from streams.cache import ReadCache, parse_json
 from streams.evidence import pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
@@ -97,7 +104,7 @@ class ContextStage(Stage):
         # A row's list changes at most every `lists_min_interval_s`: reading and parsing the
         # anchors' lists more often than that was a quarter of a worker's time at scale. The
         # API filters stock again when it serves, and the refresh re-ranks with fresh reads.
-        self.list_cache = ReadCache(self.settings.lists_min_interval_s)
+        self.list_cache = ReadCache(self.settings.lists_min_interval_s, parse=parse_json)
         self.catalog_cache = ReadCache(self.settings.lists_min_interval_s)
         # Side jobs of the stage, each in its own module.
         self.feedback = Feedback(self.store, self.settings)
@@ -333,19 +340,20 @@ class ContextStage(Stage):
         The periodic refresh (`only_changed`) reads past the cache: it must see the newest lists.
         """
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
-        wanted = list(dict.fromkeys(a for _, c in ctxs for a in anchors(c, self.config)))
-        lists = await self.list_cache.get_many(wanted, self.store.item_lists, only_changed)
+        wanted = list(dict.fromkeys(a for _, c in ctxs for a in list_anchors(c, self.config)))
+        lists = await self.list_cache.get_many(wanted, self.store.item_lists_raw, only_changed)
         candidates = listed(lists, self.config)
-        candidates.update(wanted)  # anchors come back as revisits: their stock matters too
+        for _, c in ctxs:  # anchors come back as revisits: their stock matters too
+            candidates.update(anchors(c, self.config))
         for _, c in ctxs:  # so may the newest bought items
             candidates.update(rebuy_candidates(c, self.config))
-        catalog = await self.catalog_cache.get_many(sorted(candidates), self.store.catalog_facts,
+        catalog = await self.catalog_cache.get_many(candidates, self.store.catalog_facts,
                                                     only_changed)
         # Whether a bought item may come back, and when, is in its lists' learned cycle.
         rebuy = sorted(set().union(*(cycles_needed(c.bought, candidates, catalog)
                                      for _, c in ctxs)) - lists.keys())
         if rebuy:
-            lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists,
+            lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists_raw,
                                                            only_changed)
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}

@@ -173,10 +173,14 @@ class Stage(CheckpointIsolation, StallWatch):
             if e.message.partition in self.assigned:
                 self.held[e.message.partition].append(e)
         groups = group_by_partition(mine)
+        t0 = time.perf_counter()
         await asyncio.gather(*(self._apply(p, recs) for p, recs in groups.items()))
         self.stats.last_batch_at, self.stats.last_batch_cpu = time.time(), time.process_time()
+        t1 = time.perf_counter()
         due = time.monotonic() - self.settings.checkpoint_interval_s
         await asyncio.gather(*(self.checkpoint(p) for p in groups if self.last_checkpoint[p] < due))
+        self.stats.add_time(f"{self.name}.batch_apply", t1 - t0)
+        self.stats.add_time(f"{self.name}.batch_checkpoint", time.perf_counter() - t1)
 
     async def _apply(self, p: int, recs: list[Record]) -> None:
         async with self.locks[p]:

@@ -532,10 +532,15 @@ class Store:
         return None if raw is None else orjson.loads(raw)
 
     async def item_lists(self, items: list[str]) -> dict[str, dict | None]:
+        return {i: (orjson.loads(r) if r else None)
+                for i, r in (await self.item_lists_raw(items)).items()}
+
+    async def item_lists_raw(self, items: list[str]) -> dict[str, bytes | None]:
+        """The stored `cw:item` documents, unparsed (streams/cache.py parses what changed)."""
         if not items:
             return {}
         raws = await self.mget([self.keys.item(i) for i in items])
-        return {i: (orjson.loads(r) if r else None) for i, r in zip(items, raws, strict=True)}
+        return {i: (r or None) for i, r in zip(items, raws, strict=True)}
 
     async def catalog_facts(self, items: list[str]) -> dict[str, dict | None]:
         if not items:

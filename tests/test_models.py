@@ -406,6 +406,29 @@ def test_viewed_items_come_back_as_revisits_carted_ones_do_not():
     assert got[0]["score"] == pytest.approx(2.0 * 0.8**2 + 0.5)
 
 
+
+def test_only_the_newest_list_anchors_are_blended_older_ones_still_come_back():
+    book = ContextBook()
+    for n, item in enumerate(["tv", "lamp", "phone"]):
+        book.learn(event(n + 1, "view", item, ts=T0 + n))
+    ctx = book.get("u")
+    # Every anchor's list points somewhere; only the newest two may be read.
+    lists = {"phone": _lists(("case", 0.5)), "lamp": _lists(("bulb", 0.5)),
+             "tv": _lists(("cable", 0.5))}
+    cfg = replace(RANK, revisit_weight=2.0, list_anchors=2)
+    got = {e["item_id"]: e for e in rank_for_user(ctx, lists, {}, k=10, config=cfg)}
+    assert set(got) == {"case", "bulb", "lamp", "tv"}  # tv's list unread, tv itself back
+    assert got["tv"]["kind"] == "revisit"
+    assert got["tv"]["score"] == pytest.approx(2.0 * 0.8**2)
+    # With every anchor's list read, tv's cable comes in at the third anchor's weight.
+    wide = {e["item_id"]: e for e in rank_for_user(ctx, lists, {}, k=10,
+                                                    config=replace(cfg, list_anchors=30))}
+    assert set(wide) == set(got) | {"cable"}
+    assert wide["cable"]["score"] == pytest.approx(0.5 * 0.6 * 0.8**2)
+    assert {j: e["score"] for j, e in wide.items() if j != "cable"} == \
+        {j: e["score"] for j, e in got.items()}
+
+
 # -- bounds that do not depend on arrival order ---------------------------------------------
 
 
