@@ -71,6 +71,11 @@ class Settings:
     # Share of each `lists_interval_s` tick that building lists may take, over all partitions:
     # under load lists wait (oldest evidence first) instead of stalling shoppers' lists.
     lists_budget: float = 0.3
+    # While shoppers' lists are behind (the oldest event of the last batch older than
+    # `behind_after_s` when its lists were written), item lists take this share instead: the
+    # shopper's own next list comes first, item lists catch up when traffic eases.
+    lists_budget_behind: float = 0.05
+    behind_after_s: float = 0.1
     settle_idle_s: float = 1.0  # idle time after which a partition recomputes all its lists
     refresh_interval_s: float = 10.0  # how often recently active shoppers' lists are refreshed
     refresh_window_s: float = 3600.0  # "recently active", in event time

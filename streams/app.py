@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
             cache.forget(items)
 
     catalog.on_change = catalog_changed
+    graph.shoppers_lag = lambda: context.lag
     app.cartwise = {"context": context, "cooccurrence": graph, "catalog": catalog,
                     "stats": stats, "store": store}
 

@@ -113,6 +113,9 @@ class ContextStage(Stage):
         self.audience = AudienceIndex(self.store, self.stats, self.settings)
         self.profiles = Profiles(self.keys)
         self._refresh_rotation = 0  # which partition refreshes first next tick
+        # (monotonic time, age of the oldest event) of the last batch whose lists were written:
+        # while it is behind, item lists yield (streams/graph_stage.py, `lists_budget`).
+        self.lag: tuple[float, float] | None = None
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -255,6 +258,7 @@ class ContextStage(Stage):
         now = time.time()
         for r in records:
             self.stats.observe("user", now - r[3])
+        self.lag = (time.monotonic(), now - first_ts)
 
     async def send_touchpoints(self) -> None:
         await self.touchpoints.send_due(self)
@@ -440,16 +444,27 @@ class ContextStage(Stage):
                     st.refresh_queue, st.refresh_version = recent, version
                     st.refresh_started, st.refresh_clean = time.time(), True
                     st.refresh_rewritten = 0
-                # The first partition re-ranks at least one chunk even when loading it took
-                # the budget: under load a pass slows down, it never stops.
-                first = n == 0
-                while st.refresh_queue and (first or time.perf_counter() < deadline):
+            # The partition's lock is held one chunk at a time: batches of its events wait
+            # for a chunk, not for the pass (a pass held them for up to the whole budget, half
+            # a second, once per tick). A batch in between marks the pass unclean, as one
+            # between two ticks does; a partition reloaded or moved meanwhile ends the pass.
+            # The first partition re-ranks at least one chunk even when loading it took the
+            # budget: under load a pass slows down, it never stops.
+            first = n == 0
+            while True:
+                async with self.locks[p]:
+                    if self.parts.get(p) is not st or not st.refresh_queue or not (
+                            first or time.perf_counter() < deadline):
+                        break
                     first = False
                     chunk = st.refresh_queue[-YIELD_EVERY:][::-1]
-                    n = await self.user_lists(p, st, chunk, only_changed=True)
+                    written = await self.user_lists(p, st, chunk, only_changed=True)
                     del st.refresh_queue[-len(chunk):]
-                    st.refresh_rewritten += n
-                    self.stats.inc("context.refreshed_users", n)
+                    st.refresh_rewritten += written
+                    self.stats.inc("context.refreshed_users", written)
+            async with self.locks[p]:
+                if self.parts.get(p) is not st:
+                    continue
                 if st.refresh_queue:  # the rest of the pass waits for the next tick
                     self.stats.inc("context.refresh_deferred")
                     continue

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,20 @@ from streams.stage import MODEL_VERSION, Record, Stage, list_digest
 from streams.store import Ops
 
 log = logging.getLogger("cartwise.cooccurrence")
+
+
+# A batch's lag says the shoppers' lists are behind for this long after it, no longer: a quiet
+# stream is not behind.
+BEHIND_FOR_S = 1.0
+
+
+def lists_budget(settings: Any, lag: tuple[float, float] | None, now: float) -> float:
+    """The share of a list tick that item lists may take: `lists_budget_behind` while the
+    shoppers' lists are behind (`lag`: when the context stage last wrote them, monotonic, and
+    how old the batch's oldest event was then), `lists_budget` otherwise."""
+    if lag is not None and now - lag[0] < BEHIND_FOR_S and lag[1] > settings.behind_after_s:
+        return min(settings.lists_budget_behind, settings.lists_budget)
+    return settings.lists_budget
 
 
 @dataclass
@@ -63,6 +77,8 @@ class GraphStage(Stage):
         self.topic = self.settings.pairs_topic
         self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25)
         self._rotation = 0  # which partition publishes first next tick
+        # (when, how old) of the shoppers' lists last written: the context stage's `lag`
+        self.shoppers_lag: Callable[[], tuple[float, float] | None] = lambda: None
 
     async def load(self, partition: int) -> GraphPartition:
         graph = ItemGraph(self.config, sources=self.settings.partitions)
@@ -252,8 +268,9 @@ class GraphStage(Stage):
 
         Scoring a row costs a look at every neighbour, and a hot item changes in every batch:
         a row's list is recomputed at most every `lists_min_interval_s`, and one tick spends
-        at most `lists_budget` of `lists_interval_s` on lists, over all partitions, oldest
-        evidence first, starting with a different partition each tick. Under load lists wait
+        at most `lists_budget` of `lists_interval_s` on lists (`lists_budget_behind` while
+        shoppers' lists are behind), over all partitions, oldest evidence first, starting with
+        a different partition each tick. Under load lists wait
         instead of the shoppers' lists, which share this event loop; the cost of a tick no
         longer grows with the number of rows a worker owns.
 
@@ -263,7 +280,10 @@ class GraphStage(Stage):
         settled mark: two runs over the same events end with the same lists.
         """
         s = self.settings
-        deadline = time.perf_counter() + s.lists_budget * s.lists_interval_s
+        budget = lists_budget(s, self.shoppers_lag(), time.monotonic())
+        if budget < s.lists_budget:
+            self.stats.inc("cooccurrence.lists_yielded")
+        deadline = time.perf_counter() + budget * s.lists_interval_s
         parts = sorted(p for p in self.parts if p in self.assigned)
         if parts:
             k = self._rotation % len(parts)

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cartwise import runtime
+
 # Histogram buckets (seconds) of event-to-suggestion freshness, for Prometheus.
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Buckets (seconds) of one Redis write call (a pipeline or command), for Prometheus.
@@ -104,5 +106,7 @@ class Stats:
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
-                "counters": dict(self.counters), "seconds": self.seconds, "freshness_s": fresh,
+                "counters": dict(self.counters) | runtime.GC_RUNS,
+                "seconds": self.seconds | runtime.GC_SECONDS, "gc_longest_s": runtime.GC_LONGEST[0],
+                "freshness_s": fresh,
                 "partitions": self.partitions}

@@ -1,4 +1,5 @@
-"""The worker's read cache (streams/cache.py): pure logic, driven with a counting fetch."""
+"""The worker's hot-path helpers, pure logic: its read cache (streams/cache.py), driven with a
+counting fetch, and the item lists' share of a tick (streams/graph_stage.py)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,18 @@ def test_copies_are_served_until_max_age_and_fresh_reads_skip_them():
 
     asyncio.run(run())
     assert src.asked == [["a"], ["a"], ["a"]]
+
+
+def test_item_lists_yield_only_while_shoppers_lists_are_behind():
+    from cartwise.settings import Settings
+    from streams.graph_stage import BEHIND_FOR_S, lists_budget
+
+    s = Settings(lists_budget=0.3, lists_budget_behind=0.05, behind_after_s=0.25)  # not the defaults
+    now = 100.0
+    assert lists_budget(s, None, now) == 0.3  # no batch yet
+    assert lists_budget(s, (now - 0.1, 0.2), now) == 0.3  # fresh enough
+    assert lists_budget(s, (now - 0.1, 0.3), now) == 0.05  # behind
+    assert lists_budget(s, (now - BEHIND_FOR_S, 5.0), now) == 0.3  # quiet since: not behind
+    # A smaller budget than the "behind" one is never raised by it.
+    assert lists_budget(Settings(lists_budget=0.02, lists_budget_behind=0.05), (now, 9.0),
+                        now) == 0.02
