@@ -64,7 +64,7 @@ def test_item_lists_yield_only_while_shoppers_lists_are_behind():
     from cartwise.settings import Settings
     from streams.graph_stage import BEHIND_FOR_S, lists_budget
 
-    s = Settings(lists_budget=0.3, lists_budget_behind=0.05, behind_after_s=0.25)  # not the defaults
+    s = Settings(lists_budget=0.3, lists_budget_behind=0.05, behind_after_s=0.25)  # set here
     now = 100.0
     assert lists_budget(s, None, now) == 0.3  # no batch yet
     assert lists_budget(s, (now - 0.1, 0.2), now) == 0.3  # fresh enough
