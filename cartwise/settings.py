@@ -66,6 +66,9 @@ class Settings:
     batch_within_s: float = 0.05
     # State reaches Redis (with the input offset) at most this often; a crash replays less.
     checkpoint_interval_s: float = 1.0
+    # Share of the worker's time that encoding one stage's checkpoints may take; a partition
+    # whose last one took more waits longer for its next (streams/stage.py, `checkpoint_every`).
+    checkpoint_budget: float = 0.05
     lists_interval_s: float = 0.2  # how often changed item lists are published
     lists_min_interval_s: float = 1.0  # one item's list is recomputed at most this often
     # Share of each `lists_interval_s` tick that building lists may take, over all partitions:

@@ -37,6 +37,23 @@ Record = tuple[bytes | None, int, int, float, bytes | None]
 Sender = Callable[..., Awaitable[Awaitable[Any]]]
 
 
+# A partition's checkpoint waits at most this many `checkpoint_interval_s` (`checkpoint_every`).
+CHECKPOINT_MAX_INTERVALS = 10
+
+
+def checkpoint_every(settings: Any, ops_s: float, partitions: int) -> float:
+    """How long a partition's state may wait for its next checkpoint: `checkpoint_interval_s`,
+    or longer when building its last one (`ops_s`, the encoding done on the event loop) took
+    more than its share of `checkpoint_budget`, split evenly over the `partitions` the stage
+    holds. A wide row changed in every batch is then encoded every few seconds instead of every
+    second; at most `CHECKPOINT_MAX_INTERVALS` intervals, so a crash replays little."""
+    base = settings.checkpoint_interval_s
+    budget = settings.checkpoint_budget
+    if budget <= 0 or ops_s <= 0:
+        return base
+    return min(base * CHECKPOINT_MAX_INTERVALS, max(base, ops_s * max(1, partitions) / budget))
+
+
 def group_by_partition(records: Sequence[Record]) -> dict[int, list[Record]]:
     out: dict[int, list[Record]] = defaultdict(list)
     for r in records:
@@ -91,6 +108,7 @@ class Stage(CheckpointIsolation, StallWatch):
         # Called before the first state is loaded: reads or creates the state generation.
         self.claim: Callable[[], Awaitable[Any]] | None = None
         self.last_checkpoint: dict[int, float] = defaultdict(float)
+        self.ops_seconds: dict[int, float] = {}  # partition -> encoding its last checkpoint
         self.assigned: set[int] = set()
         self.gaps: dict[int, Gap] = {}  # partition -> the hole before its next record
         self.stalls: dict[int, Stall] = {}  # partition -> behind the broker's end, none coming
@@ -177,8 +195,7 @@ class Stage(CheckpointIsolation, StallWatch):
         await asyncio.gather(*(self._apply(p, recs) for p, recs in groups.items()))
         self.stats.last_batch_at, self.stats.last_batch_cpu = time.time(), time.process_time()
         t1 = time.perf_counter()
-        due = time.monotonic() - self.settings.checkpoint_interval_s
-        await asyncio.gather(*(self.checkpoint(p) for p in groups if self.last_checkpoint[p] < due))
+        await asyncio.gather(*(self.checkpoint(p) for p in groups if self._due(p)))
         self.stats.add_time(f"{self.name}.batch_apply", t1 - t0)
         self.stats.add_time(f"{self.name}.batch_checkpoint", time.perf_counter() - t1)
 
@@ -449,9 +466,11 @@ class Stage(CheckpointIsolation, StallWatch):
         t0 = time.perf_counter()
         try:
             await asyncio.gather(*st.acks)  # outputs durable before we claim the input
+            t_ops = time.perf_counter()
+            ops = self.checkpoint_ops(p, st)
+            self.ops_seconds[p] = time.perf_counter() - t_ops
             with self.stats.redis_write(f"{self.name}.checkpoint"):
-                ok, found = await self.store.checkpoint(
-                    self.name, p, st.offset, st.applied, self.checkpoint_ops(p, st))
+                ok, found = await self.store.checkpoint(self.name, p, st.offset, st.applied, ops)
         except asyncio.CancelledError:
             raise
         except StateLost as exc:
@@ -484,9 +503,11 @@ class Stage(CheckpointIsolation, StallWatch):
 
     async def checkpoint_all(self) -> None:
         """Timer: checkpoint partitions that have waited an interval (idle ones included)."""
-        due = time.monotonic() - self.settings.checkpoint_interval_s
-        await asyncio.gather(*(self.checkpoint(p) for p in list(self.parts)
-                               if self.last_checkpoint[p] < due))
+        await asyncio.gather(*(self.checkpoint(p) for p in list(self.parts) if self._due(p)))
+
+    def _due(self, p: int) -> bool:
+        every = checkpoint_every(self.settings, self.ops_seconds.get(p, 0.0), len(self.parts))
+        return time.monotonic() - self.last_checkpoint[p] >= every
 
 
 class _Poisoned(Exception):

@@ -1,11 +1,13 @@
 """The worker's hot-path helpers, pure logic: its read cache (streams/cache.py), driven with a
-counting fetch, and the item lists' share of a tick (streams/graph_stage.py)."""
+counting fetch, the item lists' share of a tick (streams/graph_stage.py) and how long a
+partition's state waits for its checkpoint (streams/stage.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import orjson
+import pytest
 
 from streams.cache import ReadCache, parse_json
 
@@ -73,3 +75,17 @@ def test_item_lists_yield_only_while_shoppers_lists_are_behind():
     # A smaller budget than the "behind" one is never raised by it.
     assert lists_budget(Settings(lists_budget=0.02, lists_budget_behind=0.05), (now, 9.0),
                         now) == 0.02
+
+
+def test_a_checkpoint_that_costs_more_than_its_share_waits_longer_within_a_bound():
+    from cartwise.settings import Settings
+    from streams.stage import CHECKPOINT_MAX_INTERVALS, checkpoint_every
+
+    s = Settings(checkpoint_interval_s=1.0, checkpoint_budget=0.05)
+    assert checkpoint_every(s, 0.0, 8) == 1.0  # nothing measured yet
+    assert checkpoint_every(s, 0.002, 8) == 1.0  # 16 ms of 8 partitions: within 5%
+    # 20 ms each over 8 partitions is 160 ms a round: every 3.2 s keeps it at 5%.
+    assert checkpoint_every(s, 0.02, 8) == pytest.approx(3.2)
+    assert checkpoint_every(s, 0.02, 1) == 1.0
+    assert checkpoint_every(s, 5.0, 8) == CHECKPOINT_MAX_INTERVALS * 1.0  # bounded
+    assert checkpoint_every(Settings(checkpoint_budget=0.0), 5.0, 8) == 1.0  # off
