@@ -38,7 +38,7 @@ Sender = Callable[..., Awaitable[Awaitable[Any]]]
 
 
 # A partition's checkpoint waits at most this many `checkpoint_interval_s` (`checkpoint_every`).
-CHECKPOINT_MAX_INTERVALS = 10
+CHECKPOINT_MAX_INTERVALS = 4
 
 
 def checkpoint_every(settings: Any, ops_s: float, partitions: int) -> float:
