@@ -8,7 +8,7 @@ dict the event loop is changing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,9 +24,13 @@ from streams.stats import Stats
 
 
 def _copy(d: dict) -> dict:
+    return _retry(lambda: dict(d))
+
+
+def _retry(read: Callable[[], dict]) -> dict:
     for _ in range(5):
         try:
-            return dict(d)
+            return read()
         except RuntimeError:  # changed size while copying: try again
             continue
     return {}
@@ -101,7 +105,7 @@ class WorkerCollector:
         seconds = CounterMetricFamily("cartwise_step_seconds", "Time spent per processing step "
                                       "(process, user_lists, checkpoint = Redis write)",
                                       labels=["step"])
-        for name, v in sorted(_copy(s.seconds).items()):
+        for name, v in sorted(_retry(s.step_seconds).items()):
             seconds.add_metric([name], v)
         yield seconds
         fresh = HistogramMetricFamily("cartwise_freshness_seconds", "From an event's broker "

@@ -76,6 +76,11 @@ class Stats:
         """Accumulate time spent in a processing step (seconds, as a float counter)."""
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
+    def step_seconds(self) -> dict[str, float]:
+        """Time per processing step, and the process's garbage-collection pauses
+        (cartwise/runtime.py): one view for `cartwise stats` and Prometheus."""
+        return dict(self.seconds) | runtime.GC_SECONDS
+
     def observe(self, kind: str, seconds: float) -> None:
         self.freshness[kind].append(seconds)
         self.freshness_histograms[kind].observe(seconds)
@@ -107,6 +112,6 @@ class Stats:
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
                 "counters": dict(self.counters) | runtime.GC_RUNS,
-                "seconds": self.seconds | runtime.GC_SECONDS, "gc_longest_s": runtime.GC_LONGEST[0],
+                "seconds": self.step_seconds(), "gc_longest_s": runtime.GC_LONGEST[0],
                 "freshness_s": fresh,
                 "partitions": self.partitions}

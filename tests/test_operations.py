@@ -147,6 +147,11 @@ def test_worker_metrics_count_what_happened(make_settings, workers):
         assert m[("cartwise_redis_write_seconds_bucket", (("le", "+Inf"), ("op", op)))] == n
         assert m[("cartwise_redis_write_seconds_sum", (("op", op),))] > 0
     assert not any(name == "cartwise_redis_write_errors_total" for name, _ in m)
+    # Where the time goes: the agents' batches, each timer, and the collector's pauses.
+    steps = {dict(labels)["step"] for name, labels in m
+             if name == "cartwise_step_seconds_total"}
+    assert {"context.batch_apply", "cooccurrence.batch_checkpoint", "timer.lists",
+            "timer.checkpoint", "gc.gen0", "gc.gen2"} <= steps, steps
 
 
 def test_stall_detector_flags_only_partitions_that_wait_without_progress():
