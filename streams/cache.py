@@ -24,15 +24,18 @@ class ReadCache:
     parsing their lists once per `max_age` instead of once per batch saves most of that work.
     Suggestions may then be up to `max_age` older than the newest lists, no more.
 
-    With `parse`, `fetch` returns raw bytes and the cache parses them; a document read again
-    with the very same bytes keeps its parsed copy. Most lists do not change between two reads
+    `fetch` reads the missing documents (one round trip for all of them). With `parse`, it
+    returns raw bytes and the cache parses them; a document read again with the very same
+    bytes keeps its parsed copy. Most lists do not change between two reads
     a second apart, and parsing them was a tenth of a worker's time at a steady 1,000 events/s.
     Parsed documents are shared: callers must not change them.
     """
 
-    def __init__(self, max_age: float, max_size: int = 100_000,
+    def __init__(self, max_age: float, fetch: Callable[[list[str]], Awaitable[dict]],
+                 max_size: int = 100_000,
                  parse: Callable[[bytes | None], Any] | None = None) -> None:
         self.max_age = max_age
+        self.fetch = fetch
         self.max_size = max_size
         self.parse = parse
         self.docs: dict[str, Entry] = {}
@@ -42,8 +45,7 @@ class ReadCache:
         for k in keys:
             self.docs.pop(k, None)
 
-    async def get_many(self, keys: Iterable[str], fetch: Callable[[list[str]], Awaitable[dict]],
-                       fresh: bool = False) -> dict[str, Any]:
+    async def get_many(self, keys: Iterable[str], fresh: bool = False) -> dict[str, Any]:
         now = time.monotonic()
         horizon = now - self.max_age
         docs = self.docs
@@ -60,7 +62,7 @@ class ReadCache:
                     missing.append(k)
         if not missing:
             return out
-        got = await fetch(missing)
+        got = await self.fetch(missing)
         if len(docs) + len(got) > self.max_size:
             docs.clear()
         parse = self.parse

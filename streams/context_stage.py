@@ -104,8 +104,10 @@ class ContextStage(Stage):
         # A row's list changes at most every `lists_min_interval_s`: reading and parsing the
         # anchors' lists more often than that was a quarter of a worker's time at scale. The
         # API filters stock again when it serves, and the refresh re-ranks with fresh reads.
-        self.list_cache = ReadCache(self.settings.lists_min_interval_s, parse=parse_json)
-        self.catalog_cache = ReadCache(self.settings.lists_min_interval_s)
+        self.list_cache = ReadCache(self.settings.lists_min_interval_s,
+                                    self.store.item_lists_raw, parse=parse_json)
+        self.catalog_cache = ReadCache(self.settings.lists_min_interval_s,
+                                       self.store.catalog_facts)
         # Side jobs of the stage, each in its own module.
         self.feedback = Feedback(self.store, self.settings)
         self.touchpoints = Touchpoints(self.store, self.stats, self.send, self.settings,
@@ -343,22 +345,20 @@ class ContextStage(Stage):
 
         The periodic refresh (`only_changed`) reads past the cache: it must see the newest lists.
         """
+        cfg = self.config
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
-        wanted = list(dict.fromkeys(a for _, c in ctxs for a in list_anchors(c, self.config)))
-        lists = await self.list_cache.get_many(wanted, self.store.item_lists_raw, only_changed)
-        candidates = listed(lists, self.config)
-        for _, c in ctxs:  # anchors come back as revisits: their stock matters too
-            candidates.update(anchors(c, self.config))
-        for _, c in ctxs:  # so may the newest bought items
-            candidates.update(rebuy_candidates(c, self.config))
-        catalog = await self.catalog_cache.get_many(candidates, self.store.catalog_facts,
-                                                    only_changed)
+        wanted = list(dict.fromkeys(a for _, c in ctxs for a in list_anchors(c, cfg)))
+        lists = await self.list_cache.get_many(wanted, only_changed)
+        candidates = listed(lists, cfg)
+        for _, c in ctxs:
+            candidates.update(anchors(c, cfg))  # every anchor may come back as a revisit
+            candidates.update(rebuy_candidates(c, cfg))  # so may the newest bought items
+        catalog = await self.catalog_cache.get_many(candidates, only_changed)
         # Whether a bought item may come back, and when, is in its lists' learned cycle.
         rebuy = sorted(set().union(*(cycles_needed(c.bought, candidates, catalog)
                                      for _, c in ctxs)) - lists.keys())
         if rebuy:
-            lists = lists | await self.list_cache.get_many(rebuy, self.store.item_lists_raw,
-                                                           only_changed)
+            lists = lists | await self.list_cache.get_many(rebuy, only_changed)
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
         profiled: dict[str, tuple] = {}

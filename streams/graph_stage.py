@@ -75,7 +75,8 @@ class GraphStage(Stage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.topic = self.settings.pairs_topic
-        self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25)
+        self.catalog_cache = ReadCache(self.settings.lists_interval_s * 25,
+                                       self.store.catalog_facts)
         self._rotation = 0  # which partition publishes first next tick
         # (when, how old) of the shoppers' lists last written: the context stage's `lag`
         self.shoppers_lag: Callable[[], tuple[float, float] | None] = lambda: None
@@ -245,7 +246,7 @@ class GraphStage(Stage):
         gone = sorted(i for i in st.gone_marg if item_partition(i, n) == p)
         if not scores and not gone:
             return mine
-        facts = await self.catalog_cache.get_many(mine + gone, self.store.catalog_facts)
+        facts = await self.catalog_cache.get_many(mine + gone)
         for item in gone:
             pipe.zrem(self.keys.trending(), item)
             if cat := (facts.get(item) or {}).get("category"):

@@ -19,6 +19,7 @@ import orjson
 from redis.crc import key_slot
 
 from cartwise.redisconn import AsyncClient, is_cluster
+from streams.cache import parse_json
 
 SHOWN_TTL_S = 2 * 86400  # a day's frequency-cap counts outlive the day by one day
 
@@ -532,8 +533,7 @@ class Store:
         return None if raw is None else orjson.loads(raw)
 
     async def item_lists(self, items: list[str]) -> dict[str, dict | None]:
-        return {i: (orjson.loads(r) if r else None)
-                for i, r in (await self.item_lists_raw(items)).items()}
+        return {i: parse_json(r) for i, r in (await self.item_lists_raw(items)).items()}
 
     async def item_lists_raw(self, items: list[str]) -> dict[str, bytes | None]:
         """The stored `cw:item` documents, unparsed (streams/cache.py parses what changed)."""

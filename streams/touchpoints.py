@@ -55,8 +55,8 @@ class Touchpoints:
                        cycles: list[tuple[str, str, float, float | None]]) -> None:
         """Plan the touchpoints and the due reminder of each consumable just bought."""
         items = sorted({i for _, i, _, _ in cycles})
-        catalog = await self.catalog_cache.get_many(items, self.store.catalog_facts)
-        docs = await self.list_cache.get_many(items, self.store.item_lists_raw)
+        catalog = await self.catalog_cache.get_many(items)
+        docs = await self.list_cache.get_many(items)
         lead = self.config.replenish_lead_s
         for user, item, ts, prev in cycles:
             if not (catalog.get(item) or {}).get("consumable"):

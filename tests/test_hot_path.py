@@ -26,20 +26,20 @@ class Source:
 
 def test_a_document_read_again_unchanged_keeps_its_parsed_copy():
     src = Source({"a": orjson.dumps({"v": 1}), "b": orjson.dumps({"v": 2})})
-    cache = ReadCache(max_age=0.0, parse=parse_json)  # every read goes to the source
+    cache = ReadCache(0.0, src.fetch, parse=parse_json)  # every read goes to the source
 
     async def run() -> None:
-        first = await cache.get_many(["a", "b", "gone"], src.fetch)
+        first = await cache.get_many(["a", "b", "gone"])
         assert first == {"a": {"v": 1}, "b": {"v": 2}, "gone": None}
         src.docs["b"] = orjson.dumps({"v": 3})
-        second = await cache.get_many(["a", "b", "gone"], src.fetch)
+        second = await cache.get_many(["a", "b", "gone"])
         assert second == {"a": {"v": 1}, "b": {"v": 3}, "gone": None}
         assert second["a"] is first["a"]  # the same bytes: not parsed again
         assert second["b"] is not first["b"]
         src.docs["a"] = None  # deleted: no stale copy survives
-        assert (await cache.get_many(["a"], src.fetch)) == {"a": None}
+        assert (await cache.get_many(["a"])) == {"a": None}
         src.docs["a"] = orjson.dumps({"v": 1})
-        assert (await cache.get_many(["a"], src.fetch)) == {"a": {"v": 1}}
+        assert (await cache.get_many(["a"])) == {"a": {"v": 1}}
 
     asyncio.run(run())
     assert src.asked == [["a", "b", "gone"], ["a", "b", "gone"], ["a"], ["a"]]
@@ -47,16 +47,16 @@ def test_a_document_read_again_unchanged_keeps_its_parsed_copy():
 
 def test_copies_are_served_until_max_age_and_fresh_reads_skip_them():
     src = Source({"a": b"1"})
-    cache = ReadCache(max_age=3600.0)  # no parse: values are kept as fetched
+    cache = ReadCache(3600.0, src.fetch)  # no parse: values are kept as fetched
 
     async def run() -> None:
-        assert await cache.get_many(["a"], src.fetch) == {"a": b"1"}
+        assert await cache.get_many(["a"]) == {"a": b"1"}
         src.docs["a"] = b"2"
-        assert await cache.get_many(["a"], src.fetch) == {"a": b"1"}  # within max_age
-        assert await cache.get_many(["a"], src.fetch, fresh=True) == {"a": b"2"}
+        assert await cache.get_many(["a"]) == {"a": b"1"}  # within max_age
+        assert await cache.get_many(["a"], fresh=True) == {"a": b"2"}
         cache.forget(["a"])
         src.docs["a"] = b"3"
-        assert await cache.get_many(["a"], src.fetch) == {"a": b"3"}
+        assert await cache.get_many(["a"]) == {"a": b"3"}
 
     asyncio.run(run())
     assert src.asked == [["a"], ["a"], ["a"]]
