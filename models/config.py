@@ -47,6 +47,10 @@ class ModelConfig:
     alt_max_buy_share: float = 0.2
     # "Next" evidence: a pick d <= next_steps places after another in one session adds 1/d.
     next_steps: int = 10
+    # The same picks seen the other way round (an item picked d places *before* the anchor)
+    # count this much in the anchor's next list: a session's neighbourhood both ways, as the
+    # session-neighbourhood methods (STAN, VSTAN) weigh it (docs/model.md, fifth round).
+    before_weight: float = 0.3
     score_digits: int = 9
     # Ranking a shopper's list from the context (models/ranking.py).
     max_anchors: int = 30  # newest context items whose lists are blended

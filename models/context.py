@@ -22,11 +22,12 @@ BUY_TYPES = frozenset({"add_to_cart", "purchase"})
 # What one event adds to the item graph, compact because it crosses the internal pairs topic:
 #   (ts, marginals, pairs)
 #   marginals: [(item, d_all, d_buy)]        item entered a context / got stronger
-#   pairs: [(item, other, d_all, d_buy, n_all, n_buy, d_next)]
+#   pairs: [(item, other, d_all, d_buy, n_all, n_buy, d_next, d_before)]
 #                                            the pair (item, other) got stronger; n_* is 1 when
 #                                            the pair is new in this context (counts shoppers);
 #                                            d_next is 1/d when `other` was picked right after
-#                                            `item`, d steps later in one session
+#                                            `item`, d steps later in one session, d_before
+#                                            1/d when `other` was picked d steps before it
 Evidence = tuple[float, list[tuple], list[tuple]]
 
 
@@ -223,7 +224,7 @@ class ContextBook:
             # Picked again right after itself in the session (a re-click, or a cart of the
             # item just viewed): "next" evidence of the item for itself (models/itemlists.py,
             # `repeat`); its support counts each shopper context once, on its first repeat.
-            pairs.append((item, item, 0.0, 0.0, 0.0 if old.r else 1.0, 0.0, 1.0))
+            pairs.append((item, item, 0.0, 0.0, 0.0 if old.r else 1.0, 0.0, 1.0, 0.0))
             old.r += 1
         old = items.pop(item, None)
         w_old, b_old = (old.w, old.b) if old is not None else (0.0, 0.0)
@@ -249,8 +250,8 @@ class ContextBook:
                 if da > 0 or db > 0:
                     na = f if new_item else 0.0
                     nb = f if db > 0 and b_before == 0 else 0.0
-                    pairs.append((item, other, da, db, na, nb, 0.0))
-                    pairs.append((other, item, da, db, na, nb, dn))
+                    pairs.append((item, other, da, db, na, nb, 0.0, dn))
+                    pairs.append((other, item, da, db, na, nb, dn, 0.0))
         if old is None:
             items[item] = Touch(w_new, b_new, now, ctx.session)
             if len(items) > self.config.context_max_items:

@@ -37,6 +37,16 @@ from models.trending import trending_score
 
 __all__ = ["KINDS", "ItemGraph"]
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
+# A row entry: [all, buy, shopper contexts (all), shopper contexts (buy), next, before].
+ROW_FIELDS = 6
+
+
+def _widen(row: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A row from a checkpoint written before "next" (4 fields) or "before" (5) existed."""
+    for v in row.values():
+        if len(v) < ROW_FIELDS:
+            v.extend([0.0] * (ROW_FIELDS - len(v)))
+    return row
 
 
 class ItemGraph:
@@ -147,12 +157,13 @@ class ItemGraph:
         cap = self.config.max_neighbours
         dirty, touched, dirty_open = self.dirty, self.touched, self.dirty_open
         for p in pairs:
-            if len(p) == 7:
-                item, other, da, db, na, nb, dn = p
-            else:
+            if len(p) == 8:
+                item, other, da, db, na, nb, dn, dp = p
+            else:  # evidence written before "next" (6) or "before" (7) existed
                 item, other, da, db, na, nb = p[:6]
-                dn = p[6] if len(p) > 6 else 0.0  # evidence written before "next" existed
-            add = [da * g, db * g, na * g, nb * g, dn * g]
+                dn = p[6] if len(p) > 6 else 0.0
+                dp = 0.0
+            add = [da * g, db * g, na * g, nb * g, dn * g, dp * g]
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
@@ -373,11 +384,7 @@ class ItemGraph:
         return None if row is None else orjson.dumps(row)
 
     def load_row(self, item: str, raw: bytes | str) -> None:
-        row = orjson.loads(raw)
-        for v in row.values():
-            if len(v) < 5:  # checkpoint written before "next" existed
-                v.append(0.0)
-        self.rows[item] = row
+        self.rows[item] = _widen(orjson.loads(raw))
 
     def marg_json(self, item: str) -> bytes | None:
         m = self.marg.get(item)
@@ -412,8 +419,10 @@ class ItemGraph:
         return None if v is None else orjson.dumps(v)
 
     def load_open(self, epoch: int, kind: str, item: str, raw: bytes | str) -> None:
-        src = self.open_rows if kind == "r" else self.open_marg
-        src.setdefault(epoch, {})[item] = orjson.loads(raw)
+        if kind == "r":
+            self.open_rows.setdefault(epoch, {})[item] = _widen(orjson.loads(raw))
+        else:
+            self.open_marg.setdefault(epoch, {})[item] = orjson.loads(raw)
 
     def load_seen(self, item: str, raw: bytes | str) -> None:
         self.seen_epoch[item] = int(raw)
@@ -449,12 +458,13 @@ def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> boo
     if v is None:
         row[other] = list(add)
         return True
-    if len(add) == 5:  # a pair's evidence, on every event: the same sums, written out
+    if len(add) == ROW_FIELDS:  # a pair's evidence, on every event: the same sums, written out
         v[0] += add[0]
         v[1] += add[1]
         v[2] += add[2]
         v[3] += add[3]
         v[4] += add[4]
+        v[5] += add[5]
     else:
         for n in range(len(add)):
             v[n] += add[n]

@@ -83,9 +83,14 @@ def find(item: str, row: dict[str, list[float]], mi: list[float],
     ni_a, ni_b = mi[0] * s, mi[1] * s
     tot_a, tot_b = total[0] * s, total[1] * s
     min_support, llr_min, share = cfg.min_support, cfg.llr_min, cfg.alt_max_buy_share
-    # "next" is the share of what shoppers picked right after the item (sequential rules);
-    # its lift and G² (of the all channel) are only shown, never tested.
+    # "next" is the share of what shoppers picked right after the item (sequential rules),
+    # with what they picked right before it counting `before_weight` as much; its lift and G²
+    # (of the all channel) are only shown, never tested. `picks` and `repeat` are of the
+    # picks after it alone.
     next_total = sum([v[4] for v in row.values()])
+    before = cfg.before_weight
+    near_total = next_total + before * sum([v[5] for v in row.values()]) if before > 0 \
+        else next_total
     own = row.get(item)  # (0, 0, shopper contexts, 0, picks): models/context.py, `_touch`
     repeat = own[4] / next_total if own is not None and own[4] > 0 \
         and own[2] * s >= min_support else 0.0
@@ -95,13 +100,15 @@ def find(item: str, row: dict[str, list[float]], mi: list[float],
     buy, view = ni_b > 0 and tot_b > 0, ni_a > 0 and tot_a > 0
     # confidence_lift inlined (the same arithmetic, `min` written out): this loop is the cost
     # of finding candidates.
-    for other, (a, b, na, nb, dn) in row.items():
+    for other, (a, b, na, nb, dn, dp) in row.items():
         mj = marg.get(other)
         if mj is None or other == item:
             continue
         na_s = na * s
+        if before > 0 and dp > 0:
+            dn += before * dp
         if dn > 0 and na_s >= min_support:
-            nexts.append((dn / next_total, other, a, mj[0], na))
+            nexts.append((dn / near_total, other, a, mj[0], na))
         # Support is counted in shopper contexts, not weights: one keen shopper is noise.
         # G² is only computed here when it filters; otherwise for the entries made.
         if buy and nb * s >= min_support:

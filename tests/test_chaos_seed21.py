@@ -48,7 +48,7 @@ def _lift(anchor: str, total: float) -> float:
     """The lift of the pair's entry in `anchor`'s alternatives, as models/itemlists.py ranks
     and rounds it, unrounded too: (shown, exact)."""
     other = "lap-009" if anchor == "gar-000" else "gar-000"
-    row = {other: [PAIR, 0.0, PAIR, 0.0, 0.0]}
+    row = {other: [PAIR, 0.0, PAIR, 0.0, 0.0, 0.0]}
     marg = {"gar-000": [N_GAR, 2931.622408544383, 0.0, 0.0], "lap-009": [N_LAP, 0.0, 0.0, 0.0]}
     s = 2.0 ** (-(NOW - LANDMARK) / CONFIG.half_life_s)
     cands = find(anchor, row, marg[anchor], marg, [total, 386979.9842154698], s, CONFIG)

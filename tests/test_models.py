@@ -33,22 +33,23 @@ def test_evidence_follows_event_weights_and_channels():
     assert book.learn(event(1, "view", "A")) == (T0, [("A", 1.0, 0.0)], [])
     assert book.learn(event(2, "view", "B")) == (
         T0, [("B", 1.0, 0.0)],
-        [("B", "A", 1.0, 0.0, 1.0, 0.0, 0.0), ("A", "B", 1.0, 0.0, 1.0, 0.0, 1.0)])
+        # A's row: B picked 1 step after A (next); B's row: A picked 1 step before B (before).
+        [("B", "A", 1.0, 0.0, 1.0, 0.0, 0.0, 1.0), ("A", "B", 1.0, 0.0, 1.0, 0.0, 1.0, 0.0)])
     # Carting B: stronger in both channels, but A was only viewed, so no pair grows. B was
     # the item just viewed: picked again right after itself, a first repeat in this context.
     assert book.learn(event(3, "add_to_cart", "B")) == (
-        T0, [("B", 2.0, 3.0)], [("B", "B", 0.0, 0.0, 1.0, 0.0, 1.0)])
+        T0, [("B", 2.0, 3.0)], [("B", "B", 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)])
     # Carting A too: now the pair is a buy-together pair, counted once as a new buy pair.
     assert book.learn(event(4, "add_to_cart", "A")) == (
         T0, [("A", 2.0, 3.0)],
-        [("A", "B", 2.0, 3.0, 0.0, 1.0, 0.0), ("B", "A", 2.0, 3.0, 0.0, 1.0, 0.0)])
+        [("A", "B", 2.0, 3.0, 0.0, 1.0, 0.0, 0.0), ("B", "A", 2.0, 3.0, 0.0, 1.0, 0.0, 0.0)])
     # Buying both (purchase weight 5) adds the difference only.
     order = validate_event({"event_id": "e5", "type": "purchase", "user_id": "u", "ts": T0,
                             "session_id": "s1", "items": [{"item_id": "A"}, {"item_id": "B"}]})
     assert book.learn(order) == (
         T0, [("A", 2.0, 2.0), ("B", 2.0, 2.0)],
         # A was carted last: buying it is its checkout, not a pick of it again.
-        [("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0)])
+        [("B", "A", 2.0, 2.0, 0.0, 0.0, 0.0, 0.0), ("A", "B", 2.0, 2.0, 0.0, 0.0, 0.0, 0.0)])
     ctx = book.get("u")
     assert ctx.cart == {} and set(ctx.bought) == {"A", "B"}
 
@@ -58,29 +59,32 @@ def test_next_evidence_counts_steps_back_within_the_session():
     for n, item in enumerate("ABC"):
         book.learn(event(n, "view", item))
     out = book.learn(event(9, "view", "D"))
-    # D comes 1 step after C, 2 after B; A is beyond next_steps. Only the earlier item's row
-    # hears of it: "next" is directed.
+    # D comes 1 step after C, 2 after B; A is beyond next_steps. The earlier item's row hears
+    # of it as "next", D's own row as "before": the same steps, seen the other way round.
     nexts = {(p[0], p[1]): p[6] for p in out[2]}
     assert nexts == {("C", "D"): 1.0, ("B", "D"): 0.5, ("A", "D"): 0.0,
                      ("D", "C"): 0.0, ("D", "B"): 0.0, ("D", "A"): 0.0}
-    # A second look at B is not a new pick: no next evidence.
-    assert all(p[6] == 0.0 for p in book.learn(event(10, "add_to_cart", "B"))[2])
+    befores = {(p[0], p[1]): p[7] for p in out[2]}
+    assert befores == {("D", "C"): 1.0, ("D", "B"): 0.5, ("D", "A"): 0.0,
+                       ("C", "D"): 0.0, ("B", "D"): 0.0, ("A", "D"): 0.0}
+    # A second look at B is not a new pick: neither next nor before evidence.
+    assert all(p[6] == p[7] == 0.0 for p in book.learn(event(10, "add_to_cart", "B"))[2])
 
 
 def test_an_item_picked_again_right_after_itself_is_next_evidence_of_itself():
     book = ContextBook()
     book.learn(event(1, "view", "A"))
     out = book.learn(event(2, "view", "A"))  # a re-click: A right after A
-    assert out[2] == [("A", "A", 0.0, 0.0, 1.0, 0.0, 1.0)]
+    assert out[2] == [("A", "A", 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)]
     # A second repeat in the same context: more picks, no second shopper context.
-    assert book.learn(event(3, "view", "A"))[2] == [("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0)]
+    assert book.learn(event(3, "view", "A"))[2] == [("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)]
     book.learn(event(4, "view", "B"))  # B right after A: one pick, not a repeat
     # A again, but B came between: a return, not a repeat; another session: neither.
     assert all(p[0] != p[1] for p in book.learn(event(5, "view", "A"))[2])
     assert book.learn(event(6, "view", "A", session="s2"))[2] == []
     # Carting the item just viewed is a pick of it again; buying it from the cart is not.
     assert book.learn(event(7, "add_to_cart", "A", session="s2"))[2] == [
-        ("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0)]
+        ("A", "A", 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)]
     assert all(p[0] != p[1] for p in book.learn(event(8, "purchase", "A", session="s2"))[2])
     # The partition's picks by hand: the three repeats of A, and B one step after A: 3 of 4.
     assert book.picks == [3.0, 4.0]
@@ -89,6 +93,32 @@ def test_an_item_picked_again_right_after_itself_is_next_evidence_of_itself():
     again = ContextBook()
     again.load("u", book.get("u").to_json())
     assert again.get("u").items["A"].r == 3
+
+
+def test_the_next_list_counts_picks_before_the_item_at_before_weight():
+    # A's row by hand: B picked right after A (next 1), C two steps after (0.5), D right
+    # before A (before 1), E before and after (0.5 each). Totals: after 2, before 1.5.
+    row = [("A", "B", 1, 0, 1, 0, 1.0, 0.0), ("A", "C", 1, 0, 1, 0, 0.5, 0.0),
+           ("A", "D", 1, 0, 1, 0, 0.0, 1.0), ("A", "E", 1, 0, 1, 0, 0.5, 0.5),
+           ("A", "A", 0, 0, 1, 0, 1.0, 0.0)]  # a repeat: 1 of the 3 picks after A
+    marginals = [(i, 1, 0) for i in "ABCDE"]
+    g = ItemGraph(ModelConfig(min_support=0.5, before_weight=0.5))  # not the default
+    g.apply(T0, marginals, row)
+    lists = g.lists("A")
+    # near total = 3 (after, with the repeat) + 0.5 x 1.5 (before) = 3.75
+    got = {e["item_id"]: e["score"] for e in lists["next"]}
+    assert got == pytest.approx({"B": 1 / 3.75, "E": 0.75 / 3.75, "C": 0.5 / 3.75,
+                                 "D": 0.5 / 3.75})
+    # The repeat share and the picks stay those of the picks after A alone.
+    assert lists["repeat"] == pytest.approx(1 / 3) and lists["picks"] == 3.0
+    # before_weight 0: the directed list of before (D, picked only before A, is no entry).
+    g0 = ItemGraph(ModelConfig(min_support=0.5, before_weight=0.0))
+    g0.apply(T0, marginals, row)
+    assert {e["item_id"]: e["score"] for e in g0.lists("A")["next"]} == pytest.approx(
+        {"B": 1 / 3, "E": 0.5 / 3, "C": 0.5 / 3})
+    # A checkpoint written before "before" existed (5 fields a row entry) loads as none.
+    g0.load_row("Z", b'{"A": [1.0, 0.0, 1.0, 0.0, 1.0]}')
+    assert g0.rows["Z"]["A"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_an_items_repeat_share_is_its_own_part_of_the_picks_after_it():
@@ -146,13 +176,14 @@ def test_next_list_is_the_share_of_picks_right_after_an_item():
     nxt = g.lists("A")["next"]
     assert [e["item_id"] for e in nxt] == ["B", "C"]
     assert [e["score"] for e in nxt] == pytest.approx([1 / 1.5, 0.5 / 1.5])
-    assert nxt[0]["reason"] == "a popular next pick"
+    assert nxt[0]["reason"] == "often picked in the same visit"
     assert nxt[0]["anchor"] == "A" and nxt[0]["evidence"]["share"] == pytest.approx(1 / 1.5)
     assert g.lists("B")["next"] == []
     # Evidence and checkpoints written before "next" existed still load, with no next count.
     g.apply(T0, [], [("B", "C", 1, 0, 1, 0)])
     g.load_row("C", b'{"A": [1.0, 0.0, 1.0, 0.0]}')
-    assert g.rows["B"]["C"][4] == 0.0 and g.rows["C"]["A"] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert g.rows["B"]["C"][4:] == [0.0, 0.0]
+    assert g.rows["C"]["A"] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_duplicates_are_applied_once():
@@ -168,8 +199,9 @@ def test_earlier_sessions_count_less_and_old_items_leave():
     book.learn(event(1, "view", "A", session="s1"))
     out = book.learn(event(2, "view", "B", session="s2", ts=T0 + 3600))
     f = cfg.history_factor
-    # ...and a pick in another session is not a "next" pick.
-    assert ("B", "A", f, 0.0, f, 0.0, 0.0) in out[2] and ("A", "B", f, 0.0, f, 0.0, 0.0) in out[2]
+    # ...and a pick in another session is neither a "next" nor a "before" pick.
+    assert ("B", "A", f, 0.0, f, 0.0, 0.0, 0.0) in out[2] \
+        and ("A", "B", f, 0.0, f, 0.0, 0.0, 0.0) in out[2]
     later = T0 + cfg.history_s + 7200
     out = book.learn(event(3, "view", "C", session="s3", ts=later))
     assert out == (later, [("C", 1.0, 0.0)], [])

@@ -37,7 +37,7 @@ def entry(kind: str, anchor: str | None = "pho-6", **evidence: float) -> dict:
 def test_reasons_name_the_anchor_and_never_show_its_id():
     assert render(entry("cross_sell"), CATALOG) == "often bought together with Brand-6 phone"
     assert render(entry("alternatives"), CATALOG) == "often compared with Brand-6 phone"
-    assert render(entry("next"), CATALOG) == "a popular next pick after Brand-6 phone"
+    assert render(entry("next"), CATALOG) == "often picked just before or after Brand-6 phone"
     assert render(entry("upsell", price_ratio=45.68), CATALOG) == "a step up from Brand-6 phone"
     for kind in ("cross_sell", "alternatives", "next", "upsell"):
         for anchor in ("nameless", "blank", "unknown-item"):
@@ -57,7 +57,7 @@ def test_a_percentage_only_when_it_rests_on_enough_shoppers():
     assert share_text({"share": 0.5}) is None
     # A next pick's share is of weighted picks, not of shoppers: never a percentage.
     assert render(entry("next", share=0.9, shoppers=500.0, out_of=900.0), CATALOG) == \
-        "a popular next pick after Brand-6 phone"
+        "often picked just before or after Brand-6 phone"
 
 
 def test_kinds_without_an_anchor():
@@ -77,7 +77,8 @@ def test_a_shop_translates_with_its_own_table():
     assert render(entry("cross_sell", share=0.3, shoppers=30, out_of=100), CATALOG, german) == \
         "30% der Käufer von Brand-6 phone kauften auch dies"
     # Keys the shop did not translate fall back to the defaults, never to an error.
-    assert render(entry("next"), CATALOG, german) == "a popular next pick after Brand-6 phone"
+    assert render(entry("next"), CATALOG, german) == \
+        "often picked just before or after Brand-6 phone"
     assert render(entry("pinned", None), CATALOG, german) == "recommended by the shop"
 
 
@@ -85,7 +86,8 @@ def test_render_all_fills_reason_and_anchor_name_on_copies():
     entries = [entry("cross_sell"), entry("trending", None), entry("next", "nameless")]
     got = render_all(entries, CATALOG)
     assert [e["reason"] for e in got] == ["often bought together with Brand-6 phone",
-                                          "popular in the shop right now", "a popular next pick"]
+                                          "popular in the shop right now",
+                                          "often picked in the same visit"]
     assert got[0]["anchor_name"] == "Brand-6 phone" and got[2]["anchor_name"] is None
     assert "anchor_name" not in got[1]
     assert entries[0]["reason"] == "stale text"  # the inputs are not changed
@@ -118,8 +120,8 @@ def test_item_lists_carry_anchor_and_evidence_and_no_ids_in_the_text():
     assert nxt[0]["anchor"] == "A" and nxt[0]["kind"] == "next"
     assert nxt[0]["evidence"]["share"] == pytest.approx(1 / 1.5)
     assert nxt[0]["evidence"]["shoppers"] == pytest.approx(1.0)
-    assert nxt[0]["reason"] == "a popular next pick" and "A" not in nxt[0]["reason"]
-    assert render(nxt[0], {"A": {"name": "Alpha"}}) == "a popular next pick after Alpha"
+    assert nxt[0]["reason"] == "often picked in the same visit" and "A" not in nxt[0]["reason"]
+    assert render(nxt[0], {"A": {"name": "Alpha"}}) == "often picked just before or after Alpha"
 
 
 def test_a_few_buyers_never_read_as_a_percentage():

@@ -32,8 +32,9 @@ def router(backend: Backend) -> APIRouter:
         item_id: Annotated[str, id_path],
         kind: Annotated[Literal["cross_sell", "alternatives", "next", "upsell"],
                         Query(description="cross_sell: goes with it; alternatives: instead "
-                                          "of it; next: what shoppers picked right after it; "
-                                          "upsell: a dearer alternative")] = "cross_sell",
+                                          "of it; next: what shoppers picked right after "
+                                          "it, or right before it; upsell: a dearer "
+                                          "alternative")] = "cross_sell",
         k: Annotated[int, k_param] = 10,
         user_id: Annotated[str | None, Query(
             min_length=1, max_length=MAX_ID_LEN,

@@ -13,10 +13,10 @@ const DUE_PAGES = 10;          // 10 x 1000 reminders scanned for one shopper
 const KINDS = [
   ["cross_sell", "Goes with it", "bought together (cross-sell)"],
   ["alternatives", "Instead of it", "viewed together (alternatives)"],
-  ["next", "Picked right after it", "the next pick in the same visit"],
+  ["next", "Picked around it", "picked just before or after it in the same visit"],
   ["upsell", "A step up", "dearer alternatives in its category (upsell)"],
 ];
-const KIND_WORDS = { cross_sell: "goes with", alternatives: "instead of", next: "next pick",
+const KIND_WORDS = { cross_sell: "goes with", alternatives: "instead of", next: "picked around it",
                      upsell: "step up", trending: "popular (filler)", revisit: "revisit",
                      pinned: "pinned by you", new: "new (boosted)" };
 
