@@ -134,6 +134,11 @@ def kept_baselines(new: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]
         if cur[kind]["targets"] != old[kind]["targets"]:
             raise SystemExit(f"--keep-baselines: {kind} targets differ "
                              f"({cur[kind]['targets']} vs {old[kind]['targets']})")
+    for n, r in saved["models"].items():
+        missing = [g for g in cur.get("windows", {}) if n in BASELINES and g not in r]
+        if missing:
+            raise SystemExit(f"--keep-baselines: the saved {n} has no {missing[0]!r} group; "
+                             "replay the baselines too")
     models = dict(new["models"])
     models.update((n, r) for n, r in saved["models"].items() if n in BASELINES)
     out = dict(new)
@@ -264,6 +269,9 @@ def summary_section(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 SUBSET_TITLE = {"discovery": "Discovery targets (items the shopper never touched before)",
+                "new for you": "The same discovery targets, with the shopper's own items left "
+                               "out of every model's top 20 (what the `placement=new` answer, "
+                               "\"new for you\", shows: docs/api.md)",
                 "basket": "Basket completion (items added to a basket that already holds "
                           "others: the cart so far, or the earlier lines of the same order)"}
 

@@ -25,7 +25,10 @@ from models.recommender import CartwiseModel
 DEFAULT_MODELS = ("cartwise", *BASELINES)
 FACTORIES: dict[str, Callable[[], Model]] = {"cartwise": CartwiseModel, **BASELINES}
 WINDOWS = 20  # time blocks for the significance tests and the HR-over-time plot
-SUBSETS = {"discovery": "new", "basket": "basket"}  # group label -> Replay.rows(only=...)
+# group label -> Replay.rows(only=...); "new for you" ranks discovery targets with the
+# shopper's own items left out of every model's top 20 (Replay.fresh).
+SUBSETS = {"discovery": "new", "new for you": "new", "basket": "basket"}
+FRESH = frozenset({"new for you"})
 TESTED = ("hr5", "hr20", "mrr20")  # metrics tested against the best baseline
 
 
@@ -117,12 +120,14 @@ def summarize(replay: Replay, kinds: Sequence[str], seconds: float) -> dict[str,
         res: dict[str, Any] = {"cost_us_per_event": replay.cost_us(m.name),
                                "coverage20": replay.coverage(m.name)}
         for label, (reported, tuning) in selected.items():
-            res[label] = replay.metrics(m.name, reported)
-            res[f"tune:{label}"] = replay.metrics(m.name, tuning)
-        ranks = replay.ranks[m.name]
-        res["windows"] = {label: {metric: blocks([score(ranks[i], metric)
-                                                  for i in selected[label][0]], WINDOWS)
-                                  for metric in TESTED} for label in tested}
+            res[label] = replay.metrics(m.name, reported, label in FRESH)
+            res[f"tune:{label}"] = replay.metrics(m.name, tuning, label in FRESH)
+        res["windows"] = {}
+        for label in tested:
+            ranks = (replay.fresh if label in FRESH else replay.ranks)[m.name]
+            res["windows"][label] = {metric: blocks([score(ranks[i], metric)
+                                                     for i in selected[label][0]], WINDOWS)
+                                     for metric in TESTED}
         res["hr20_by_window"] = res["windows"][head]["hr20"]
         out["models"][m.name] = res
     out["window_ts"] = blocks([replay.targets.ts[i] for i in selected[head][0]], WINDOWS)

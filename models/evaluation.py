@@ -58,6 +58,11 @@ class Replay:
         self.k = k
         self.targets = Targets()
         self.ranks: dict[str, array] = {m.name: array("h") for m in self.models}
+        # The same targets ranked with the shopper's own items (touched before the event) left
+        # out of the model's top k: what a "new for you" answer shows (docs/api.md). Read for
+        # discovery targets only: an item the shopper touched before has no rank here.
+        self.fresh: dict[str, array] = {m.name: array("h") for m in self.models}
+        self._own: tuple[set[str], set[str]] = (set(), set())  # touched, of it new this event
         self.shown: dict[str, set[str]] = {m.name: set() for m in self.models}  # coverage
         self.seconds: dict[str, float] = dict.fromkeys(self.ranks, 0.0)
         self.events = 0
@@ -91,6 +96,8 @@ class Replay:
         same_session = before is not None and before[0] == key
         basket = self._basket(e, key)
         out = []
+        added: set[str] = set()
+        self._own = (touched, added)
         for line in e.lines:
             item = line.item_id
             if kind == "cart" or (kind == "purchase" and item not in cart) or (
@@ -104,7 +111,9 @@ class Replay:
                 cart.add(item)
             elif e.type in ("purchase", "remove_from_cart"):
                 cart.discard(item)
-            touched.add(item)
+            if item not in touched:
+                added.add(item)
+                touched.add(item)
             self.items.add(item)
         return out
 
@@ -130,6 +139,11 @@ class Replay:
                 pos = {item: r for r, item in enumerate(recs[: self.k], 1)}
                 for _, item, _, _ in targets:
                     ranks.append(pos.get(item, 0))
+                touched, added = self._own
+                fresh = [i for i in recs[: self.k] if i not in touched or i in added]
+                fpos = {item: r for r, item in enumerate(fresh, 1)}
+                for _, item, new, _ in targets:
+                    self.fresh[m.name].append(fpos.get(item, 0) if new else 0)
                 if report:
                     self.shown[m.name].update(recs[: self.k])
             m.learn(e)
@@ -153,9 +167,10 @@ class Replay:
         return [i for i, (k, r) in enumerate(zip(t.kind, t.report, strict=True))
                 if k in ks and bool(r) == report and (flags is None or flags[i])]
 
-    def metrics(self, model: str, rows: list[int]) -> dict[str, Any]:
-        return metrics([self.ranks[model][i] for i in rows],
-                       [self.targets.new[i] for i in rows])
+    def metrics(self, model: str, rows: list[int], fresh: bool = False) -> dict[str, Any]:
+        """`fresh`: the ranks with the shopper's own items left out (`self.fresh`)."""
+        ranks = (self.fresh if fresh else self.ranks)[model]
+        return metrics([ranks[i] for i in rows], [self.targets.new[i] for i in rows])
 
     def coverage(self, model: str) -> float:
         return len(self.shown[model]) / len(self.items) if self.items else 0.0

@@ -121,6 +121,28 @@ def test_discovery_and_basket_flags():
     assert list(replay.ranks["a"]) == [1, 0, 1, 0, 0, 0, 0]
 
 
+def test_new_for_you_ranks_leave_out_what_the_shopper_touched_before():
+    a = Scripted("a", ["x", "v", "z", "w", "y"])
+    order = validate_event({"event_id": "p1", "type": "purchase", "user_id": "u", "ts": T0 + 3,
+                            "items": [{"item_id": "w"}, {"item_id": "v"}]})
+    events = [
+        ev(1, "view", "u", "x", 0),  # not a target kind here: x is the shopper's own after it
+        ev(2, "add_to_cart", "u", "y", 1),  # y new: 5th as is; x left out, 4th new for you
+        ev(3, "add_to_cart", "u", "x", 2),  # x not new: 1st as is, no new-for-you rank
+        # w and v are bought in one order, new: the event's own lines are not "own" items, so
+        # v keeps its place (1st new for you) and w is 3rd (x and y, carted before, left out)
+        order,
+    ]
+    replay = Replay([a], ["cart", "purchase"], report_from_ts=T0).run(events)
+    assert list(replay.targets.new) == [1, 0, 1, 1]
+    assert list(replay.ranks["a"]) == [5, 1, 4, 2]
+    assert list(replay.fresh["a"]) == [4, 0, 3, 1]
+    rows = replay.rows(["cart", "purchase"], only="new")
+    assert replay.metrics("a", rows, fresh=True)["mrr20"] == pytest.approx((1 / 4 + 1 / 3 + 1) / 3)
+    assert replay.metrics("a", rows)["hr5"] == 1.0
+    assert replay.metrics("a", rows, fresh=True)["hr5"] == 1.0
+
+
 def test_each_metric_is_tested_against_the_baseline_best_at_it():
     from cartwise.evaluate import evaluate, table
 
@@ -135,7 +157,7 @@ def test_each_metric_is_tested_against_the_baseline_best_at_it():
               Scripted("top", ["x", "y"]), Scripted("none", [])]  # top: x at 1, y at 2
     result = evaluate(events, ["cart"], models, report_from=0.0)
     sig = result["significance"]
-    assert set(sig) == {"cart", "discovery", "basket"}
+    assert set(sig) == {"cart", "discovery", "new for you", "basket"}
     # "deep" and "top" tie at HR@20 (1.0): the tie goes to the better MRR@20
     assert sig["cart"]["hr20"]["baseline"] == "top"
     assert sig["cart"]["mrr20"]["baseline"] == "top"
