@@ -43,7 +43,14 @@ from streams.evidence import pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
 from streams.routing import PartitionOf
-from streams.stage import MODEL_VERSION, YIELD_EVERY, Record, Stage, list_digest
+from streams.stage import (
+    MODEL_VERSION,
+    YIELD_EVERY,
+    Record,
+    Stage,
+    list_digest,
+    most_behind,
+)
 from streams.store import SHOWN_TTL_S, Ops
 from streams.touchpoints import Touchpoints
 
@@ -115,8 +122,9 @@ class ContextStage(Stage):
         self.audience = AudienceIndex(self.store, self.stats, self.settings)
         self.profiles = Profiles(self.keys)
         self._refresh_rotation = 0  # which partition refreshes first next tick
-        # (monotonic time, age of the oldest event) of the last batch whose lists were written:
-        # while it is behind, item lists yield (streams/graph_stage.py, `lists_budget`).
+        # (monotonic time, age of the oldest event) of the batch most behind among those whose
+        # lists were written in the last second (`most_behind`): while it is behind, item lists
+        # yield (streams/graph_stage.py, `lists_budget`).
         self.lag: tuple[float, float] | None = None
 
     async def load(self, partition: int) -> ContextPartition:
@@ -260,7 +268,7 @@ class ContextStage(Stage):
         now = time.time()
         for r in records:
             self.stats.observe("user", now - r[3])
-        self.lag = (time.monotonic(), now - first_ts)
+        self.lag = most_behind(self.lag, time.monotonic(), now - first_ts)
 
     async def send_touchpoints(self) -> None:
         await self.touchpoints.send_due(self)

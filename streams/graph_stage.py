@@ -18,15 +18,10 @@ import orjson
 from models.graph import KINDS, ItemGraph
 from streams.cache import ReadCache
 from streams.routing import item_partition
-from streams.stage import MODEL_VERSION, Record, Stage, list_digest
+from streams.stage import BEHIND_FOR_S, MODEL_VERSION, Record, Stage, list_digest
 from streams.store import Ops
 
 log = logging.getLogger("cartwise.cooccurrence")
-
-
-# A batch's lag says the shoppers' lists are behind for this long after it, no longer: a quiet
-# stream is not behind.
-BEHIND_FOR_S = 1.0
 
 
 def lists_budget(settings: Any, lag: tuple[float, float] | None, now: float) -> float:

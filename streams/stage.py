@@ -27,6 +27,20 @@ log = logging.getLogger("cartwise.stage")
 
 MODEL_VERSION = "cooc-2"
 YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this often
+# A batch's lag says the shoppers' lists are behind for this long after it, no longer: a quiet
+# stream is not behind (streams/graph_stage.py, `lists_budget`).
+BEHIND_FOR_S = 1.0
+
+
+def most_behind(last: tuple[float, float] | None, now: float, age: float
+                ) -> tuple[float, float]:
+    """The shoppers' lag item lists go by, (monotonic time, age of the oldest event), after
+    a batch written at `now` whose oldest event was `age` old: that batch's, unless one of the
+    last `BEHIND_FOR_S` (another partition's, finished earlier) was further behind. Then that
+    one stands until it ages out, so a partition that keeps up does not hide one that lags."""
+    if last is not None and now - last[0] < BEHIND_FOR_S and last[1] > age:
+        return last
+    return (now, age)
 # A batch that fails for a reason other than an outage is retried this often, then applied
 # record by record: the record that fails alone goes to the dead-letter topic.
 MAX_ATTEMPTS = 3

@@ -77,6 +77,20 @@ def test_item_lists_yield_only_while_shoppers_lists_are_behind():
                         now) == 0.02
 
 
+def test_the_lag_item_lists_go_by_is_the_most_behind_of_the_last_second():
+    from streams.stage import BEHIND_FOR_S, most_behind
+
+    assert most_behind(None, 10.0, 0.05) == (10.0, 0.05)  # the first batch
+    # A partition 2 s behind, then another that keeps up: the lagging one stands...
+    lag = most_behind((10.0, 0.05), 10.2, 2.0)
+    assert lag == (10.2, 2.0)
+    assert most_behind(lag, 10.5, 0.01) == (10.2, 2.0)
+    # ...until it ages out: a second later, the newest batch's lag again.
+    assert most_behind(lag, 10.2 + BEHIND_FOR_S, 0.01) == (10.2 + BEHIND_FOR_S, 0.01)
+    # A batch further behind than the standing one replaces it.
+    assert most_behind(lag, 10.5, 3.0) == (10.5, 3.0)
+
+
 def test_a_checkpoint_that_costs_more_than_its_share_waits_longer_within_a_bound():
     from cartwise.settings import Settings
     from streams.stage import CHECKPOINT_MAX_INTERVALS, checkpoint_every
