@@ -119,6 +119,11 @@ def test_the_next_list_counts_picks_before_the_item_at_before_weight():
     # A checkpoint written before "before" existed (5 fields a row entry) loads as none.
     g0.load_row("Z", b'{"A": [1.0, 0.0, 1.0, 0.0, 1.0]}')
     assert g0.rows["Z"]["A"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    # So does an open epoch's evidence, which new evidence of the same epoch is added to.
+    g1 = ItemGraph(ModelConfig(min_support=0.5), sources=1)
+    g1.load_open(0, "r", "Z", b'{"A": [1.0, 0.0, 1.0, 0.0, 1.0]}')
+    g1.apply(T0, [], [("Z", "A", 1, 0, 0, 0, 0.0, 1.0)], 0, 1.0)
+    assert g1.open_rows[0]["Z"]["A"][4:] == [1.0, pytest.approx(g1.rows["Z"]["A"][5])]
 
 
 def test_an_items_repeat_share_is_its_own_part_of_the_picks_after_it():
