@@ -25,7 +25,7 @@ from streams.store import Ops, StateLost, Store
 
 log = logging.getLogger("cartwise.stage")
 
-MODEL_VERSION = "cooc-2"
+MODEL_VERSION = "cooc-3"
 YIELD_EVERY = 20  # long loops on the event loop give other tasks a turn this often
 # A batch's lag says the shoppers' lists are behind for this long after it, no longer: a quiet
 # stream is not behind (streams/graph_stage.py, `lists_budget`).

@@ -136,7 +136,7 @@ def test_worker_metrics_count_what_happened(make_settings, workers):
     assert fresh_count == len(events)  # one observation per record of the events topic
     lags = {labels: v for (name, labels), v in m.items() if name == "cartwise_consumer_lag"}
     assert len(lags) == 2 * settings.partitions and all(v == 0 for v in lags.values())
-    assert m[("cartwise_model_info", (("model", "cooc-2"),))] == 1
+    assert m[("cartwise_model_info", (("model", "cooc-3"),))] == 1
     sizes = [v for (name, labels), v in m.items() if name == "cartwise_state_size"
              and ("stage", "context") in labels]
     assert sum(sizes) == len({e["user_id"] for e in valid})
