@@ -199,7 +199,9 @@ class RealisticShop:
     everything co-occurs. A visit views a few items, then carts a basket of `basket` (10-30)
     items: the shopper's own staples (a fixed list per shopper), one or two recipe bundles
     (3-5 items from different aisles that go together) and popular items (`zipf` 0.6, a flat
-    tail), drops one now and then and buys (`purchase_rate`). Shoppers come back.
+    tail), drops one now and then and buys (`purchase_rate`). Shoppers come back: by default
+    within hours (two baskets a shopper in about 33 hours of 20,000 events), after days with
+    `return_gap_s` (one basket at a time, the store quiet in between).
 
     Shoppers: `events(n)` introduces `new_shoppers` (default: `shoppers`) new shoppers at an
     even pace over its n events; a session is a new shopper's whenever the pace is behind,
@@ -233,6 +235,10 @@ class RealisticShop:
     basket: tuple[int, int] = (10, 30)  # dense: items per basket
     staples: int = 20  # dense: a shopper's own regular items
     bundles: int = 40  # dense: recipe bundles
+    # dense: the store's mean quiet time between two baskets, s. Above 0, baskets come one at
+    # a time (`mean_gap_s` apart within one) and shoppers come back after days, not hours:
+    # with 1,200 s and `mean_gap_s` 30, 20,000 events span about 19 days (docs/model.md).
+    return_gap_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -372,6 +378,9 @@ class RealisticShop:
         tag = f"r{self.seed}.{part}"
         staples: dict[int, list[int]] = {}
         concurrent = max(1, min(self.concurrent, n_events // 40))
+        paced = self.mode == "dense" and self.return_gap_s > 0
+        if paced:
+            concurrent = 1
         while emitted < n_events:
             opened = len(open_) < concurrent
             while len(open_) < concurrent:
@@ -394,6 +403,8 @@ class RealisticShop:
                 open_.append([f"u{u:07d}", f"u{u:07d}-{part}.{v}", plan, 0])
             # A session starts with its first event (so every shopper introduced shows up);
             # then its events interleave with the other open sessions'.
+            if opened and paced and emitted:  # the store was quiet since the last basket
+                ts += rng.expovariate(1.0 / self.return_gap_s)
             k = len(open_) - 1 if opened else rng.randrange(len(open_))
             sess = open_[k]
             etype, payload = sess[2][sess[3]]

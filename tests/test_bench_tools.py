@@ -50,3 +50,24 @@ def test_a_new_items_rank_counts_only_what_the_shopper_never_touched():
     assert [new_rank(recs, i, own) for i in ("a", "b", "c")] == [1, 2, 3]
     assert new_rank(recs, "missing", own) == 0
     assert new_rank(recs, "b", ()) == 4  # nothing left out: the plain rank
+
+
+def test_a_paced_grocery_runs_one_basket_at_a_time_and_shoppers_come_back_after_days():
+    from cartwise.simulator import RealisticShop
+
+    def run(**kw):  # noqa: ANN003, ANN202
+        return list(RealisticShop(seed=3, mode="dense", **kw).events(3000, start_ts=0.0))
+
+    hours = run()
+    days = run(return_gap_s=1200.0, mean_gap_s=30.0)
+    assert days == run(return_gap_s=1200.0, mean_gap_s=30.0)  # deterministic
+    # One basket at a time: a session never resumes once another has started.
+    order = [e["session_id"] for e in days]
+    starts = list(dict.fromkeys(order))
+    assert [s for i, s in enumerate(order) if i == 0 or s != order[i - 1]] == starts
+    # Interleaved by default (five open at once).
+    sessions = [e["session_id"] for e in hours]
+    runs = [s for i, s in enumerate(sessions) if i == 0 or s != sessions[i - 1]]
+    assert len(runs) > len(set(sessions))
+    # The quiet time between baskets stretches the log from hours to days.
+    assert hours[-1]["ts"] < 86400 < 2 * 86400 < days[-1]["ts"]
