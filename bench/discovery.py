@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cartwise import datasets
-from cartwise.contract import Event
 from models.baselines import BASELINES
 from models.evaluation import K, Replay
 from models.recommender import CartwiseModel
@@ -28,72 +26,27 @@ from models.recommender import CartwiseModel
 OUT = Path(__file__).resolve().parent / "results" / "discovery.json"
 
 
-def new_rank(recs: Sequence[str], item: str, own: Iterable[str]) -> int:
-    """Rank (1..) of `item` in `recs` once the shopper's `own` items are left out; 0: absent."""
-    mine = set(own)
-    n = 0
-    for i in recs:
-        if i in mine:
-            continue
-        n += 1
-        if i == item:
-            return n
-    return 0
-
-
-class _Listed:
-    """A model whose last answer is kept, so both scorings read the same list."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.name, self.last = model, model.name, []
-
-    def learn(self, event: Event) -> None:
-        self.model.learn(event)
-
-    def recommend(self, user: str, k: int) -> list[str]:
-        self.last = self.model.recommend(user, k)
-        return self.last
-
-
-class _Replay(Replay):
-    """Keeps each event's targets (the replay's own definition of a new item)."""
-
-    def _targets(self, e: Event) -> list[tuple[str, str, bool, bool]]:
-        self.last = super()._targets(e)
-        return self.last
-
-
 def run(name: str) -> dict[str, Any]:
+    """Every model's ranks of the reported part's discovery targets, as the replay records
+    them: as ranked (`Replay.ranks`) and new for you (`Replay.fresh`)."""
     events = datasets.load(name)
     split = events[int(0.3 * len(events))].ts
-    models = [_Listed(CartwiseModel()),
-              *(_Listed(cls()) for n, cls in BASELINES.items() if n != "most_popular")]
-    replay = _Replay(models, datasets.DATASETS[name].targets, split)
-    ranks: dict[str, list[tuple[int, int]]] = {m.name: [] for m in models}
-    for e in events:
-        # What the shopper touched before the event: the replay's own record of it.
-        own = set(replay._touched.get(e.user_id, ()))
-        for m in models:
-            m.last = []
-        replay.step(e)
-        if e.ts < split:
-            continue
-        for _, item, new, _ in replay.last:
-            if new:
-                for m in models:
-                    top = m.last[:K]
-                    full = top.index(item) + 1 if item in top else 0
-                    ranks[m.name].append((full, new_rank(top, item, own)))
+    models = [CartwiseModel(), *(cls() for n, cls in BASELINES.items() if n != "most_popular")]
+    kinds = datasets.DATASETS[name].targets
+    replay = Replay(models, kinds, split).run(events)
+    rows = replay.rows(kinds, only="new")
     out: dict[str, Any] = {}
-    for model, rs in ranks.items():
-        n = max(1, len(rs))
-        out[model] = {"targets": len(rs)} | {
+    for m in models:
+        n = max(1, len(rows))
+        ranked = {"as_is": [replay.ranks[m.name][i] for i in rows],
+                  "own_left_out": [replay.fresh[m.name][i] for i in rows]}
+        out[m.name] = {"targets": len(rows)} | {
             f"{label}_{metric}": round(value, 4)
-            for label, col in (("as_is", 0), ("own_left_out", 1))
+            for label, rs in ranked.items()
             for metric, value in (
-                ("hr5", sum(0 < r[col] <= 5 for r in rs) / n),
-                ("hr20", sum(0 < r[col] <= K for r in rs) / n),
-                ("mrr20", sum(1 / r[col] for r in rs if r[col]) / n))}
+                ("hr5", sum(0 < r <= 5 for r in rs) / n),
+                ("hr20", sum(0 < r <= K for r in rs) / n),
+                ("mrr20", sum(1 / r for r in rs if r) / n))}
     return out
 
 

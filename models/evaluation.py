@@ -17,7 +17,7 @@ import random
 import time
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,31 @@ from cartwise.contract import Event
 from models.baselines import Model, Sessions
 
 K = 20
+
+
+def new_rank(recs: Sequence[str], item: str, own: Container[str]) -> int:
+    """Rank (1..) of `item` in `recs` once the shopper's `own` items are left out; 0: absent.
+    What a "new for you" answer shows (`placement=new`, docs/api.md)."""
+    n = 0
+    for i in recs:
+        if i in own:
+            continue
+        n += 1
+        if i == item:
+            return n
+    return 0
+
+
+class _TouchedBefore:
+    """The items a shopper touched before the event: `touched` less those it `added`."""
+
+    __slots__ = ("added", "touched")
+
+    def __init__(self, touched: set[str], added: set[str]) -> None:
+        self.touched, self.added = touched, added
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.touched and item not in self.added
 TARGET_OF = {"view": "view", "add_to_cart": "cart", "purchase": "purchase"}
 
 
@@ -62,7 +87,7 @@ class Replay:
         # out of the model's top k: what a "new for you" answer shows (docs/api.md). Read for
         # discovery targets only: an item the shopper touched before has no rank here.
         self.fresh: dict[str, array] = {m.name: array("h") for m in self.models}
-        self._own: tuple[set[str], set[str]] = (set(), set())  # touched, of it new this event
+        self._own = _TouchedBefore(set(), set())  # the current event's shopper's, before it
         self.shown: dict[str, set[str]] = {m.name: set() for m in self.models}  # coverage
         self.seconds: dict[str, float] = dict.fromkeys(self.ranks, 0.0)
         self.events = 0
@@ -97,7 +122,7 @@ class Replay:
         basket = self._basket(e, key)
         out = []
         added: set[str] = set()
-        self._own = (touched, added)
+        self._own = _TouchedBefore(touched, added)
         for line in e.lines:
             item = line.item_id
             if kind == "cart" or (kind == "purchase" and item not in cart) or (
@@ -139,11 +164,11 @@ class Replay:
                 pos = {item: r for r, item in enumerate(recs[: self.k], 1)}
                 for _, item, _, _ in targets:
                     ranks.append(pos.get(item, 0))
-                touched, added = self._own
-                fresh = [i for i in recs[: self.k] if i not in touched or i in added]
-                fpos = {item: r for r, item in enumerate(fresh, 1)}
-                for _, item, new, _ in targets:
-                    self.fresh[m.name].append(fpos.get(item, 0) if new else 0)
+                self.seconds[m.name] += perf() - t0
+                top = recs[: self.k]
+                self.fresh[m.name].extend(new_rank(top, item, self._own) if new else 0
+                                          for _, item, new, _ in targets)
+                t0 = perf()  # the new-for-you ranks are the replay's work, not the model's
                 if report:
                     self.shown[m.name].update(recs[: self.k])
             m.learn(e)

@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from bench.api_latency import process_counts
-from bench.discovery import new_rank
 from bench.procstat import connections, cpu_s
+from models.evaluation import new_rank
 
 
 def test_connections_counts_the_established_sockets_a_process_holds_on_a_port():
