@@ -453,19 +453,17 @@ def _add_marg(marg: dict[str, list[float]], item: str, add: list[float]) -> None
 
 
 def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> bool:
-    """Add to a row entry; True when the entry is new."""
+    """Add a row entry's evidence (`ROW_FIELDS` numbers: rows and open evidence loaded from
+    older checkpoints are widened first, `_widen`); True when the entry is new."""
     v = row.get(other)
     if v is None:
         row[other] = list(add)
         return True
-    if len(add) == ROW_FIELDS:  # a pair's evidence, on every event: the same sums, written out
-        v[0] += add[0]
-        v[1] += add[1]
-        v[2] += add[2]
-        v[3] += add[3]
-        v[4] += add[4]
-        v[5] += add[5]
-    else:
-        for n in range(len(add)):
-            v[n] += add[n]
+    # On every event: the same sums, written out.
+    v[0] += add[0]
+    v[1] += add[1]
+    v[2] += add[2]
+    v[3] += add[3]
+    v[4] += add[4]
+    v[5] += add[5]
     return False
