@@ -55,10 +55,11 @@ class SparseKMeans(cluster.KMeans):
     and its distance sums over all of them: on a 2,000-category shop each prediction cost
     6 ms. With squared norms kept per centre, |c - x|^2 = |c|^2 - 2 c.x + |x|^2 needs only
     the vector's own categories; learning moves only those keys, as river does. The label's
-    candidates are kept the same way (`_named`). Same answers as river up to float rounding.
+    candidates are kept the same way (`candidates`: only keys that may be named). Same answers
+    as river up to float rounding.
     """
 
-    RESCAN_EVERY = 256  # touched keys per centre between exact recounts of norm and candidates
+    RESCAN_EVERY = 256  # key moves per centre between exact recounts of norm and candidates
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,6 +71,7 @@ class SparseKMeans(cluster.KMeans):
         self.totals: dict[int, float] = {}
         self.candidates: dict[int, set[str]] = {}
         self.scan_total: dict[int, float] = {}
+        self.moves: dict[int, int] = {}
         for c in self.centers:
             self._rescan(c)
 
@@ -83,6 +85,12 @@ class SparseKMeans(cluster.KMeans):
         floor = LABEL_MIN_SHARE / 3 * total
         self.candidates[c] = {k for k, v in centre.items() if v > 0 and v >= floor}
         self.scan_total[c] = total
+        self.moves[c] = 0
+
+    def _nameable(self, c: int, v: float) -> bool:
+        """Whether a key now at `v` may be named before it is touched again or `c` rescanned:
+        naming needs LABEL_MIN_SHARE of a total that stays above half of the last scan's."""
+        return v > 0 and v >= LABEL_MIN_SHARE / 3 * self.scan_total[c]
 
     def _value(self, c: int, k: str) -> float:
         centre = self.centers[c]
@@ -91,7 +99,8 @@ class SparseKMeans(cluster.KMeans):
             self.norms[c] += v * v
             if v > 0:
                 self.totals[c] += v
-            self.candidates[c].add(k)
+            if self._nameable(c, v):
+                self.candidates[c].add(k)
             return v
         return centre[k]
 
@@ -111,9 +120,12 @@ class SparseKMeans(cluster.KMeans):
             centre[k] = new
             norm += new * new - old * old
             total += max(new, 0.0) - max(old, 0.0)
-            touched.add(k)
+            if self._nameable(closest, new):
+                # Only keys that may be named: `label` reads all of them for every shopper.
+                touched.add(k)
         self.norms[closest], self.totals[closest] = norm, total
-        if len(touched) > self.RESCAN_EVERY or total < self.scan_total[closest] / 2:
+        self.moves[closest] += len(x)
+        if self.moves[closest] > self.RESCAN_EVERY or total < self.scan_total[closest] / 2:
             self._rescan(closest)
         return closest
 
@@ -149,9 +161,9 @@ class InterestClusters:
         """Learn one shopper's vector; their cluster and its name, or None without a vector."""
         if not prefs:
             return None
-        self.model.learn_one(prefs)
+        # river's learn_one and then predict_one, with one search for the closest centre
+        c = self.model.learn_predict_one(prefs)
         self.learned += 1
-        c = self.model.predict_one(prefs)
         return {"cluster": self.model.label(c),
                 "categories": {k: round(v, 3) for k, v in
                                sorted(prefs.items(), key=lambda kv: -kv[1])[:5]}}
@@ -170,4 +182,6 @@ class InterestClusters:
             out.model._sync()
         else:
             out.model = model
+            if not hasattr(model, "moves"):  # pickled before `moves` was counted
+                model._sync()
         return out

@@ -185,6 +185,32 @@ def test_sparse_kmeans_assigns_and_names_like_rivers_kmeans(seed: int):
     assert isinstance(back.model, SparseKMeans) and back.learned == 7
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_sparse_kmeans_names_every_centre_from_its_candidates(seed: int):
+    """Only keys that may be named are kept as candidates; every centre's label must still
+    equal one read from the whole centre while tastes move and new categories rise."""
+    rng = random.Random(seed)
+    km = SparseKMeans(n_clusters=8, halflife=0.1, mu=0.0, sigma=0.01, seed=seed)
+    named = set()
+    for n in range(3000):
+        # tastes of 4 categories out of 32; every 200 shoppers each taste moves one on
+        taste = rng.randrange(8) + n // 200
+        picked = {f"c{(4 * taste + min(int(rng.paretovariate(1.5)) - 1, 3)) % 32}"
+                  for _ in range(rng.randint(1, 3))}
+        w = [rng.random() + 0.01 for _ in picked]
+        km.learn_predict_one({c: v / sum(w) for c, v in zip(sorted(picked), w, strict=True)})
+        for c in km.centers:
+            want = label(dict(km.centers[c]))
+            assert km.label(c) == want, (n, c)
+            named.add(want)
+    assert len(named) > 20  # the check saw many names come and go
+    # a checkpoint pickled before moves were counted loads and counts from there
+    del km.moves
+    back = InterestClusters.from_bytes(pickle.dumps((km, 9)))
+    assert back.model.moves == {c: 0 for c in back.model.centers}
+    assert back.learn({"c1": 1.0}) is not None
+
+
 def test_profile_route_names_a_browsing_shoppers_interest(served: Served):
     facts = {c["item_id"]: c for c in served.shop.catalog}
     items = [i for i, c in facts.items() if c["category"] == "coffee"][:3]
