@@ -52,6 +52,12 @@ class ModelConfig:
     # session-neighbourhood methods (STAN, VSTAN) weigh it (docs/model.md, fifth round).
     before_weight: float = 0.3
     score_digits: int = 9
+    # A changed list is recomputed once its row's evidence new since the last computation is
+    # this share of the row's (decayed) evidence, or the list is `list_max_age_s` old in event
+    # time: a wide row that gains a little with every event is not rebuilt for each
+    # (docs/model.md, "Cost of item lists"). 0 rebuilds every changed list.
+    list_min_change: float = 0.05
+    list_max_age_s: float = 86400.0
     # Ranking a shopper's list from the context (models/ranking.py).
     max_anchors: int = 30  # newest context items whose lists are blended
     anchor_decay: float = 0.5  # each older anchor counts this much less than the next newer

@@ -82,6 +82,12 @@ class ItemGraph:
         # item -> newest repeat-purchase intervals of all shoppers (s): repurchase cycles
         self.cycles: dict[str, list[float]] = {}
         self.dirty_cycles: set[str] = set()
+        # item -> the sum of its row's numbers (stored, undecayed), kept as evidence is added;
+        # absent: count it from the row. And item -> how often its row or cycle changed other
+        # than by added evidence (a prune, a load, a new cycle). Both for `list_due`.
+        self._mass: dict[str, float] = {}
+        self._reshaped: dict[str, int] = {}
+        self._shapes = 0
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -106,6 +112,8 @@ class ItemGraph:
             for v in row.values():
                 for n in range(len(v)):
                     v[n] *= c
+        for item in self._mass:
+            self._mass[item] *= c
         for margs in self.open_marg.values():
             for m in margs.values():
                 m[0] *= c
@@ -156,6 +164,7 @@ class ItemGraph:
         immediate = epoch is None
         cap = self.config.max_neighbours
         dirty, touched, dirty_open = self.dirty, self.touched, self.dirty_open
+        mass = self._mass
         for p in pairs:
             if len(p) == 8:
                 item, other, da, db, na, nb, dn, dp = p
@@ -167,6 +176,8 @@ class ItemGraph:
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
+            if item in mass:
+                mass[item] += add[0] + add[1] + add[4] + add[5]
             if _add_entry(row, other, add) and immediate and len(row) > cap + (item in row):
                 self._prune_row(item, row)
             if open_rows is not None:
@@ -270,6 +281,7 @@ class ItemGraph:
                 row[k] = rest[k]
             else:
                 del row[k]
+        self._reshape(item)
         self.dirty.add(item)
         self.touched.add(item)
 
@@ -307,6 +319,7 @@ class ItemGraph:
         row.update(keep)
         if own is not None:
             row[item] = own
+        self._reshape(item)
 
     def _prune_items(self) -> None:
         """Forget the quarter of items seen least recently, with their rows."""
@@ -328,8 +341,11 @@ class ItemGraph:
             self.marg_touched.discard(item)
         if row:
             self.rows[item] = row
+            self._reshape(item)
             self.dirty.add(item)
         elif self.rows.pop(item, None) is not None:
+            self._mass.pop(item, None)  # whoever lists it drops its mark (`dropped`)
+            self._reshaped.pop(item, None)
             self.dirty.discard(item)
             self.touched.discard(item)
             self.dropped.add(item)
@@ -345,6 +361,39 @@ class ItemGraph:
         if observe(history, interval_s, KEEP_PER_ITEM):
             self.dirty_cycles.add(item)
             self.touched.add(item)  # its published document carries the cycle
+            self._reshape(item)
+
+    # -- when a changed list is worth recomputing ---------------------------------------------
+
+    def _reshape(self, item: str) -> None:
+        self._mass.pop(item, None)
+        self._shapes += 1  # never repeats: a mark taken before it cannot match again
+        self._reshaped[item] = self._shapes
+
+    def list_mark(self, item: str) -> tuple[float, float, int]:
+        """What `list_due` compares against: the row's decayed evidence now, "now", and how
+        often the row was reshaped. Taken by whoever computes `item`'s lists, as it does."""
+        mass = self._mass.get(item)
+        if mass is None:
+            row = self.rows.get(item) or {}
+            mass = self._mass[item] = sum([v[0] + v[1] + v[4] + v[5] for v in row.values()])
+        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s) \
+            if self.landmark is not None else 1.0
+        return mass * s, self.now, self._reshaped.get(item, 0)
+
+    def list_due(self, item: str, mark: tuple[float, float, int] | None) -> bool:
+        """Whether `item`'s changed list is worth recomputing, given the `list_mark` taken
+        when it was last computed (None: never): its row gained `list_min_change` of its
+        evidence since, it was reshaped, or the list is `list_max_age_s` old."""
+        cfg = self.config
+        if mark is None or cfg.list_min_change <= 0:
+            return True
+        then, at, shape = mark
+        mass, now, shape_now = self.list_mark(item)
+        if shape_now != shape or now - at >= cfg.list_max_age_s:
+            return True
+        kept = then * 2.0 ** (-(now - at) / cfg.half_life_s)
+        return mass - kept >= cfg.list_min_change * mass
 
     def repurchase(self, item: str) -> dict[str, Any] | None:
         """The item's repurchase cycle as published in cw:item, once enough repeats were seen."""
@@ -385,6 +434,7 @@ class ItemGraph:
 
     def load_row(self, item: str, raw: bytes | str) -> None:
         self.rows[item] = _widen(orjson.loads(raw))
+        self._reshape(item)
 
     def marg_json(self, item: str) -> bytes | None:
         m = self.marg.get(item)

@@ -84,6 +84,7 @@ class CrossSellRecommender:
         self._lists: dict[str, Heads] = {}
         self._offered: dict[str, set[str]] = {}
         self._computed_at: dict[str, float] = {}
+        self._marks: dict[str, tuple[float, float, int]] = {}  # ItemGraph.list_mark
         cfg = self.config
         self.blend = KindWeights(cfg.blend_rate, cfg.blend_epoch_s, cfg.blend_negatives) \
             if cfg.blend_rate > 0 else None
@@ -137,6 +138,7 @@ class CrossSellRecommender:
             self._lists.pop(item, None)
             self._offered.pop(item, None)
             self._computed_at.pop(item, None)
+            self._marks.pop(item, None)
         g.dropped.clear()
         g.dropped_marg.clear()  # checkpoint bookkeeping: the library keeps no checkpoint
         g.dirty_open.clear()
@@ -150,8 +152,10 @@ class CrossSellRecommender:
         else:
             due = g.now - self.list_interval_s
             todo = [i for i in items if i in g.dirty
-                    and (self.list_interval_s <= 0 or self._computed_at.get(i, -1e300) <= due)]
+                    and (self.list_interval_s <= 0 or self._computed_at.get(i, -1e300) <= due)
+                    and g.list_due(i, self._marks.get(i))]
         for item in todo:
+            self._marks[item] = g.list_mark(item)
             self._candidates[item] = cands = g.candidates(item)
             self._lists[item] = heads = self._heads(item, cands)
             self._offered[item] = {e["item_id"] for kind in KINDS for e in heads.get(kind, ())}

@@ -43,6 +43,8 @@ class GraphPartition:
     # rows changed since their lists were written -> broker time of the oldest such evidence
     pending: dict[str, float] = field(default_factory=dict)
     computed_at: dict[str, float] = field(default_factory=dict)  # item -> monotonic time
+    # item -> ItemGraph.list_mark when its lists were last computed (`list_min_change`)
+    marks: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     last_batch: float = 0.0
     unsettled: bool = True
     # Rows and totals forgotten by the bounds: their lists and trending scores are removed.
@@ -139,6 +141,7 @@ class GraphStage(Stage):
             st.pending.setdefault(item, oldest if oldest is not None else time.time())
         g.touched.clear()
         for item in g.dropped:
+            st.marks.pop(item, None)  # a row forgotten and begun again is new
             if item not in g.rows:
                 st.pending.pop(item, None)
                 st.gone.add(item)
@@ -211,6 +214,7 @@ class GraphStage(Stage):
                 cut = True
                 break
             done.append(item)
+            st.marks[item] = g.list_mark(item)
             payload: dict[str, Any] = {"item_id": item, **g.lists(item),
                                        "repurchase": g.repurchase(item)}
             digest = list_digest(payload, (*KINDS, "repeat", "picks", "repurchase"))
@@ -225,6 +229,21 @@ class GraphStage(Stage):
         elif docs:
             pipe.mset(docs)
         return done, digests, cut
+
+    @staticmethod
+    def _lists_due(st: GraphPartition, now_m: float, min_interval: float,
+                   parked: list[str]) -> Iterator[str]:
+        """The pending rows whose lists may be recomputed now: not within `min_interval` of the
+        last time, and changed enough since (`ItemGraph.list_due`). Those that have not are
+        added to `parked`, to leave `pending` until their rows change again."""
+        g, marks, computed_at = st.graph, st.marks, st.computed_at
+        for i in st.pending:
+            if now_m - computed_at.get(i, -min_interval) < min_interval:
+                continue
+            if g.list_due(i, marks.get(i)):
+                yield i
+            else:
+                parked.append(i)
 
     async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> list[str]:
         """Queue trending scores of the items this partition owns whose totals moved.
@@ -314,20 +333,24 @@ class GraphStage(Stage):
         pipe = self.store.pipeline()
         scored = await self._trending(p, st, pipe)
         todo: Iterator[str]
+        parked: list[str] = []
         if settling:
             todo = reversed(st.settle_queue)
         else:
             # `pending` is in order of first evidence since the last write: oldest first;
             # rows written within `lists_min_interval_s` are at its end, so few are skipped.
             min_interval = s.lists_min_interval_s
-            todo = (i for i in st.pending
-                    if now_m - st.computed_at.get(i, -min_interval) >= min_interval)
+            todo = self._lists_due(st, now_m, min_interval, parked)
         items: list[str] = []
         digests: dict[str, int] = {}
         if at_least_one or time.perf_counter() < deadline:  # no await in it: `pending` holds
             items, digests, cut = await self._item_lists(st, todo, pipe, deadline)
         else:
             cut = next(todo, None) is not None
+        for item in parked:  # back in `pending` with the next evidence for its row
+            st.pending.pop(item, None)
+        if parked:
+            self.stats.inc("cooccurrence.lists_unchanged", len(parked))
         if cut:  # lists left for the next tick: the budget, not the rows, set the pace
             self.stats.inc("cooccurrence.lists_deferred")
         gone = sorted(st.gone)
@@ -357,6 +380,7 @@ class GraphStage(Stage):
         st.written.update(digests)
         for item in gone:
             st.written.pop(item, None)
+            st.marks.pop(item, None)
         st.gone.difference_update(gone)
         st.gone_marg.difference_update(gone_marg)
         now = time.time()
