@@ -329,6 +329,7 @@ def _scored(
     split: Parts = {}
     heads = {kind: config.per_anchor(kind) for kind in KINDS}
     learning = parts is not None or kind_weights is not None  # the blend learner's (one test)
+    scores_get, best_get = scores.get, best.get
     for j, (c, reason, _) in (revisit or {}).items():
         own = "rebuy" if reason == REBUY_REASON else "revisit"
         if parts is not None:
@@ -347,22 +348,28 @@ def _scored(
         if not committed:
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
-            lw = 1.0 if kind_weights is None else kind_weights.get(kind, 1.0)
-            for e in lists.get(kind, ())[: heads[kind]]:
-                j, c = e["item_id"], e["score"] * kw
-                if learning:
+            entries = lists.get(kind, ())[: heads[kind]]
+            if learning:
+                lw = 1.0 if kind_weights is None else kind_weights.get(kind, 1.0)
+                for e in entries:
+                    j, c = e["item_id"], e["score"] * kw
                     if parts is not None:
                         own = split.setdefault(j, {})
                         own[kind] = own.get(kind, 0.0) + c
                     if kind_weights is not None:
                         c *= lw
-                old = scores.get(j)
+                    _add(scores, best, j, c, kind, e)
+                continue
+            # `_add` written out: this loop is most of a shopper's ranking.
+            for e in entries:
+                j, c = e["item_id"], e["score"] * kw
+                old = scores_get(j)
                 if old is None:
                     scores[j] = c
                     best[j] = (c, kind, e)
                     continue
                 scores[j] = old + c
-                top = best.get(j)
+                top = best_get(j)
                 if top is None or c > top[0]:
                     best[j] = (c, kind, e)
     kept = []
@@ -382,6 +389,20 @@ def _scored(
         if parts is not None:
             parts[j] = split[j]
     return kept, best
+
+
+def _add(scores: dict[str, float], best: Best, j: str, c: float, kind: str,
+         e: Mapping[str, Any]) -> None:
+    """Add contribution `c` to `j`'s score; keep it as `j`'s largest if it is."""
+    old = scores.get(j)
+    if old is None:
+        scores[j] = c
+        best[j] = (c, kind, e)
+        return
+    scores[j] = old + c
+    top = best.get(j)
+    if top is None or c > top[0]:
+        best[j] = (c, kind, e)
 
 
 def _cut(kept: list[tuple[float, str]], best: Best, revisit: Mapping[str, Revisit], k: int,
