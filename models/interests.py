@@ -1,7 +1,8 @@
 """Interest clusters: shoppers grouped by what categories they spend their attention on.
 
 Each shopper's context becomes a category-preference vector (shares of their touch weight per
-catalog category); an online k-means (river) groups the vectors as they come. A cluster is
+catalog category); an online k-means (river's, with centres that forget) groups the vectors as
+they come. A cluster is
 named by its centre's leading categories, so a name means the same thing in every events
 partition even though each partition learns its own clustering (docs/segments.md). Pure
 logic, no I/O.
@@ -49,17 +50,21 @@ def label(centre: Mapping[str, float], total: float | None = None) -> str:
 
 
 class SparseKMeans(cluster.KMeans):
-    """river's online k-means, at a cost that follows the shopper's vector, not the catalog.
+    """Online k-means whose centres forget, at a cost that follows the shopper's vector.
 
-    river's centres are sparse dicts that gain a key for every category any member ever had,
-    and its distance sums over all of them: on a 2,000-category shop each prediction cost
-    6 ms. With squared norms kept per centre, |c - x|^2 = |c|^2 - 2 c.x + |x|^2 needs only
-    the vector's own categories; learning moves only those keys, as river does. The label's
-    candidates are kept the same way (`candidates`: only keys that may be named). Same answers
-    as river up to float rounding.
+    A member moves its closest centre `halflife` of the way toward it in every category: the
+    categories it lacks shrink too. river's KMeans moves only the member's own categories, so
+    a centre kept every category any member ever had at full weight; on the realistic shop
+    (400 categories) 97% of shoppers were in a cluster named "mixed" after 12,000 events and
+    all of them after 24,000. Here a centre is `scale[c]` times its stored values, so the
+    shrinking is one multiplication, and with squared norms kept per centre,
+    |c - x|^2 = |c|^2 - 2 c.x + |x|^2 needs only the vector's own categories. The label's
+    `candidates` are only keys that may be named (`_nameable`); shares do not depend on the
+    scale, so shrinking leaves them as they are.
     """
 
     RESCAN_EVERY = 256  # key moves per centre between exact recounts of norm and candidates
+    MIN_SCALE = 1e-12  # below it a centre's stored values are multiplied out (`_rescan`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,6 +72,8 @@ class SparseKMeans(cluster.KMeans):
 
     def _sync(self) -> None:
         """Recount every centre's squared norm, positive total and label candidates."""
+        if not hasattr(self, "scale"):  # new, or pickled before centres forgot
+            self.scale: dict[int, float] = dict.fromkeys(self.centers, 1.0)
         self.norms: dict[int, float] = {}
         self.totals: dict[int, float] = {}
         self.candidates: dict[int, set[str]] = {}
@@ -76,7 +83,13 @@ class SparseKMeans(cluster.KMeans):
             self._rescan(c)
 
     def _rescan(self, c: int) -> None:
+        """Recount centre `c` in stored values (multiplied out first if its scale is tiny)."""
         centre = self.centers[c]
+        if self.scale[c] < self.MIN_SCALE:
+            s = self.scale[c]
+            for k in list(centre):
+                centre[k] *= s
+            self.scale[c] = 1.0
         self.norms[c] = sum(v * v for v in centre.values())
         total = sum(v for v in centre.values() if v > 0)
         self.totals[c] = total
@@ -93,9 +106,11 @@ class SparseKMeans(cluster.KMeans):
         return v > 0 and v >= LABEL_MIN_SHARE / 3 * self.scan_total[c]
 
     def _value(self, c: int, k: str) -> float:
+        """Key `k` of centre `c` in stored values."""
         centre = self.centers[c]
         if k not in centre:  # river's centres draw a new key's start value from the seed
-            v = centre[k]
+            v = centre[k] / self.scale[c]
+            centre[k] = v
             self.norms[c] += v * v
             if v > 0:
                 self.totals[c] += v
@@ -106,17 +121,22 @@ class SparseKMeans(cluster.KMeans):
 
     def predict_one(self, x: Mapping[str, float]) -> int:
         def distance(c: int) -> float:
-            return self.norms[c] - 2.0 * sum(self._value(c, k) * xk for k, xk in x.items())
+            s = self.scale[c]
+            return s * s * self.norms[c] - 2.0 * s * sum(self._value(c, k) * xk
+                                                         for k, xk in x.items())
 
         return min(self.centers, key=distance)
 
     def learn_predict_one(self, x: Mapping[str, float]) -> int:
         closest = self.predict_one(x)
         centre, rate = self.centers[closest], self.halflife
+        scale = self.scale[closest] * (1.0 - rate)  # every category shrinks
+        self.scale[closest] = scale
+        step = rate / scale
         norm, total, touched = self.norms[closest], self.totals[closest], self.candidates[closest]
         for k, xk in x.items():
             old = centre[k]
-            new = old + rate * (xk - old)
+            new = old + step * xk
             centre[k] = new
             norm += new * new - old * old
             total += max(new, 0.0) - max(old, 0.0)
@@ -125,9 +145,15 @@ class SparseKMeans(cluster.KMeans):
                 touched.add(k)
         self.norms[closest], self.totals[closest] = norm, total
         self.moves[closest] += len(x)
-        if self.moves[closest] > self.RESCAN_EVERY or total < self.scan_total[closest] / 2:
+        if (self.moves[closest] > self.RESCAN_EVERY or total < self.scan_total[closest] / 2
+                or scale < self.MIN_SCALE):
             self._rescan(closest)
         return closest
+
+    def centre(self, c: int) -> dict[str, float]:
+        """Centre `c` as values: its stored values times its scale."""
+        s = self.scale[c]
+        return {k: v * s for k, v in self.centers[c].items()}
 
     def label(self, c: int) -> str:
         """`label` of centre `c`, reading only its candidate categories."""
@@ -182,6 +208,6 @@ class InterestClusters:
             out.model._sync()
         else:
             out.model = model
-            if not hasattr(model, "moves"):  # pickled before `moves` was counted
+            if not hasattr(model, "scale"):  # pickled before centres forgot: scale 1
                 model._sync()
         return out

@@ -157,32 +157,75 @@ def test_interest_clusters_separate_tastes_and_survive_a_checkpoint():
     assert clusters.learn({}) is None
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sparse_kmeans_assigns_and_names_like_rivers_kmeans(seed: int):
-    """The norm-caching k-means must agree with river's on a wide, long-tailed catalog.
+class _DenseKMeans:
+    """The same online k-means written plainly: every centre a dict of values, every value
+    moved on every step. What SparseKMeans must compute, at a cost that follows the catalog."""
 
-    Centres start at exactly zero here: river draws a new key's start value in set order
-    (string hashes, so it differs between processes); ours draws in the vector's order.
-    """
+    def __init__(self, n: int, rate: float) -> None:
+        self.centers: list[dict[str, float]] = [{} for _ in range(n)]
+        self.rate = rate
+
+    def predict_one(self, x: dict[str, float]) -> int:
+        def distance(c: int) -> float:
+            centre = self.centers[c]
+            keys = centre.keys() | x.keys()
+            return sum((centre.get(k, 0.0) - x.get(k, 0.0)) ** 2 for k in keys)
+
+        return min(range(len(self.centers)), key=distance)
+
+    def learn_predict_one(self, x: dict[str, float]) -> int:
+        c = self.predict_one(x)
+        centre = self.centers[c]
+        for k in centre:
+            centre[k] *= 1.0 - self.rate
+        for k, v in x.items():
+            centre[k] = centre.get(k, 0.0) + self.rate * v
+        return c
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sparse_kmeans_assigns_and_names_like_a_dense_k_means(seed: int):
+    """The scaled, norm-caching k-means must agree with the plain one on a wide, long-tailed
+    catalog: the same closest centre, the same centre values and the same names."""
     rng = random.Random(seed)
     cats = [f"c{i}" for i in range(600)]
     ours = SparseKMeans(n_clusters=8, halflife=0.1, mu=0.0, sigma=0.0, seed=seed)
-    theirs = cluster.KMeans(n_clusters=8, halflife=0.1, mu=0.0, sigma=0.0, seed=seed)
+    plain = _DenseKMeans(8, 0.1)
     agree = 0
     for n in range(3000):
         picked = {cats[min(int(rng.paretovariate(0.8)), 599)] for _ in range(rng.randint(1, 6))}
         w = [rng.random() + 0.01 for _ in picked]
         x = {c: v / sum(w) for c, v in zip(sorted(picked), w, strict=True)}
-        a, b = ours.learn_predict_one(x), theirs.learn_predict_one(x)
+        a, b = ours.learn_predict_one(x), plain.learn_predict_one(x)
         agree += a == b
-        if n % 97 == 0:  # the cached label equals one computed from the whole centre
+        if n % 97 == 0:  # the cached label and norm equal ones computed from the whole centre
             c = ours.predict_one(x)
-            assert ours.label(c) == label(dict(ours.centers[c]))
-            assert ours.norms[c] == pytest.approx(sum(v * v for v in ours.centers[c].values()))
+            values = ours.centre(c)
+            assert ours.label(c) == label(values)
+            assert ours.scale[c] ** 2 * ours.norms[c] == pytest.approx(
+                sum(v * v for v in values.values()))
+            if a == b:
+                assert values == pytest.approx(
+                    {k: plain.centers[b].get(k, 0.0) for k in values}, abs=1e-9)
     # Float rounding may flip a near tie now and then; anything more is a different algorithm.
     assert agree >= 2990
-    back = InterestClusters.from_bytes(pickle.dumps((theirs, 7)))
+    back = InterestClusters.from_bytes(pickle.dumps((cluster.KMeans(n_clusters=8), 7)))
     assert isinstance(back.model, SparseKMeans) and back.learned == 7
+
+
+def test_a_cluster_forgets_the_tastes_its_members_left():
+    """Centres shrink in the categories their new members lack: once shoppers move on from
+    tea to coffee, the cluster is named after coffee, not a mix of everything it has seen."""
+    km = SparseKMeans(n_clusters=2, halflife=0.1, mu=0.0, sigma=0.0, seed=1)
+    for n in range(200):
+        km.learn_predict_one({f"tea{n % 20}": 0.5, "cups": 0.5})
+    c = km.learn_predict_one({"tea1": 0.5, "cups": 0.5})
+    assert km.label(c) == "cups"
+    for _ in range(60):
+        km.learn_predict_one({"coffee": 0.7, "cups": 0.3})
+    c = km.predict_one({"coffee": 0.7, "cups": 0.3})
+    assert km.label(c) == "coffee+cups"
+    assert km.centre(c).get("tea3", 0.0) < 0.01
 
 
 @pytest.mark.parametrize("seed", [4, 5])
@@ -204,10 +247,15 @@ def test_sparse_kmeans_names_every_centre_from_its_candidates(seed: int):
             assert km.label(c) == want, (n, c)
             named.add(want)
     assert len(named) > 20  # the check saw many names come and go
-    # a checkpoint pickled before moves were counted loads and counts from there
-    del km.moves
+    # a checkpoint pickled before centres had a scale (their values as they are) loads
+    names = {c: km.label(c) for c in km.centers}
+    for c, centre in km.centers.items():
+        for k in centre:
+            centre[k] *= km.scale[c]
+    del km.scale, km.moves
     back = InterestClusters.from_bytes(pickle.dumps((km, 9)))
-    assert back.model.moves == {c: 0 for c in back.model.centers}
+    assert back.model.scale == dict.fromkeys(back.model.centers, 1.0)
+    assert {c: back.model.label(c) for c in back.model.centers} == names
     assert back.learn({"c1": 1.0}) is not None
 
 
