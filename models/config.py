@@ -73,6 +73,9 @@ class ModelConfig:
     per_anchor_cross_sell: int = 20
     per_anchor_alternatives: int = 30
     per_anchor_next: int = 50
+    # An older anchor weighs less (`anchor_decay`), and so does the tail of its lists: the
+    # anchor r steps back reads `anchor_heads` ** r of each head (at least one entry).
+    anchor_heads: float = 0.7
     # A context item viewed but not carted may come back as a suggestion ("revisit"), scored
     # this much times its anchor weight; 0 leaves every context item out.
     revisit_weight: float = 20.0

@@ -95,12 +95,25 @@ def rank_for_user(
                  config, revisit, late, kind_weights, parts)
 
 
+def head(config: ModelConfig, kind: str, rank: int) -> int:
+    """How much of an anchor's list of `kind` the blend reads, `rank` anchors back."""
+    n = config.per_anchor(kind)
+    share = config.anchor_heads ** rank
+    return n if share >= 1.0 else max(1, int(n * share + 0.5))
+
+
 def listed(item_lists: Mapping[str, Mapping[str, Any] | None],
-           config: ModelConfig = _DEFAULT) -> set[str]:
-    """Every item the blend can read from these lists: the head of each kind per anchor."""
-    heads = [(kind, config.per_anchor(kind)) for kind in KINDS]
-    return {e["item_id"] for doc in item_lists.values() if doc for kind, n in heads
-            for e in doc.get(kind, ())[:n]}
+           config: ModelConfig = _DEFAULT, ranks: Mapping[str, int] | None = None) -> set[str]:
+    """Every item the blend can read from these lists: the head of each kind per anchor, as
+    read at the anchor's newest place among the shoppers' anchors (`ranks`; default: first)."""
+    out: set[str] = set()
+    for anchor, doc in item_lists.items():
+        if not doc:
+            continue
+        rank = ranks.get(anchor, 0) if ranks is not None else 0
+        for kind in KINDS:
+            out.update(e["item_id"] for e in doc.get(kind, ())[:head(config, kind, rank)])
+    return out
 
 
 def rebuy_candidates(ctx: ShopperContext, config: ModelConfig = _DEFAULT) -> list[str]:
@@ -327,7 +340,6 @@ def _scored(
     scores: dict[str, float] = {}
     best: Best = {}
     split: Parts = {}
-    heads = {kind: config.per_anchor(kind) for kind in KINDS}
     learning = parts is not None or kind_weights is not None  # the blend learner's (one test)
     scores_get, best_get = scores.get, best.get
     for j, (c, reason, _) in (revisit or {}).items():
@@ -348,7 +360,7 @@ def _scored(
         if not committed:
             sources.append(("alternatives", w * config.alternatives_weight))
         for kind, kw in sources:
-            entries = lists.get(kind, ())[: heads[kind]]
+            entries = lists.get(kind, ())[:head(config, kind, rank)]
             if learning:
                 lw = 1.0 if kind_weights is None else kind_weights.get(kind, 1.0)
                 for e in entries:
