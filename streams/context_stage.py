@@ -355,9 +355,13 @@ class ContextStage(Stage):
         """
         cfg = self.config
         ctxs = [(u, st.book.users[u]) for u in users if u in st.book.users]
-        wanted = list(dict.fromkeys(a for _, c in ctxs for a in list_anchors(c, cfg)))
-        lists = await self.list_cache.get_many(wanted, only_changed)
-        candidates = listed(lists, cfg)
+        ranks: dict[str, int] = {}  # anchor -> its newest place among the shoppers' anchors
+        for _, c in ctxs:
+            for r, a in enumerate(list_anchors(c, cfg)):
+                if r < ranks.get(a, r + 1):
+                    ranks[a] = r
+        lists = await self.list_cache.get_many(list(ranks), only_changed)
+        candidates = listed(lists, cfg, ranks)
         for _, c in ctxs:
             candidates.update(anchors(c, cfg))  # every anchor may come back as a revisit
             candidates.update(rebuy_candidates(c, cfg))  # so may the newest bought items
