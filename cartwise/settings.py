@@ -63,6 +63,12 @@ class Settings:
     # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
     # docs/architecture.md): it bounds the delay each topic hop can add when traffic is light.
     fetch_max_wait_ms: int = 10
+    # How long the producer waits to fill a batch, and a batch's size. Each events batch sends
+    # one evidence message per pairs partition; sent at once (0, Faust's default), shopper
+    # lists at a steady 1,000 events/s were 2.6-2.9 s old at p50 against 0.5-0.6 s with 5 ms
+    # (bench/scale.py, docs/operations.md).
+    producer_linger_ms: int = 5
+    producer_batch_bytes: int = 16384
     batch_within_s: float = 0.05
     # State reaches Redis (with the input offset) at most this often; a crash replays less.
     checkpoint_interval_s: float = 1.0

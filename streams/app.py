@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         topic_partitions=settings.partitions,
         web_enabled=False,
         producer_acks=-1,
+        producer_linger=settings.producer_linger_ms / 1000.0,
+        producer_max_batch_size=settings.producer_batch_bytes,
         consumer_auto_offset_reset="earliest",
         store="memory://",
         datadir=datadir,

@@ -199,3 +199,17 @@ def test_api_reports_a_stalled_stream_in_ready_and_metrics(make_settings, worker
     line = (f'cartwise_stream_stalled{{partition="{first["partition"]}",'
             f'topic="{first["topic"]}"}} 1.0')
     assert line in metrics.splitlines()
+
+
+def test_the_producer_linger_and_batch_size_reach_fausts_producer(monkeypatch):
+    """CARTWISE_PRODUCER_LINGER_MS / _BATCH_BYTES configure the worker's producer (Faust's
+    default sends every message at once, which left shoppers' lists seconds late)."""
+    from cartwise.settings import Settings
+    from streams.app import create_app
+
+    assert Settings().producer_linger_ms == 5
+    monkeypatch.setenv("CARTWISE_PRODUCER_LINGER_MS", "20")
+    monkeypatch.setenv("CARTWISE_PRODUCER_BATCH_BYTES", "65536")
+    app = create_app(Settings.from_env(app_id="linger-test"))
+    assert app.conf.producer_linger == 0.02
+    assert app.conf.producer_max_batch_size == 65536
