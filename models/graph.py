@@ -83,8 +83,8 @@ class ItemGraph:
         self.cycles: dict[str, list[float]] = {}
         self.dirty_cycles: set[str] = set()
         # item -> the sum of its row's numbers (stored, undecayed), kept as evidence is added;
-        # absent: count it from the row. And item -> how often its row or cycle changed other
-        # than by added evidence (a prune, a load, a new cycle). Both for `list_due`.
+        # absent: count it from the row. And item -> a stamp of the last change to its row or
+        # cycle other than added evidence (a prune, a load, a new cycle). Both for `list_due`.
         self._mass: dict[str, float] = {}
         self._reshaped: dict[str, int] = {}
         self._shapes = 0
@@ -371,8 +371,8 @@ class ItemGraph:
         self._reshaped[item] = self._shapes
 
     def list_mark(self, item: str) -> tuple[float, float, int]:
-        """What `list_due` compares against: the row's decayed evidence now, "now", and how
-        often the row was reshaped. Taken by whoever computes `item`'s lists, as it does."""
+        """What `list_due` compares against: the row's decayed evidence now, "now", and the
+        stamp of its last reshape. Taken by whoever computes `item`'s lists, as it does."""
         mass = self._mass.get(item)
         if mass is None:
             row = self.rows.get(item) or {}
