@@ -375,8 +375,10 @@ class ItemGraph:
         stamp of its last reshape. Taken by whoever computes `item`'s lists, as it does."""
         mass = self._mass.get(item)
         if mass is None:
-            row = self.rows.get(item) or {}
-            mass = self._mass[item] = sum([v[0] + v[1] + v[4] + v[5] for v in row.values()])
+            row = self.rows.get(item)
+            mass = sum([v[0] + v[1] + v[4] + v[5] for v in row.values()]) if row else 0.0
+            if row:
+                self._mass[item] = mass
         s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s) \
             if self.landmark is not None else 1.0
         return mass * s, self.now, self._reshaped.get(item, 0)

@@ -67,7 +67,8 @@ class Contexts:
 
 class CrossSellRecommender:
     """`list_interval_s` > 0 recomputes a changed list at most once per that many seconds of
-    event time, as the stream does in wall time (`LISTS_MIN_INTERVAL_S`); 0 always recomputes.
+    event time, as the stream does in wall time (`LISTS_MIN_INTERVAL_S`), and only once its row
+    changed enough (`list_min_change`, as the stream); 0 always recomputes.
     `partitions`: those of the stream it should agree with (its bounds are per partition)."""
 
     def __init__(self, config: ModelConfig | None = None, list_interval_s: float = 0.0,
@@ -151,9 +152,11 @@ class CrossSellRecommender:
             todo = list(g.dirty)
         else:
             due = g.now - self.list_interval_s
+            # With an interval, also only lists whose rows changed enough (the stream's rule);
+            # 0 recomputes every changed list, so `related` is exact.
             todo = [i for i in items if i in g.dirty
-                    and (self.list_interval_s <= 0 or self._computed_at.get(i, -1e300) <= due)
-                    and g.list_due(i, self._marks.get(i))]
+                    and (self.list_interval_s <= 0 or (self._computed_at.get(i, -1e300) <= due
+                                                       and g.list_due(i, self._marks.get(i))))]
         for item in todo:
             self._marks[item] = g.list_mark(item)
             self._candidates[item] = cands = g.candidates(item)

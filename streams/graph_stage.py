@@ -43,8 +43,12 @@ class GraphPartition:
     # rows changed since their lists were written -> broker time of the oldest such evidence
     pending: dict[str, float] = field(default_factory=dict)
     computed_at: dict[str, float] = field(default_factory=dict)  # item -> monotonic time
-    # item -> ItemGraph.list_mark when its lists were last computed (`list_min_change`)
+    # item -> ItemGraph.list_mark when its lists were last written (`list_min_change`)
     marks: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    # Rows changed too little to rebuild yet, out of `pending` until their next evidence or
+    # until their list is too old (`sweep_parked`): item -> what `pending` held for it.
+    parked: dict[str, float] = field(default_factory=dict)
+    parked_swept: float = 0.0  # the graph's "now" at the last sweep
     last_batch: float = 0.0
     unsettled: bool = True
     # Rows and totals forgotten by the bounds: their lists and trending scores are removed.
@@ -138,12 +142,17 @@ class GraphStage(Stage):
             if msg["p"] and (oldest is None or msg["t"] < oldest):
                 oldest = msg["t"]
         for item in g.touched:
-            st.pending.setdefault(item, oldest if oldest is not None else time.time())
+            # A parked row keeps the time of its oldest evidence not yet in its list.
+            first = st.parked.pop(item, None) if st.parked else None
+            if first is None:
+                first = oldest if oldest is not None else time.time()
+            st.pending.setdefault(item, first)
         g.touched.clear()
         for item in g.dropped:
             st.marks.pop(item, None)  # a row forgotten and begun again is new
             if item not in g.rows:
                 st.pending.pop(item, None)
+                st.parked.pop(item, None)
                 st.gone.add(item)
         st.gone = {i for i in st.gone if i not in g.rows}
         st.gone_marg = {i for i in st.gone_marg | g.dropped_marg if i not in g.marg}
@@ -197,11 +206,13 @@ class GraphStage(Stage):
         g.dirty_seen.clear()
 
     async def _item_lists(self, st: GraphPartition, todo: Iterable[str], pipe: Any,
-                          deadline: float) -> tuple[list[str], dict[str, int], bool]:
+                          deadline: float, marks: dict[str, tuple[float, float, int]]
+                          ) -> tuple[list[str], dict[str, int], bool]:
         """Queue the lists of `todo` that changed since last written, until `deadline`.
 
         Returns the items computed (at least one), the digests of those queued, to record in
-        `st.written` once the pipeline has succeeded, and whether the deadline cut it short.
+        `st.written` once the pipeline has succeeded, and whether the deadline cut it short;
+        fills `marks` with each computed row's `list_mark`, to record likewise.
         """
         g = st.graph
         docs: dict[str, bytes] = {}
@@ -214,7 +225,7 @@ class GraphStage(Stage):
                 cut = True
                 break
             done.append(item)
-            st.marks[item] = g.list_mark(item)
+            marks[item] = g.list_mark(item)
             payload: dict[str, Any] = {"item_id": item, **g.lists(item),
                                        "repurchase": g.repurchase(item)}
             digest = list_digest(payload, (*KINDS, "repeat", "picks", "repurchase"))
@@ -229,6 +240,18 @@ class GraphStage(Stage):
         elif docs:
             pipe.mset(docs)
         return done, digests, cut
+
+    @staticmethod
+    def sweep_parked(st: GraphPartition) -> None:
+        """Parked rows whose lists are due without new evidence (`list_max_age_s` old, or
+        reshaped) go back to `pending`: looked for once per 1/24 of that age in event time."""
+        g = st.graph
+        every = g.config.list_max_age_s / 24
+        if not st.parked or g.now - st.parked_swept < every:
+            return
+        st.parked_swept = g.now
+        for item in [i for i in st.parked if g.list_due(i, st.marks.get(i))]:
+            st.pending.setdefault(item, st.parked.pop(item))
 
     @staticmethod
     def _lists_due(st: GraphPartition, now_m: float, min_interval: float,
@@ -337,18 +360,22 @@ class GraphStage(Stage):
         if settling:
             todo = reversed(st.settle_queue)
         else:
+            self.sweep_parked(st)
             # `pending` is in order of first evidence since the last write: oldest first;
             # rows written within `lists_min_interval_s` are at its end, so few are skipped.
             min_interval = s.lists_min_interval_s
             todo = self._lists_due(st, now_m, min_interval, parked)
         items: list[str] = []
         digests: dict[str, int] = {}
+        marks: dict[str, tuple[float, float, int]] = {}
         if at_least_one or time.perf_counter() < deadline:  # no await in it: `pending` holds
-            items, digests, cut = await self._item_lists(st, todo, pipe, deadline)
+            items, digests, cut = await self._item_lists(st, todo, pipe, deadline, marks)
         else:
             cut = next(todo, None) is not None
         for item in parked:  # back in `pending` with the next evidence for its row
-            st.pending.pop(item, None)
+            t = st.pending.pop(item, None)
+            if t is not None:
+                st.parked[item] = t
         if parked:
             self.stats.inc("cooccurrence.lists_unchanged", len(parked))
         if cut:  # lists left for the next tick: the budget, not the rows, set the pace
@@ -378,6 +405,7 @@ class GraphStage(Stage):
             st.graph.marg_touched.update(scored)  # to score again next tick
             raise
         st.written.update(digests)
+        st.marks.update(marks)  # only once written: a failed write is redone, not parked
         for item in gone:
             st.written.pop(item, None)
             st.marks.pop(item, None)
@@ -386,6 +414,8 @@ class GraphStage(Stage):
         now = time.time()
         for item in items:
             t = st.pending.pop(item, None)
+            if t is None:
+                t = st.parked.pop(item, None)  # rebuilt by a settle pass
             if t is not None:
                 self.stats.observe("item", now - t)
             st.computed_at[item] = now_m

@@ -73,7 +73,8 @@ def test_a_pruned_reloaded_or_recycled_row_is_rebuilt_whatever_its_mass():
 
 
 def test_the_library_serves_a_list_until_it_changed_enough_and_settles_it():
-    rec = CrossSellRecommender(ModelConfig(list_min_change=0.5, list_max_age_s=1e12))
+    rec = CrossSellRecommender(ModelConfig(list_min_change=0.5, list_max_age_s=1e12),
+                               list_interval_s=1e-9)
     n = 0
 
     def basket(user: str, items: list[str]) -> None:
@@ -89,6 +90,14 @@ def test_the_library_serves_a_list_until_it_changed_enough_and_settles_it():
     basket("u9", ["a", "z"])  # a little new evidence: a row that gained under half
     assert [e["item_id"] for e in rec.related("a", "next")] == before
     rec.settle()  # every list against the current counts, as an idle stream does
+    assert "z" in [e["item_id"] for e in rec.related("a", "next")]
+    # without an interval the library recomputes every changed list: `related` is exact
+    exact = CrossSellRecommender(ModelConfig(list_min_change=0.5))
+    rec = exact
+    for u in range(6):
+        basket(f"u{u}", ["a", "b", "c"])
+    rec.related("a", "next")
+    basket("u9", ["a", "z"])
     assert "z" in [e["item_id"] for e in rec.related("a", "next")]
 
 
@@ -107,3 +116,16 @@ def test_the_stream_leaves_unchanged_rows_out_of_pending_until_they_change():
     parked.clear()
     assert list(GraphStage._lists_due(st, 100.0, 1.0, parked)) == []
     assert parked == ["a"]
+
+
+def test_a_parked_row_comes_back_once_its_list_is_too_old():
+    g = ItemGraph(CFG)
+    _wide(g)
+    st = GraphPartition(offset=0, graph=g, hwm={})
+    st.marks["a"] = g.list_mark("a")
+    st.parked["a"] = 123.0  # its oldest evidence not yet in its list
+    GraphStage.sweep_parked(st)
+    assert st.parked == {"a": 123.0} and not st.pending
+    g.apply(T0 + 3 * DAY, [("x", 1.0, 0.0)], [])  # only time passes for "a"
+    GraphStage.sweep_parked(st)
+    assert st.pending == {"a": 123.0} and not st.parked
