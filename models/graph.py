@@ -101,6 +101,12 @@ class ItemGraph:
             self._rebase(math.floor(ts / step) * step)
         return 2.0 ** ((ts - self.landmark) / h)
 
+    def _decay_now(self) -> float:
+        """What a stored count is multiplied by to read it decayed at "now" (1 before any)."""
+        if self.landmark is None:
+            return 1.0
+        return 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
+
     def _rebase(self, landmark: float) -> None:
         c = 2.0 ** (-(landmark - self.landmark) / self.config.half_life_s)
         ct = 2.0 ** (-(landmark - self.landmark) / self.config.trending_half_life_s)
@@ -379,9 +385,7 @@ class ItemGraph:
             mass = sum([v[0] + v[1] + v[4] + v[5] for v in row.values()]) if row else 0.0
             if row:
                 self._mass[item] = mass
-        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s) \
-            if self.landmark is not None else 1.0
-        return mass * s, self.now, self._reshaped.get(item, 0)
+        return mass * self._decay_now(), self.now, self._reshaped.get(item, 0)
 
     def list_due(self, item: str, mark: tuple[float, float, int] | None) -> bool:
         """Whether `item`'s changed list is worth recomputing, given the `list_mark` taken
@@ -417,8 +421,7 @@ class ItemGraph:
         row, mi = self.rows.get(item), self.marg.get(item)
         if not row or mi is None or self.landmark is None:
             return Candidates.none()
-        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
-        return find(item, row, mi, self.marg, self.total, s, self.config)
+        return find(item, row, mi, self.marg, self.total, self._decay_now(), self.config)
 
     def trending(self, items: Iterable[str]) -> dict[str, float]:
         """Trending scores of `items` (models/trending.py), comparable across partitions."""
@@ -483,7 +486,7 @@ class ItemGraph:
         """Decayed counts at `now`, for inspection and tests."""
         if self.landmark is None:
             return {}
-        s = 2.0 ** (-(self.now - self.landmark) / self.config.half_life_s)
+        s = self._decay_now()
         m = self.marg.get(item, [0.0, 0.0, 0.0])
         return {
             "all": m[0] * s,

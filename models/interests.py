@@ -2,10 +2,9 @@
 
 Each shopper's context becomes a category-preference vector (shares of their touch weight per
 catalog category); an online k-means (river's, with centres that forget) groups the vectors as
-they come. A cluster is
-named by its centre's leading categories, so a name means the same thing in every events
-partition even though each partition learns its own clustering (docs/segments.md). Pure
-logic, no I/O.
+they come. A cluster is named by its centre's leading categories, so a name means the same
+thing in every events partition even though each partition learns its own clustering
+(docs/segments.md). Pure logic, no I/O.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ class CrossSellRecommender:
                     and (self.list_interval_s <= 0 or (self._computed_at.get(i, -1e300) <= due
                                                        and g.list_due(i, self._marks.get(i))))]
         for item in todo:
-            self._marks[item] = g.list_mark(item)
+            if self.list_interval_s > 0:  # only then does `list_due` read the mark
+                self._marks[item] = g.list_mark(item)
             self._candidates[item] = cands = g.candidates(item)
             self._lists[item] = heads = self._heads(item, cands)
             self._offered[item] = {e["item_id"] for kind in KINDS for e in heads.get(kind, ())}

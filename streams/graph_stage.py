@@ -258,7 +258,8 @@ class GraphStage(Stage):
                    parked: list[str]) -> Iterator[str]:
         """The pending rows whose lists may be recomputed now: not within `min_interval` of the
         last time, and changed enough since (`ItemGraph.list_due`). Those that have not are
-        added to `parked`, to leave `pending` until their rows change again."""
+        added to `parked`, to leave `pending` until their rows change again or their lists are
+        too old (`sweep_parked`)."""
         g, marks, computed_at = st.graph, st.marks, st.computed_at
         for i in st.pending:
             if now_m - computed_at.get(i, -min_interval) < min_interval:
