@@ -403,6 +403,11 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
     return out
 
 
+def _ms_of(fresh: dict, kind: str, q: str) -> float | None:
+    v = (fresh.get(kind) or {}).get(q)  # a worker before "received" has none
+    return None if v is None else round(v * 1000, 1)
+
+
 def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds: float,
                       known_shoppers: int, new_share: float) -> dict:
     """A steady `rate` events/s on top of the state the worker holds; the worker's own
@@ -456,6 +461,9 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             "caught_up_s": caught_up,
             "user_p50_ms": ms["p50"], "user_p99_ms": ms["p99"], "user_max_ms": ms["max"],
             "user_recent_p99_ms": ms["recent_p99"], "samples": fresh["user"]["n"],
+            # the same events' batches reaching the context stage: the rest is processing
+            "received_p50_ms": _ms_of(fresh, "received", "p50"),
+            "received_p99_ms": _ms_of(fresh, "received", "p99"),
             "only_steady_samples": sent >= FRESHNESS_SAMPLES,
             # Item lists: the last 1,000 written (a worker keeps 20,000 samples, one per list
             # written, and writes fewer than that during the steady phase: older ones would be

@@ -23,6 +23,7 @@ import orjson
 from cartwise.producer import EventProducer
 from cartwise.redisconn import Client, connect
 from cartwise.settings import Settings
+from models import rowpatch
 from streams.store import Keys
 
 
@@ -232,18 +233,19 @@ def snapshot(settings: Settings) -> dict[str, Any]:
             out[key.decode().removeprefix(settings.prefix)] = d
         return out
 
-    def hashes(make: Any) -> dict[str, Any]:
+    def hashes(make: Any, parse: Any = orjson.loads) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for p in range(settings.partitions):
             for k, v in r.hgetall(make(p)).items():
-                out[k.decode()] = orjson.loads(v)
+                out[k.decode()] = parse(v)
         return out
 
     return {
         "items": docs(keys.item("*")),
         "users": docs(keys.user("*")),
         "contexts": hashes(keys.contexts),
-        "rows": hashes(keys.rows),
+        # as the stage reads them: whole, with its patches (how they were written may differ)
+        "rows": hashes(keys.rows, lambda v: rowpatch.decode(v)[0]),
         "marginals": orjson.loads(orjson.dumps(
             {k.decode(): orjson.loads(v) for k, v in r.hgetall(keys.marginals(0)).items()})),
         "meta": [orjson.loads(r.get(keys.meta(q)) or b"null")

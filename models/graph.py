@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from models import rowpatch
 from models.config import ModelConfig
 from models.itemlists import KINDS, Candidates, find
 from models.repurchase import DAY, KEEP_PER_ITEM, crowd_cycle, observe
@@ -88,6 +89,14 @@ class ItemGraph:
         self._mass: dict[str, float] = {}
         self._reshaped: dict[str, int] = {}
         self._shapes = 0
+        # For a stage that checkpoints rows as patches (models/rowpatch.py), once it sets
+        # `changed` and `open_changed` to dicts (None: not tracked, as in the library): the
+        # entries of each row and open row changed since the caller last cleared them; rows
+        # whose entries went or were replaced (`whole`); every count rescaled (`rescaled`).
+        self.changed: dict[str, set[str]] | None = None
+        self.open_changed: dict[tuple[int, str, str], set[str]] | None = None
+        self.whole: set[str] = set()
+        self.rescaled = False
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -132,6 +141,14 @@ class ItemGraph:
                         v[n] *= c
         self.total = [self.total[0] * c, self.total[1] * c]
         self.landmark = landmark
+        # Every stored number changed: a checkpoint must write all of it again.
+        self.rescaled = True
+        self.dirty.update(self.rows)
+        self.dirty_marg.update(self.marg)
+        for epoch, rows in self.open_rows.items():
+            self.dirty_open.update((epoch, "r", item) for item in rows)
+        for epoch, margs in self.open_marg.items():
+            self.dirty_open.update((epoch, "m", item) for item in margs)
 
     def apply(self, ts: float, marginals: Iterable[tuple], pairs: Iterable[tuple],
               src: int = 0, clock: float | None = None, close: bool = True) -> None:
@@ -171,6 +188,7 @@ class ItemGraph:
         cap = self.config.max_neighbours
         dirty, touched, dirty_open = self.dirty, self.touched, self.dirty_open
         mass = self._mass
+        changed, open_changed = self.changed, self.open_changed
         for p in pairs:
             if len(p) == 8:
                 item, other, da, db, na, nb, dn, dp = p
@@ -182,16 +200,31 @@ class ItemGraph:
             row = rows.get(item)
             if row is None:
                 row = rows[item] = {}
+                if changed is not None:
+                    self.whole.add(item)
             if item in mass:
                 mass[item] += add[0] + add[1] + add[4] + add[5]
             if _add_entry(row, other, add) and immediate and len(row) > cap + (item in row):
                 self._prune_row(item, row)
+            if changed is not None:
+                ch = changed.get(item)
+                if ch is None:
+                    changed[item] = {other}
+                else:
+                    ch.add(other)
             if open_rows is not None:
                 orow = open_rows.get(item)
                 if orow is None:
                     orow = open_rows[item] = {}
                 _add_entry(orow, other, add)
-                dirty_open.add((epoch, "r", item))
+                key = (epoch, "r", item)
+                dirty_open.add(key)
+                if open_changed is not None:
+                    och = open_changed.get(key)
+                    if och is None:
+                        open_changed[key] = {other}
+                    else:
+                        och.add(other)
             dirty.add(item)
             touched.add(item)
         if ts > self.now:
@@ -372,6 +405,8 @@ class ItemGraph:
     # -- when a changed list is worth recomputing ---------------------------------------------
 
     def _reshape(self, item: str) -> None:
+        if self.changed is not None:
+            self.whole.add(item)
         self._mass.pop(item, None)
         self._shapes += 1  # never repeats: a mark taken before it cannot match again
         self._reshaped[item] = self._shapes
@@ -437,9 +472,13 @@ class ItemGraph:
         row = self.rows.get(item)
         return None if row is None else orjson.dumps(row)
 
-    def load_row(self, item: str, raw: bytes | str) -> None:
-        self.rows[item] = _widen(orjson.loads(raw))
+    def load_row(self, item: str, raw: bytes | str) -> int:
+        """Load a stored row (whole, or whole and patches); returns the entries patched."""
+        row, patched = rowpatch.decode(raw)
+        self.rows[item] = _widen(row)
         self._reshape(item)
+        self.whole.discard(item)  # as stored
+        return patched
 
     def marg_json(self, item: str) -> bytes | None:
         m = self.marg.get(item)
@@ -473,11 +512,14 @@ class ItemGraph:
         v = src.get(epoch, {}).get(item)
         return None if v is None else orjson.dumps(v)
 
-    def load_open(self, epoch: int, kind: str, item: str, raw: bytes | str) -> None:
+    def load_open(self, epoch: int, kind: str, item: str, raw: bytes | str) -> int:
+        """Load stored open evidence (a row's may have patches); returns the entries patched."""
         if kind == "r":
-            self.open_rows.setdefault(epoch, {})[item] = _widen(orjson.loads(raw))
-        else:
-            self.open_marg.setdefault(epoch, {})[item] = orjson.loads(raw)
+            row, patched = rowpatch.decode(raw)
+            self.open_rows.setdefault(epoch, {})[item] = _widen(row)
+            return patched
+        self.open_marg.setdefault(epoch, {})[item] = orjson.loads(raw)
+        return 0
 
     def load_seen(self, item: str, raw: bytes | str) -> None:
         self.seen_epoch[item] = int(raw)

@@ -152,6 +152,9 @@ class ContextStage(Stage):
     async def process(self, partition: int, st: ContextPartition,
                       records: list[Record]) -> None:
         s = self.settings
+        received = time.time()
+        for r in records:
+            self.stats.observe("received", received - r[3])
         n_pairs = s.partitions
         out: list[list] = [[] for _ in range(n_pairs)]
         repeats: list[list] = [[] for _ in range(n_pairs)]

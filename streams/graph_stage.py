@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from models import rowpatch
 from models.graph import KINDS, ItemGraph
 from streams.cache import ReadCache
 from streams.routing import item_partition
@@ -60,7 +61,11 @@ class GraphPartition:
     settle_offset: int | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
+    # Row (item) or open row ("epoch|r|item") -> entries in its stored patches
+    # (models/rowpatch.py; absent: none stored, the next write is whole), and what the
+    # checkpoint being written makes of them, recorded once it is.
+    patched: dict[str, int] = field(default_factory=dict)
+    patching: dict[str, int] = field(default_factory=dict)
 
 
 class GraphStage(Stage):
@@ -84,15 +89,19 @@ class GraphStage(Stage):
 
     async def load(self, partition: int) -> GraphPartition:
         graph = ItemGraph(self.config, sources=self.settings.partitions)
+        graph.changed, graph.open_changed = {}, {}  # checkpoints write patches
+        patched: dict[str, int] = {}
         for item, raw in (await self.store.hgetall(self.keys.rows(partition))).items():
-            graph.load_row(item, raw)
+            patched[item] = graph.load_row(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.marginals(partition))).items():
             graph.load_marg(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.cycles(partition))).items():
             graph.load_cycle(item, raw)
         for field_, raw in (await self.store.hgetall(self.keys.open_evidence(partition))).items():
             epoch, kind, item = field_.split("|", 2)
-            graph.load_open(int(epoch), kind, item, raw)
+            n = graph.load_open(int(epoch), kind, item, raw)
+            if kind == "r":
+                patched[field_] = n
         for item, raw in (await self.store.hgetall(self.keys.seen_epochs(partition))).items():
             graph.load_seen(item, raw)
         meta = await self.store.get_json(self.keys.meta(partition))
@@ -103,7 +112,7 @@ class GraphStage(Stage):
         offset = await self.store.offset(self.name, partition)
         log.info("cooccurrence partition %d loaded: %d rows, %d items, offset %d", partition,
                  len(graph.rows), len(graph.marg), offset)
-        return GraphPartition(offset, graph, hwm)
+        return GraphPartition(offset, graph, hwm, patched=patched)
 
     async def process(self, partition: int, st: GraphPartition,
                       records: list[Record]) -> None:
@@ -163,8 +172,25 @@ class GraphStage(Stage):
         g = st.graph
         keys = self.keys
         ops = Ops()
+        # Rows whole or as patches of their changed entries (models/rowpatch.py); the patches
+        # after every whole row, so that each kind travels as one op.
+        patched, patching = st.patched, st.patching
+        patching.clear()
+        patches: list[tuple[str, str, bytes]] = []
+        rescaled, whole, dropped = g.rescaled, g.whole, g.dropped
+        changed = g.changed or {}
         for item in g.dirty:
-            ops.hset(keys.rows(partition), item, g.row_json(item))
+            row = g.rows.get(item)
+            if row is None:
+                continue
+            fresh = rescaled or item in whole or item in dropped  # dropped: begun again
+            value, n = rowpatch.encode(row, None if fresh else changed.get(item),
+                                       patched.get(item))
+            if n:
+                patches.append((keys.rows(partition), item, value))
+            else:
+                ops.hset(keys.rows(partition), item, value)
+            patching[item] = n
         for item in g.dirty_marg:
             ops.hset(keys.marginals(partition), item, g.marg_json(item))
         for item in g.dirty_cycles:
@@ -177,10 +203,25 @@ class GraphStage(Stage):
                 ops.hdel(keys.rows(partition), item)
             if item not in g.cycles:
                 ops.hdel(keys.cycles(partition), item)
-        for epoch, kind, item in g.dirty_open:
-            raw = g.open_json(epoch, kind, item)
-            if raw is not None:
-                ops.hset(keys.open_evidence(partition), f"{epoch}|{kind}|{item}", raw)
+        open_changed = g.open_changed or {}
+        for key in g.dirty_open:
+            epoch, kind, item = key
+            name = f"{epoch}|{kind}|{item}"
+            if kind == "r":
+                orow = g.open_rows.get(epoch, {}).get(item)
+                if orow is None:
+                    continue
+                value, n = rowpatch.encode(orow, None if rescaled else open_changed.get(key),
+                                           patched.get(name))
+                patching[name] = n
+                if n:
+                    patches.append((keys.open_evidence(partition), name, value))
+                    continue
+            else:
+                value = g.open_json(epoch, kind, item)
+                if value is None:
+                    continue
+            ops.hset(keys.open_evidence(partition), name, value)
         for epoch, kind, item in g.dropped_open:
             ops.hdel(keys.open_evidence(partition), f"{epoch}|{kind}|{item}")
         for item in g.dirty_seen:
@@ -188,6 +229,8 @@ class GraphStage(Stage):
                 ops.hset(keys.seen_epochs(partition), item, str(g.seen_epoch[item]))
             else:
                 ops.hdel(keys.seen_epochs(partition), item)
+        for key, name, value in patches:
+            ops.happend(key, name, value)
         meta = g.meta()
         meta["hwm"] = {str(k): v for k, v in st.hwm.items()}
         ops.set(keys.meta(partition), orjson.dumps(meta))
@@ -196,6 +239,20 @@ class GraphStage(Stage):
 
     def checkpointed(self, partition: int, st: GraphPartition) -> None:
         g = st.graph
+        patched = st.patched
+        patched.update(st.patching)
+        st.patching.clear()
+        for item in g.dropped:
+            if item not in g.rows:
+                patched.pop(item, None)
+        for epoch, kind, item in g.dropped_open:
+            patched.pop(f"{epoch}|{kind}|{item}", None)
+        if g.changed is not None:
+            g.changed.clear()
+        if g.open_changed is not None:
+            g.open_changed.clear()
+        g.whole.clear()
+        g.rescaled = False
         g.dirty.clear()
         g.dirty_marg.clear()
         g.dirty_cycles.clear()

@@ -109,7 +109,9 @@ class WorkerCollector:
             seconds.add_metric([name], v)
         yield seconds
         fresh = HistogramMetricFamily("cartwise_freshness_seconds", "From an event's broker "
-                                      "timestamp to its suggestions written in Redis",
+                                      "timestamp to its suggestions written in Redis (list user, "
+                                      "item), or to its batch reaching the context stage "
+                                      "(received)",
                                       labels=["list"])
         for kind, h in sorted(s.freshness_histograms.items()):
             fresh.add_metric([kind], h.cumulative(), h.sum)

@@ -57,10 +57,13 @@ class Stats:
         self.last_batch_cpu: float | None = None
         self.counters: Counter[str] = Counter()
         self.seconds: dict[str, float] = {}
-        # Seconds from the event's broker timestamp to its suggestions being written in Redis.
+        # Seconds from the event's broker timestamp to its suggestions being written in Redis
+        # ("user", "item"), and to its batch reaching the context stage ("received": what the
+        # broker, the consumer and the batches before it took; "user" minus it is processing).
         self.freshness: dict[str, deque[float]] = {
             "user": deque(maxlen=FRESHNESS_SAMPLES),
             "item": deque(maxlen=FRESHNESS_SAMPLES),
+            "received": deque(maxlen=FRESHNESS_SAMPLES),
         }
         self.freshness_histograms = {k: Histogram(FRESHNESS_BUCKETS) for k in self.freshness}
         # Per Redis write operation (checkpoint, item_lists, user_lists, ...): latency, errors.

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from cartwise.contract import expected_partition
 from cartwise.redisconn import connect, connect_async
 from cartwise.simulator import Shop
+from models import rowpatch
 from models.config import ModelConfig
 from streams.context_stage import ContextStage
 from streams.stats import Stats
@@ -234,6 +235,44 @@ def test_a_partition_that_lost_its_generation_copy_stops_alone(stack):
         assert await watch.generation_missing()
         with pytest.raises(StateLost):  # the broker remembers progress: no new copy is made
             await Store(client, prefix).claim_generation(True, 2)
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_patch_extends_its_stored_row_and_never_stands_alone(stack):
+    """A row's patch is appended to its stored value (models/rowpatch.py), grouped per hash
+    like whole writes; a patch of a row that is not stored fails the whole checkpoint before
+    anything is written, since on its own it would read as the whole row."""
+    prefix = f"patch-{time.monotonic_ns()}:"
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        store = Store(client, prefix)
+        await store.claim_generation(False, 1)
+        rows = store.keys.rows(0)
+        ops = Ops()
+        ops.hset(rows, "a", b'{"x":[1]}')
+        ops.hset(rows, "b", b'{"y":[2]}')
+        assert await store.checkpoint("cooccurrence", 0, -1, 1, ops) == (True, 1)
+        ops = Ops()
+        ops.hset(rows, "c", b'{"z":[3]}')
+        ops.happend(rows, "a", b'{"x":[4]}')
+        ops.happend(rows, "b", b'{"w":[5]}')
+        ops.happend(rows, "a", b'{"v":[6]}')
+        assert [a for a in ops.args if a in ("M", "P")] == ["M", "P"]  # one op per run
+        assert await store.checkpoint("cooccurrence", 0, 1, 2, ops) == (True, 2)
+        got = {k.decode(): v for k, v in (await client.hgetall(rows)).items()}
+        assert got == {"a": b'{"x":[1]}\n{"x":[4]}\n{"v":[6]}', "b": b'{"y":[2]}\n{"w":[5]}',
+                       "c": b'{"z":[3]}'}
+        assert rowpatch.decode(got["a"]) == ({"x": [4], "v": [6]}, 2)
+        ops = Ops()
+        ops.hset(rows, "d", b'{"q":[1]}')
+        ops.happend(rows, "gone", b'{"x":[7]}')
+        with pytest.raises(redis.exceptions.ResponseError, match="no stored .* gone to patch"):
+            await store.checkpoint("cooccurrence", 0, 2, 3, ops)
+        assert await client.get(store.keys.offset("cooccurrence", 0)) == b"2"
+        assert not await client.hexists(rows, "d") and not await client.hexists(rows, "gone")
         await client.aclose()
 
     asyncio.run(run())
