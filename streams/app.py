@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
     stats = Stats(settings.worker_id)
     context = ContextStage(store, config, stats, send, settings)
     graph = GraphStage(store, config, stats, send, settings)
+    graph.turns = context.turns  # shoppers first (streams/turns.py)
     catalog = CatalogStage(store, stats, send, settings)
     def catalog_changed(items: set[str]) -> None:
         for cache in (context.catalog_cache, graph.catalog_cache):

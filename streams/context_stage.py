@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,10 @@ class ContextStage(Stage):
         # lists were written in the last second (`most_behind`): while it is behind, item lists
         # yield (streams/graph_stage.py, `lists_budget`).
         self.lag: tuple[float, float] | None = None
+
+    async def handle(self, records: Sequence[Record], events: Sequence[Any] = ()) -> None:
+        with self.turns.busy():  # background work waits (streams/turns.py)
+            await super().handle(records, events)
 
     async def load(self, partition: int) -> ContextPartition:
         book = ContextBook(self.config)
@@ -430,7 +434,14 @@ class ContextStage(Stage):
         s = self.settings
         # Read the version before any list: lists read afterwards are at least this new.
         version = int(await self.store.redis.get(self.keys.lists_version) or 0)
-        deadline = time.perf_counter() + s.refresh_budget * s.refresh_interval_s
+        # The budget counts work, not waiting for the shoppers' batches (streams/turns.py);
+        # a tick ends by the next one all the same.
+        work = self.turns.slice()
+        limit = s.refresh_budget * s.refresh_interval_s
+        tick_end = time.perf_counter() + s.refresh_interval_s
+
+        def spent() -> bool:
+            return work.elapsed() >= limit or time.perf_counter() >= tick_end
         parts = sorted(self.assigned)
         if parts:
             k = self._refresh_rotation % len(parts)
@@ -439,7 +450,7 @@ class ContextStage(Stage):
         # Assigned partitions too, loaded if need be: one taken over after a rebalance may
         # get no new events, yet its shoppers' lists must follow the newer item lists.
         for n, p in enumerate(parts):
-            if n and time.perf_counter() >= deadline:
+            if n and spent():
                 break
             async with self.locks[p]:
                 st = self.parts.get(p)
@@ -467,9 +478,10 @@ class ContextStage(Stage):
             # budget: under load a pass slows down, it never stops.
             first = n == 0
             while True:
+                await work.turn(force=True)  # each chunk between the shoppers' batches
                 async with self.locks[p]:
                     if self.parts.get(p) is not st or not st.refresh_queue or not (
-                            first or time.perf_counter() < deadline):
+                            first or not spent()):
                         break
                     first = False
                     chunk = st.refresh_queue[-YIELD_EVERY:][::-1]

@@ -5,7 +5,6 @@ Adds evidence to the item graph and publishes changed item lists on a timer.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -21,6 +20,7 @@ from streams.cache import ReadCache
 from streams.routing import item_partition
 from streams.stage import BEHIND_FOR_S, MODEL_VERSION, Record, Stage, list_digest
 from streams.store import Ops
+from streams.turns import Slice
 
 log = logging.getLogger("cartwise.cooccurrence")
 
@@ -61,11 +61,11 @@ class GraphPartition:
     settle_offset: int | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    # Row (item) or open row ("epoch|r|item") -> entries in its stored patches
+    # Row (item) or open row ((epoch, "r", item)) -> entries in its stored patches
     # (models/rowpatch.py; absent: none stored, the next write is whole), and what the
     # checkpoint being written makes of them, recorded once it is.
-    patched: dict[str, int] = field(default_factory=dict)
-    patching: dict[str, int] = field(default_factory=dict)
+    patched: dict[str | tuple[int, str, str], int] = field(default_factory=dict)
+    patching: dict[str | tuple[int, str, str], int] = field(default_factory=dict)
 
 
 class GraphStage(Stage):
@@ -77,6 +77,7 @@ class GraphStage(Stage):
     """
 
     name = "cooccurrence"
+    yields = True  # to the shoppers' batches (streams/turns.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,7 +91,7 @@ class GraphStage(Stage):
     async def load(self, partition: int) -> GraphPartition:
         graph = ItemGraph(self.config, sources=self.settings.partitions)
         graph.changed, graph.open_changed = {}, {}  # checkpoints write patches
-        patched: dict[str, int] = {}
+        patched: dict[str | tuple[int, str, str], int] = {}
         for item, raw in (await self.store.hgetall(self.keys.rows(partition))).items():
             patched[item] = graph.load_row(item, raw)
         for item, raw in (await self.store.hgetall(self.keys.marginals(partition))).items():
@@ -101,7 +102,7 @@ class GraphStage(Stage):
             epoch, kind, item = field_.split("|", 2)
             n = graph.load_open(int(epoch), kind, item, raw)
             if kind == "r":
-                patched[field_] = n
+                patched[(int(epoch), kind, item)] = n
         for item, raw in (await self.store.hgetall(self.keys.seen_epochs(partition))).items():
             graph.load_seen(item, raw)
         meta = await self.store.get_json(self.keys.meta(partition))
@@ -212,8 +213,8 @@ class GraphStage(Stage):
                 if orow is None:
                     continue
                 value, n = rowpatch.encode(orow, None if rescaled else open_changed.get(key),
-                                           patched.get(name))
-                patching[name] = n
+                                           patched.get(key))
+                patching[key] = n
                 if n:
                     patches.append((keys.open_evidence(partition), name, value))
                     continue
@@ -245,8 +246,8 @@ class GraphStage(Stage):
         for item in g.dropped:
             if item not in g.rows:
                 patched.pop(item, None)
-        for epoch, kind, item in g.dropped_open:
-            patched.pop(f"{epoch}|{kind}|{item}", None)
+        for key in g.dropped_open:
+            patched.pop(key, None)
         if g.changed is not None:
             g.changed.clear()
         if g.open_changed is not None:
@@ -263,9 +264,12 @@ class GraphStage(Stage):
         g.dirty_seen.clear()
 
     async def _item_lists(self, st: GraphPartition, todo: Iterable[str], pipe: Any,
-                          deadline: float, marks: dict[str, tuple[float, float, int]]
+                          work: Slice, spent: Callable[[], bool],
+                          marks: dict[str, tuple[float, float, int]]
                           ) -> tuple[list[str], dict[str, int], bool]:
-        """Queue the lists of `todo` that changed since last written, until `deadline`.
+        """Queue the lists of `todo` that changed since last written, until the tick is
+        `spent`, giving the shoppers' batches their turns (`work`, streams/turns.py). The
+        caller holds the partition's lock: no evidence arrives meanwhile.
 
         Returns the items computed (at least one), the digests of those queued, to record in
         `st.written` once the pipeline has succeeded, and whether the deadline cut it short;
@@ -275,12 +279,13 @@ class GraphStage(Stage):
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
         done: list[str] = []
-        clock = time.perf_counter
         cut = False
         for item in todo:
-            if done and clock() >= deadline:
-                cut = True
-                break
+            if done:
+                if spent():
+                    cut = True
+                    break
+                await work.turn()
             done.append(item)
             marks[item] = g.list_mark(item)
             payload: dict[str, Any] = {"item_id": item, **g.lists(item),
@@ -379,22 +384,32 @@ class GraphStage(Stage):
         budget = lists_budget(s, self.shoppers_lag(), time.monotonic())
         if budget < s.lists_budget:
             self.stats.inc("cooccurrence.lists_yielded")
-        deadline = time.perf_counter() + budget * s.lists_interval_s
+        # The budget counts work; waiting for shoppers' batches counts only toward the tick's
+        # end, so that ticks do not pile up behind each other.
+        work = self.turns.slice()
+        limit = budget * s.lists_interval_s
+        tick_end = time.perf_counter() + s.lists_interval_s
+
+        def spent() -> bool:
+            return work.elapsed() >= limit or time.perf_counter() >= tick_end
+
         parts = sorted(p for p in self.parts if p in self.assigned)
         if parts:
             k = self._rotation % len(parts)
             self._rotation += 1
             parts = parts[k:] + parts[:k]
         for n, p in enumerate(parts):
+            if n:
+                await work.turn(force=True)  # let batches in between partitions
             async with self.locks[p]:
                 st = self.parts.get(p)
                 if st is not None and p in self.assigned:
                     # The first partition builds at least one list even when waiting for Redis
                     # took the budget: under load the work slows down, it never stops.
-                    await self._publish(p, st, deadline, at_least_one=n == 0)
-            await asyncio.sleep(0)  # let batches in between partitions
+                    await self._publish(p, st, work, spent, at_least_one=n == 0)
+        self.stats.add_time("cooccurrence.lists_waited", work.waited)
 
-    async def _publish(self, p: int, st: GraphPartition, deadline: float,
+    async def _publish(self, p: int, st: GraphPartition, work: Slice, spent: Callable[[], bool],
                        at_least_one: bool = False) -> None:
         s = self.settings
         now_m = time.monotonic()
@@ -426,8 +441,8 @@ class GraphStage(Stage):
         items: list[str] = []
         digests: dict[str, int] = {}
         marks: dict[str, tuple[float, float, int]] = {}
-        if at_least_one or time.perf_counter() < deadline:  # no await in it: `pending` holds
-            items, digests, cut = await self._item_lists(st, todo, pipe, deadline, marks)
+        if at_least_one or not spent():
+            items, digests, cut = await self._item_lists(st, todo, pipe, work, spent, marks)
         else:
             cut = next(todo, None) is not None
         for item in parked:  # back in `pending` with the next evidence for its row

@@ -22,6 +22,7 @@ from streams.gaps import Gap, Stall, StallWatch
 from streams.isolation import CheckpointIsolation, Outage, is_outage
 from streams.stats import Stats
 from streams.store import Ops, StateLost, Store
+from streams.turns import Turns
 
 log = logging.getLogger("cartwise.stage")
 
@@ -95,6 +96,7 @@ class Stage(CheckpointIsolation, StallWatch):
     """
 
     name = "stage"
+    yields = False  # to the shoppers' batches (streams/turns.py)
     stopping = False  # the worker is stopping itself (`fatal`): once per process
 
     def __init__(self, store: Store, config: ModelConfig, stats: Stats, send: Sender,
@@ -134,6 +136,10 @@ class Stage(CheckpointIsolation, StallWatch):
         # partition -> input offset -> its copy sent elsewhere (dead letter, re-key) since the
         # last checkpoint: a batch redone after a failure does not send it again
         self.copies: dict[int, dict[int, Any]] = defaultdict(dict)
+        # Shoppers first (streams/turns.py): one gate per worker, shared by its stages
+        # (streams/app.py); a stage that `yields` starts batches and checkpoints between the
+        # context stage's batches.
+        self.turns = Turns()
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget state of partitions this worker no longer owns; Redis has the checkpoint."""
@@ -154,7 +160,21 @@ class Stage(CheckpointIsolation, StallWatch):
         self.assigned |= partitions
 
     async def load(self, partition: int) -> Any:
+        """A partition's state from its checkpoint, the offset read last (`_load_still`)."""
         raise NotImplementedError
+
+    async def _load_still(self, p: int) -> Any:
+        """`load`, again until no checkpoint moved the offset while it read: a load spans many
+        reads, and a worker still writing the partition (a rebalance overlap) could leave it
+        with state older than the offset it read, and records in between never applied."""
+        while True:
+            before = await self.store.offset(self.name, p)
+            st = await self.load(p)
+            if st.offset == before:
+                return st
+            self.stats.inc(f"{self.name}.load_retries")
+            log.warning("%s partition %d: checkpointed by another worker while loading (offset "
+                        "%d, then %d); loading again", self.name, p, before, st.offset)
 
     async def process(self, partition: int, st: Any, records: list[Record]) -> None:
         raise NotImplementedError
@@ -197,6 +217,8 @@ class Stage(CheckpointIsolation, StallWatch):
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = time.time()
             self.stats.first_batch_cpu = time.process_time()
+        if self.yields:
+            await self.turns.wait()
         mine = [r for r in records if r[1] in self.assigned]
         if len(mine) != len(records):
             # Fetched before a rebalance took the partition away: its new owner reads them.
@@ -379,7 +401,7 @@ class Stage(CheckpointIsolation, StallWatch):
                             raise
                         except Exception as exc:  # not the records' fault: retry until it works
                             raise Outage(f"cannot read the state generation: {exc}") from exc
-                    st = await self.load(p)
+                    st = await self._load_still(p)
                     st.applied = st.offset
                     if p not in self.assigned:  # revoked while loading
                         return None
@@ -517,6 +539,8 @@ class Stage(CheckpointIsolation, StallWatch):
 
     async def checkpoint_all(self) -> None:
         """Timer: checkpoint partitions that have waited an interval (idle ones included)."""
+        if self.yields:
+            await self.turns.wait()
         await asyncio.gather(*(self.checkpoint(p) for p in list(self.parts) if self._due(p)))
 
     def _due(self, p: int) -> bool:

@@ -112,3 +112,32 @@ def test_a_reloaded_partition_holds_exactly_what_was_checkpointed(make_settings,
     assert reloads > 10 and rebased == 1
     assert patches > 0  # rows were patched, not only written whole
     assert counters["cooccurrence.rows_checkpointed"] > 0
+
+
+def test_a_checkpoint_written_while_a_partition_loads_makes_it_load_again(make_settings):
+    """A load reads many hashes, then the offset. Another worker still writing the partition
+    (a rebalance overlap) may checkpoint in between: state older than the offset, and the
+    records in between never applied. The stage loads again until the offset stood still."""
+    settings = make_settings("loadrace")
+
+    async def run() -> tuple[int, int]:
+        stage = await _stage(GraphStage, settings, settings.prefix)
+        r = stage.store.redis
+        key = stage.keys.offset("cooccurrence", 0)
+        await r.set(key, 5)
+        reads = stage.store.hgetall
+        calls = 0
+
+        async def racing(k: str) -> dict:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the other worker's checkpoint lands during the first load
+                await r.set(key, 9)
+            return await reads(k)
+
+        stage.store.hgetall = racing  # type: ignore[method-assign]
+        stage.assign({0})
+        st = await stage._catch_up(0)
+        return st.offset, stage.stats.counters["cooccurrence.load_retries"]
+
+    assert asyncio.run(run()) == (9, 1)
