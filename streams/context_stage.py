@@ -39,7 +39,7 @@ from models.ranking import (
 from models.rules import impression_counts
 from streams.audience import AudienceIndex
 from streams.cache import ReadCache, parse_json
-from streams.evidence import pairs_messages
+from streams.evidence import marginals_of, pairs_messages
 from streams.feedback import Feedback
 from streams.profiles import Profiles
 from streams.routing import PartitionOf
@@ -261,9 +261,10 @@ class ContextStage(Stage):
         last = records[-1][2]
         first_ts = min(r[3] for r in records)
         # Every pairs partition hears of every batch, so each can tell how far it has got.
+        marginals = marginals_of(all_marginals)
         for q in range(n_pairs):
             for msg in pairs_messages(partition, self.store.generation, last, first_ts, newest,
-                                      st.clock, all_marginals, out[q], repeats[q]):
+                                      st.clock, marginals, out[q], repeats[q]):
                 st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
         await self.user_lists(partition, st, list(dict.fromkeys(touched)))

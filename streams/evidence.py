@@ -9,6 +9,7 @@ single event's evidence is bounded by the contract (200 lines, a 30-item context
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,18 +20,36 @@ _MARGINAL_BYTES = 40  # estimates of one entry's JSON size, to cut before encodi
 _PAIR_BYTES = 80
 
 
+@dataclass(frozen=True)
+class Marginals:
+    """A batch's marginals [(offset, ts, entries, clock)]: the same for every pairs partition,
+    so sized and encoded once per batch, not once per partition (`marginals_of`)."""
+
+    entries: list[tuple]
+    sizes: dict[int, int]  # offset -> estimated JSON bytes
+    encoded: bytes
+
+
+def marginals_of(entries: list[tuple]) -> Marginals:
+    sizes: dict[int, int] = {}
+    for offset, _, items, *_ in entries:
+        sizes[offset] = sizes.get(offset, 0) + _MARGINAL_BYTES * len(items)
+    return Marginals(entries, sizes, orjson.dumps(entries))
+
+
 def pairs_messages(src: int, generation: str, last: int, first_ts: float,
-                   newest: float | None, clock: float | None, marginals: list[tuple],
-                   pairs: list[tuple], repeats: list[tuple],
-                   limit: int = MESSAGE_BYTES) -> list[bytes]:
+                   newest: float | None, clock: float | None,
+                   marginals: list[tuple] | Marginals, pairs: list[tuple],
+                   repeats: list[tuple], limit: int = MESSAGE_BYTES) -> list[bytes]:
     """Messages for one pairs partition: `marginals` [(offset, ts, entries, clock)] of every
-    event, `pairs` and `repeats` of those this partition owns, all in offset order."""
-    events = sorted({e[0] for e in marginals} | {e[0] for e in pairs} | {r[0] for r in repeats})
+    event (or `marginals_of` them), `pairs` and `repeats` of those this partition owns, all in
+    offset order."""
+    m = marginals if isinstance(marginals, Marginals) else marginals_of(marginals)
+    events = sorted(m.sizes.keys() | {e[0] for e in pairs} | {r[0] for r in repeats})
     if not events:
         return [_encode(src, generation, last, first_ts, newest, clock, [], [], [])]
     size: dict[int, int] = dict.fromkeys(events, 0)
-    for offset, _, entries, *_ in marginals:
-        size[offset] += _MARGINAL_BYTES * len(entries)
+    size.update(m.sizes)
     for offset, _, entries, *_ in pairs:
         size[offset] += _PAIR_BYTES * len(entries)
     cuts: list[int] = []  # last offset of each message but the final one
@@ -42,6 +61,9 @@ def pairs_messages(src: int, generation: str, last: int, first_ts: float,
             used = 0
         used += size[offset]
         prev = offset
+    if not cuts:  # the usual case: one message, with the marginals as encoded once
+        return [_encode(src, generation, last, first_ts, newest, clock, m.encoded, pairs,
+                        repeats)]
     out = []
     lo = -1
     for hi in (*cuts, None):
@@ -50,13 +72,16 @@ def pairs_messages(src: int, generation: str, last: int, first_ts: float,
         final = hi is None
         out.append(_encode(src, generation, last if final else hi, first_ts,
                            newest if final else None, clock if final else None,
-                           part(marginals), part(pairs), part(repeats)))
+                           part(m.entries), part(pairs), part(repeats)))
         lo = hi if hi is not None else lo
     return out
 
 
 def _encode(src: int, generation: str, last: int, first_ts: float, newest: float | None,
-            clock: float | None, marginals: list, pairs: list, repeats: list) -> bytes:
+            clock: float | None, marginals: list | bytes, pairs: list, repeats: list) -> bytes:
     msg: dict[str, Any] = {"src": src, "g": generation, "last": last, "t": first_ts,
-                           "n": newest, "c": clock, "m": marginals, "p": pairs, "r": repeats}
+                           "n": newest, "c": clock, "p": pairs, "r": repeats}
+    if isinstance(marginals, bytes):  # already encoded: spliced in as the last field
+        return orjson.dumps(msg)[:-1] + b',"m":' + marginals + b"}"
+    msg["m"] = marginals
     return orjson.dumps(msg)

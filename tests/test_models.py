@@ -549,3 +549,24 @@ def test_a_large_batch_of_evidence_is_cut_into_messages_of_whole_events():
         assert max(e[0] for e in m["m"] + m["p"]) == m["last"] and m["n"] is None
     assert msgs[-1]["last"] == 401 and msgs[-1]["n"] == 2.0e9 == msgs[-1]["c"]
     assert [m["last"] for m in msgs] == sorted(m["last"] for m in msgs)
+
+
+def test_a_batch_of_evidence_in_one_message_carries_its_marginals_encoded_once():
+    """The marginals go to every pairs partition: encoded once per batch and spliced into each
+    partition's message, which reads as if encoded whole."""
+    import orjson
+
+    from streams.evidence import marginals_of, pairs_messages
+
+    marginals = [(o, 1.0e9 + o, [(f"i{o}", 1.0, 0.0)], 1.0e9 + o) for o in range(5)]
+    shared = marginals_of(marginals)
+    for pairs in ([], [(2, 1.0e9 + 2, [("i2", "i1", 1.0, 0.0, 1.0, 0.0, 0.0, 0.0)], 1.0e9)]):
+        (one,) = pairs_messages(3, "g", 4, 1.0e9, 2.0e9, 2.0e9, shared, pairs, [(1, "i1", 9.0)])
+        assert orjson.loads(one) == {
+            "src": 3, "g": "g", "last": 4, "t": 1.0e9, "n": 2.0e9, "c": 2.0e9,
+            "m": orjson.loads(orjson.dumps(marginals)),
+            "p": orjson.loads(orjson.dumps(pairs)), "r": [[1, "i1", 9.0]]}
+        assert pairs_messages(3, "g", 4, 1.0e9, 2.0e9, 2.0e9, marginals, pairs,
+                              [(1, "i1", 9.0)]) == [one]
+    (empty,) = pairs_messages(3, "g", 4, 1.0e9, None, None, marginals_of([]), [], [])
+    assert orjson.loads(empty)["m"] == [] and orjson.loads(empty)["n"] is None
