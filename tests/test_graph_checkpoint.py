@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import orjson
 import pytest
@@ -16,8 +17,9 @@ from cartwise.redisconn import connect_async
 from cartwise.simulator import Shop
 from models import rowpatch
 from models.config import ModelConfig
+from models.graph import ItemGraph
 from streams.context_stage import ContextStage
-from streams.graph_stage import GraphStage
+from streams.graph_stage import GraphPartition, GraphStage
 from streams.stats import Stats
 from streams.store import Store
 
@@ -141,3 +143,59 @@ def test_a_checkpoint_written_while_a_partition_loads_makes_it_load_again(make_s
         return st.offset, stage.stats.counters["cooccurrence.load_retries"]
 
     assert asyncio.run(run()) == (9, 1)
+
+
+def test_an_item_list_whose_write_failed_is_redone_not_parked(make_settings):
+    """A row that changed enough has its list rebuilt; if writing it fails, the list is built
+    again at the next tick (its mark stays the old one), never parked as if it were written."""
+    settings = make_settings("listfail", lists_min_interval_s=0.0)
+    config = ModelConfig(list_min_change=0.1)
+
+    async def run() -> tuple[dict, dict, int]:
+        stage = await _stage(GraphStage, settings, settings.prefix)
+        stage.config = config
+        g = ItemGraph(config, sources=0)
+        g.apply(START, [("a", 20.0, 0.0)] + [(f"n{i}", 1.0, 0.0) for i in range(20)],
+                [("a", f"n{i}", 1.0, 0.0, 1.0, 0.0, 1.0, 0.0) for i in range(20)])
+        st = GraphPartition(offset=-1, graph=g, hwm={}, applied=-1)
+        stage.parts[0] = st
+        stage.assign({0})
+        g.marg_touched.clear()
+        st.pending = {"a": time.time()}
+        await stage.publish_lists()
+        first = orjson.loads(await stage.store.redis.get(stage.keys.item("a")))
+        # A tenth more evidence, on a new neighbour: the list changes and is due again.
+        g.apply(START + 60, [("a", 4.0, 0.0), ("z", 4.0, 0.0)],
+                [("a", "z", 4.0, 0.0, 4.0, 0.0, 4.0, 0.0)])
+        g.marg_touched.clear()
+        st.pending = {"a": time.time()}
+        real = stage.store.pipeline
+        failures = [ConnectionError("Redis went away")]
+
+        def failing() -> object:
+            pipe = real()
+            execute = pipe.execute
+
+            async def once(*args: object, **kw: object) -> object:
+                if failures:
+                    raise failures.pop()
+                return await execute(*args, **kw)
+
+            pipe.execute = once
+            return pipe
+
+        stage.store.pipeline = failing  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await stage.publish_lists()
+        assert "a" in st.pending  # still to do
+        await stage.publish_lists()  # the next tick: rebuilt and written, not parked
+        second = orjson.loads(await stage.store.redis.get(stage.keys.item("a")))
+        return first, second, stage.stats.counters["cooccurrence.lists_unchanged"]
+
+    first, second, unchanged = asyncio.run(run())
+    assert unchanged == 0
+    shown = {e["item_id"] for kind in ("cross_sell", "alternatives", "next")
+             for e in second.get(kind, [])}
+    was = {e["item_id"] for kind in ("cross_sell", "alternatives", "next")
+           for e in first.get(kind, [])}
+    assert "z" in shown and "z" not in was
