@@ -27,10 +27,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
-from models import rowpatch
 from models.config import ModelConfig
+from models.graphstate import GraphState
 from models.itemlists import KINDS, Candidates, find
 from models.repurchase import DAY, KEEP_PER_ITEM, crowd_cycle, observe
 from models.scoring import round_sig
@@ -38,19 +36,9 @@ from models.trending import trending_score
 
 __all__ = ["KINDS", "ItemGraph"]
 _REBASE_STEP = 16  # half-lives; stored factors stay below 2**32
-# A row entry: [all, buy, shopper contexts (all), shopper contexts (buy), next, before].
-ROW_FIELDS = 6
 
 
-def _widen(row: dict[str, list[float]]) -> dict[str, list[float]]:
-    """A row from a checkpoint written before "next" (4 fields) or "before" (5) existed."""
-    for v in row.values():
-        if len(v) < ROW_FIELDS:
-            v.extend([0.0] * (ROW_FIELDS - len(v)))
-    return row
-
-
-class ItemGraph:
+class ItemGraph(GraphState):
     """`sources` > 0: the number of source partitions whose clocks close epochs (above);
     0 prunes at once, in arrival order (for one ordered stream only, e.g. unit tests)."""
 
@@ -466,64 +454,6 @@ class ItemGraph:
         return {i: trending_score(m[3], self.landmark, h) for i in items
                 if (m := self.marg.get(i)) is not None and m[3] > 0}
 
-    # -- persistence --------------------------------------------------------------------------
-
-    def row_json(self, item: str) -> bytes | None:
-        row = self.rows.get(item)
-        return None if row is None else orjson.dumps(row)
-
-    def load_row(self, item: str, raw: bytes | str) -> int:
-        """Load a stored row (whole, or whole and patches); returns the entries patched."""
-        row, patched = rowpatch.decode(raw)
-        self.rows[item] = _widen(row)
-        self._reshape(item)
-        self.whole.discard(item)  # as stored
-        return patched
-
-    def marg_json(self, item: str) -> bytes | None:
-        m = self.marg.get(item)
-        return None if m is None else orjson.dumps(m)
-
-    def load_marg(self, item: str, raw: bytes | str) -> None:
-        m = orjson.loads(raw)
-        if len(m) < 4:  # checkpoint written before trending had its own half-life
-            m.append(m[0])
-        self.marg[item] = m
-
-    def cycle_json(self, item: str) -> bytes | None:
-        history = self.cycles.get(item)
-        return None if history is None else orjson.dumps(history)
-
-    def load_cycle(self, item: str, raw: bytes | str) -> None:
-        self.cycles[item] = orjson.loads(raw)
-
-    def meta(self) -> dict[str, Any]:
-        return {"total": self.total, "landmark": self.landmark, "now": self.now,
-                "clocks": {str(k): v for k, v in self.clocks.items()}, "closed": self.closed}
-
-    def load_meta(self, d: dict[str, Any]) -> None:
-        self.total, self.landmark, self.now = list(d["total"]), d["landmark"], d["now"]
-        self.clocks = {int(k): v for k, v in (d.get("clocks") or {}).items()}
-        self.closed = d.get("closed")
-
-    def open_json(self, epoch: int, kind: str, item: str) -> bytes | None:
-        """One item's evidence of an open epoch (rows: kind "r", totals: "m"), or None."""
-        src = self.open_rows if kind == "r" else self.open_marg
-        v = src.get(epoch, {}).get(item)
-        return None if v is None else orjson.dumps(v)
-
-    def load_open(self, epoch: int, kind: str, item: str, raw: bytes | str) -> int:
-        """Load stored open evidence (a row's may have patches); returns the entries patched."""
-        if kind == "r":
-            row, patched = rowpatch.decode(raw)
-            self.open_rows.setdefault(epoch, {})[item] = _widen(row)
-            return patched
-        self.open_marg.setdefault(epoch, {})[item] = orjson.loads(raw)
-        return 0
-
-    def load_seen(self, item: str, raw: bytes | str) -> None:
-        self.seen_epoch[item] = int(raw)
-
     def counts(self, item: str) -> dict[str, Any]:
         """Decayed counts at `now`, for inspection and tests."""
         if self.landmark is None:
@@ -551,7 +481,7 @@ def _add_marg(marg: dict[str, list[float]], item: str, add: list[float]) -> None
 
 def _add_entry(row: dict[str, list[float]], other: str, add: list[float]) -> bool:
     """Add a row entry's evidence (`ROW_FIELDS` numbers: rows and open evidence loaded from
-    older checkpoints are widened first, `_widen`); True when the entry is new."""
+    older checkpoints are widened first, models/graphstate.py); True when the entry is new."""
     v = row.get(other)
     if v is None:
         row[other] = list(add)
