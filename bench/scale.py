@@ -91,13 +91,16 @@ def settings_for(stack: Any, name: str, partitions: int, topics: Any = None) -> 
     from cartwise.settings import Settings
     from streams.topics import ensure_topics
 
-    s = Settings(broker=stack.broker, redis_url=stack.redis_url, prefix=f"{name}:", app_id=name,
-                 partitions=partitions, session_timeout_s=6.0, rebalance_timeout_s=6.0,
-                 heartbeat_interval_s=1.0,
-                 events_topic=topics.events_topic if topics else f"{name}.events",
-                 catalog_topic=topics.catalog_topic if topics else f"{name}.catalog",
-                 dlq_topic=f"{name}.dlq", touchpoints_topic=f"{name}.touchpoints",
-                 config_topic=f"{name}.config")
+    # CARTWISE_* variables around the bench reach its workers (`from_env`): the way to measure
+    # a setting. The results record them (`env`).
+    s = Settings.from_env(
+        broker=stack.broker, redis_url=stack.redis_url, prefix=f"{name}:", app_id=name,
+        partitions=partitions, session_timeout_s=6.0, rebalance_timeout_s=6.0,
+        heartbeat_interval_s=1.0,
+        events_topic=topics.events_topic if topics else f"{name}.events",
+        catalog_topic=topics.catalog_topic if topics else f"{name}.catalog",
+        dlq_topic=f"{name}.dlq", touchpoints_topic=f"{name}.touchpoints",
+        config_topic=f"{name}.config", worker_id=name)
     ensure_topics(s)
     return s
 
@@ -677,6 +680,8 @@ def main() -> None:
     run = f"s{int(time.time()) % 100000}"
     shop = RealisticShop(seed=args.seed, items=size["items"], shoppers=size["shoppers"])
     res: dict[str, Any] = {"command": "python -m bench.scale " + " ".join(sys.argv[1:]),
+                           "env": {k: v for k, v in sorted(os.environ.items())
+                                   if k.startswith("CARTWISE_")},
                            "cores": os.cpu_count(), "partitions": args.partitions,
                            "shop": shop.describe(), "size": size}
     with EmbeddedStack() as stack:

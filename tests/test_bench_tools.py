@@ -71,3 +71,19 @@ def test_a_paced_grocery_runs_one_basket_at_a_time_and_shoppers_come_back_after_
     assert len(runs) > len(set(sessions))
     # The quiet time between baskets stretches the log from hours to days.
     assert hours[-1]["ts"] < 86400 < 2 * 86400 < days[-1]["ts"]
+
+
+def test_the_scale_bench_measures_a_setting_set_around_it(monkeypatch):
+    """`CARTWISE_BATCH_WITHIN_S=0.02 python -m bench.scale` must reach the workers (their
+    environment is built from these settings); what the bench fixes itself stays fixed."""
+    from types import SimpleNamespace
+
+    import streams.topics
+    from bench.scale import settings_for
+
+    monkeypatch.setattr(streams.topics, "ensure_topics", lambda settings: None)
+    monkeypatch.setenv("CARTWISE_BATCH_WITHIN_S", "0.02")
+    monkeypatch.setenv("CARTWISE_PARTITIONS", "3")
+    s = settings_for(SimpleNamespace(broker="127.0.0.1:1", redis_url="redis://127.0.0.1:2"),
+                     "b", 8)
+    assert s.batch_within_s == 0.02 and s.partitions == 8 and s.app_id == "b"
