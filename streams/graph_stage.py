@@ -5,6 +5,7 @@ Adds evidence to the item graph and publishes changed item lists on a timer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -399,8 +400,10 @@ class GraphStage(Stage):
             self._rotation += 1
             parts = parts[k:] + parts[:k]
         for n, p in enumerate(parts):
-            if n:
+            if n and not spent():
                 await work.turn(force=True)  # let batches in between partitions
+            elif n:  # only trending and deletions left: no turn to wait for
+                await asyncio.sleep(0)
             async with self.locks[p]:
                 st = self.parts.get(p)
                 if st is not None and p in self.assigned:
