@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from models.config import ModelConfig
@@ -17,10 +16,6 @@ _DEFAULT = ModelConfig()
 REVISIT_REASON = WORDING["revisit"]
 REBUY_REASON = WORDING["rebuy"]
 Revisit = tuple[float, str, dict[str, Any] | None]  # score, reason, evidence
-# A suggestion that shares a cart item's category completes the cart (is no substitute) when
-# at least this share of the cart item's buyers bought it too, at 95% confidence: yogurt
-# with milk. Two of twenty buyers who bought a second phone are not that evidence.
-TOGETHER_MIN_SHARE = 0.1
 _NO_FACTS: Mapping[str, Any] = {}  # an item the catalog does not know (read only)
 
 
@@ -63,6 +58,29 @@ def rank_for_user(
     `not_due_weight` of their score: 0 leaves them out until due. `kind_weights` and
     `parts`: see `blend`.
     """
+    scored = score_for_user(ctx, item_lists, catalog, config, kind_weights, parts, repeat_rate)
+    out = scored.cut(k, catalog)
+    if parts is not None:  # the learner compares only what could be shown
+        for j in [j for j in parts if not in_stock(catalog, j)]:
+            del parts[j]
+    return out
+
+
+def score_for_user(
+    ctx: ShopperContext,
+    item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
+    catalog: Mapping[str, Mapping[str, Any] | None],
+    config: ModelConfig = _DEFAULT,
+    kind_weights: Mapping[str, float] | None = None,
+    parts: Parts | None = None,
+    repeat_rate: float = 0.0,
+) -> Scored:
+    """`rank_for_user` before the cut: every candidate scored, stock not yet checked.
+
+    `catalog` must hold the facts of the shopper's context items, of their newest bought
+    items (`rebuy_candidates`) and of bought items among the candidates (`listed`); the
+    other candidates' facts are only read by the cut (`Scored.unchecked` names them).
+    """
     seeds = [(a, ctx.items[a].b > 0) for a in anchors(ctx, config)]
     exclude = set(ctx.cart)
     revisit: dict[str, Revisit] = {}
@@ -91,8 +109,45 @@ def rank_for_user(
             revisit[j] = (config.rebuy_weight * times
                           * 0.5 ** (age / config.rebuy_half_life_s), REBUY_REASON,
                           {"bought": times})
-    return blend(seeds[: config.list_anchors], item_lists, catalog, k, exclude, set(ctx.bought),
-                 config, revisit, late, kind_weights, parts)
+    kept, best = _scored(seeds[: config.list_anchors], item_lists, catalog, exclude,
+                         set(ctx.bought), config, revisit, late, kind_weights, parts)
+    return Scored(kept, best, revisit, config)
+
+
+def in_stock(catalog: Mapping[str, Mapping[str, Any] | None], j: str) -> bool:
+    """Whether `j` may be suggested as far as stock goes: not marked out of stock."""
+    return (catalog.get(j) or _NO_FACTS).get("in_stock") is not False
+
+
+class Scored:
+    """A shopper's scored candidates (`score_for_user`), before the cut to k in stock.
+
+    Stock is checked last, walking down the list, so a caller whose catalog facts are far
+    away (the stream reads them from Redis) needs them only for the head of the list, not
+    for every candidate: `unchecked` names the facts the cut would read and lacks.
+    """
+
+    def __init__(self, kept: list[tuple[float, str]], best: Best,
+                 revisit: Mapping[str, Revisit], config: ModelConfig) -> None:
+        self.kept, self.best, self.revisit, self.config = kept, best, revisit, config
+        self._heads: dict[int, list[tuple[float, tuple]]] = {}
+
+    def head(self, n: int) -> list[tuple[float, tuple]]:
+        """The best n candidates, stock unchecked (`top_rounded`; kept for the next call)."""
+        if n not in self._heads:
+            self._heads[n] = top_rounded(self.kept, n, self.config.score_digits)
+        return self._heads[n]
+
+    def cut(self, k: int, catalog: Mapping[str, Mapping[str, Any] | None]
+            ) -> list[dict[str, Any]]:
+        """The best k candidates in stock, as list entries."""
+        return _entries(_walk(self.head, k, catalog)[0], self.best, self.revisit)
+
+    def unchecked(self, k: int, catalog: Mapping[str, Mapping[str, Any] | None]) -> set[str]:
+        """Candidates whose facts `cut(k, catalog)` reads and `catalog` does not hold (not
+        even as None): an item without facts counts as in stock, so once these are read
+        and added, the cut is the one a catalog with every candidate's facts gives."""
+        return _walk(self.head, k, catalog, unknown=True)[1]
 
 
 def head(config: ModelConfig, kind: str, rank: int) -> int:
@@ -166,129 +221,6 @@ def not_due(ctx: ShopperContext, item_lists: Mapping[str, Mapping[str, Any] | No
     return out
 
 
-def rank_for_cart(
-    cart: list[str],
-    item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
-    catalog: Mapping[str, Mapping[str, Any] | None],
-    k: int,
-    exclude: set[str] | None = None,
-    config: ModelConfig = _DEFAULT,
-) -> list[dict[str, Any]]:
-    """An anonymous cart, newest item last, ranked as a shopper who carted those items, with
-    what completes the cart first (as `complete_cart` orders them, over every candidate, not
-    only the first k). `catalog` must hold the categories of the cart's items and of the
-    candidates (`listed`)."""
-    seeds = [(a, True) for a in reversed(list(dict.fromkeys(cart)))][: config.max_anchors]
-    kept, best = _scored(seeds, item_lists, catalog, set(cart) | (exclude or set()), set(),
-                         config, None, None)
-    head = _cut(kept, best, {}, k, config)
-    together, alternatives, categories = _cart_basis(cart, item_lists, catalog, config)
-    swap = {j for _, j in kept if j not in together and (
-        j in alternatives or (catalog.get(j) or {}).get("category") in categories)}
-    if not any(e["item_id"] in swap for e in head):
-        return head
-    # Complements below the first k take the substitutes' places; the places keep their
-    # scores (`complete_cart`).
-    first = _cut([c for c in kept if c[1] not in swap], best, {}, k, config)
-    rest = _cut([c for c in kept if c[1] in swap], best, {}, k - len(first), config) \
-        if len(first) < k else []
-    return [dict(e, score=h["score"]) for e, h in zip(first + rest, head, strict=True)]
-
-
-def _cart_basis(cart: Iterable[str], item_lists: Mapping[str, Mapping[str, Any] | None] | None,
-                catalog: Mapping[str, Mapping[str, Any] | None], config: ModelConfig
-                ) -> tuple[set[str], set[str], set[Any]]:
-    """What `substitutes` reads from the cart items' lists and facts: the items enough of
-    their buyers bought with them, their alternatives, and their categories."""
-    together: set[str] = set()
-    alternatives: set[str] = set()
-    for a in cart:
-        doc = (item_lists or {}).get(a) or {}
-        together |= {e["item_id"]
-                     for e in doc.get("cross_sell", ())[: config.per_anchor("cross_sell")]
-                     if _share(e) >= TOGETHER_MIN_SHARE}
-        alternatives |= {e["item_id"] for e in
-                         doc.get("alternatives", ())[: config.per_anchor("alternatives")]}
-    categories = {c for a in cart if (c := (catalog.get(a) or {}).get("category")) is not None}
-    return together, alternatives, categories
-
-
-def substitutes(
-    entries: Iterable[Mapping[str, Any]],
-    cart: Iterable[str],
-    catalog: Mapping[str, Mapping[str, Any] | None],
-    item_lists: Mapping[str, Mapping[str, Any] | None] | None = None,
-    config: ModelConfig = _DEFAULT,
-) -> set[str]:
-    """Suggested items that would replace an item in the cart rather than complete it.
-
-    A substitute of a cart item shares its catalog category, or is one of its alternatives
-    (viewed together, not bought together), unless enough of the cart item's buyers bought
-    the two together (`TOGETHER_MIN_SHARE`): that says it completes the cart (a second dairy
-    item in a grocery basket). "Bought together" comes from the cart items' cross-sell lists
-    in `item_lists` when given, and from the entries themselves (kind cross_sell, anchored on
-    the cart item) always.
-    """
-    cart = list(dict.fromkeys(cart))
-    entries = list(entries)
-    together, alternatives, categories = _cart_basis(cart, item_lists, catalog, config)
-    in_cart = set(cart)
-    for e in entries:
-        if e.get("anchor") in in_cart:
-            if e.get("kind") == "cross_sell":
-                if e["item_id"] not in together and _share(e) >= TOGETHER_MIN_SHARE:
-                    together.add(e["item_id"])
-            elif e.get("kind") == "alternatives":
-                alternatives.add(e["item_id"])
-    out = set()
-    for e in entries:
-        j = e["item_id"]
-        if j in together:
-            continue
-        if j in alternatives or (catalog.get(j) or {}).get("category") in categories:
-            out.add(j)
-    return out
-
-
-def _share(entry: Mapping[str, Any]) -> float:
-    """A cross-sell entry's share of the anchor's buyers, as low as 95% confidence allows
-    (Wilson's lower bound over `evidence.out_of` shoppers); the plain share without it."""
-    evidence = entry.get("evidence") or {}
-    p = evidence.get("share")
-    if p is None:
-        return float(entry.get("confidence", entry["score"]))
-    n = evidence.get("out_of")
-    if not n or n <= 0 or p < TOGETHER_MIN_SHARE:  # the bound is below the share
-        return float(p)
-    z2 = 1.96**2
-    centre = p + z2 / (2 * n)
-    spread = 1.96 * math.sqrt(max(0.0, p * (1 - p)) / n + z2 / (4 * n * n))
-    return (centre - spread) / (1 + z2 / n)
-
-
-def complete_cart(
-    entries: list[dict[str, Any]],
-    cart: Iterable[str],
-    catalog: Mapping[str, Mapping[str, Any] | None],
-    item_lists: Mapping[str, Mapping[str, Any] | None] | None = None,
-    config: ModelConfig = _DEFAULT,
-) -> list[dict[str, Any]]:
-    """Ranked entries with the cart's complements first, each part in its own order.
-
-    Substitutes of a cart item (`substitutes`) only fill what complements leave: a shopper
-    who carted a phone needs its case, not three other phones. They are kept, after the
-    rest, because an item the shop has evidence for still beats a popular filler. Scores
-    are reassigned in the new order (the same multiset), so they stay non-increasing.
-    """
-    swap = substitutes(entries, cart, catalog, item_lists, config)
-    if not swap:
-        return entries
-    ordered = [e for e in entries if e["item_id"] not in swap] + \
-              [e for e in entries if e["item_id"] in swap]
-    scores = [e["score"] for e in entries]
-    return [dict(e, score=sc) for e, sc in zip(ordered, scores, strict=True)]
-
-
 def blend(
     seeds: list[tuple[str, bool]],
     item_lists: Mapping[str, Mapping[str, list[dict[str, Any]]] | None],
@@ -317,7 +249,7 @@ def blend(
     """
     kept, best = _scored(seeds, item_lists, catalog, exclude, bought, config, revisit, late,
                          kind_weights, parts)
-    return _cut(kept, best, revisit or {}, k, config)
+    return _cut(kept, best, revisit or {}, k, config, catalog)
 
 
 Best = dict[str, tuple[float, str, Mapping[str, Any]]]  # item: its largest contribution
@@ -388,10 +320,8 @@ def _scored(
     for j, score in scores.items():
         if j in exclude:
             continue
-        facts = catalog.get(j) or _NO_FACTS
-        if facts.get("in_stock") is False:
-            continue
-        if j in bought and not rebuyable(j, item_lists, facts):
+        # Stock is checked at the cut (`_cut`), for the head of the list only.
+        if j in bought and not rebuyable(j, item_lists, catalog.get(j) or _NO_FACTS):
             continue
         if late and j in late:
             score *= config.not_due_weight
@@ -417,11 +347,44 @@ def _add(scores: dict[str, float], best: Best, j: str, c: float, kind: str,
         best[j] = (c, kind, e)
 
 
+def _walk(head: Callable[[int], list[tuple[float, tuple]]], k: int,
+          catalog: Mapping[str, Mapping[str, Any] | None], unknown: bool = False
+          ) -> tuple[list[tuple[float, tuple]], set[str]]:
+    """Down the list (`head(n)`: the best n, `top_rounded`), the first k candidates in stock;
+    with `unknown`, those without facts in `catalog` count as in stock and are also
+    returned by name."""
+    n = k
+    while True:
+        ranked = head(n)
+        chosen: list[tuple[float, tuple]] = []
+        missing: set[str] = set()
+        for r in ranked:
+            j = r[1][1]
+            if unknown and j not in catalog:
+                missing.add(j)
+            elif not in_stock(catalog, j):
+                continue
+            chosen.append(r)
+            if len(chosen) == k:
+                return chosen, missing
+        if len(ranked) < n:  # every candidate seen
+            return chosen, missing
+        n *= 2  # out-of-stock items took places: look further down
+
+
 def _cut(kept: list[tuple[float, str]], best: Best, revisit: Mapping[str, Revisit], k: int,
-         config: ModelConfig) -> list[dict[str, Any]]:
-    """The top k of `_scored` candidates as list entries."""
+         config: ModelConfig, catalog: Mapping[str, Mapping[str, Any] | None]
+         ) -> list[dict[str, Any]]:
+    """The top k of `_scored` candidates in stock, as list entries."""
+    return _entries(_walk(lambda n: top_rounded(kept, n, config.score_digits), k, catalog)[0],
+                    best, revisit)
+
+
+def _entries(chosen: list[tuple[float, tuple]], best: Best, revisit: Mapping[str, Revisit]
+             ) -> list[dict[str, Any]]:
+    """Chosen candidates, (rounded score, (score, item)), as list entries."""
     out = []
-    for score, (_, j) in top_rounded(kept, k, config.score_digits):
+    for score, (_, j) in chosen:
         # A context item is shown as one the shopper looked at, whatever else points to it.
         if j in revisit:
             _, reason, evidence = revisit[j]

@@ -29,12 +29,13 @@ from models.context import ContextBook, ShopperContext
 from models.feedback import Delta, Example, Reranker
 from models.interests import InterestClusters
 from models.ranking import (
+    Scored,
     anchors,
     cycles_needed,
     list_anchors,
     listed,
-    rank_for_user,
     rebuy_candidates,
+    score_for_user,
 )
 from models.rules import impression_counts
 from streams.audience import AudienceIndex
@@ -57,6 +58,9 @@ from streams.touchpoints import Touchpoints
 log = logging.getLogger("cartwise.context")
 
 USER_LIST_SIZE = 20
+# Stock is read for this many items past a list's head as well, so that a few out-of-stock
+# items at the head do not cost another round trip to Redis.
+HEAD_SLACK = 5
 
 
 @dataclass
@@ -370,22 +374,41 @@ class ContextStage(Stage):
                     ranks[a] = r
         lists = await self.list_cache.get_many(list(ranks), only_changed)
         candidates = listed(lists, cfg, ranks)
+        # Facts the scoring reads (models/ranking.py, `score_for_user`): the context items,
+        # which may come back as revisits, the newest bought items, which may be bought
+        # again, and bought items among the candidates. Other candidates' facts (stock) are
+        # read for the head of each list only, below: most candidates never reach it.
+        sure: set[str] = set()
         for _, c in ctxs:
-            candidates.update(anchors(c, cfg))  # every anchor may come back as a revisit
-            candidates.update(rebuy_candidates(c, cfg))  # so may the newest bought items
-        catalog = await self.catalog_cache.get_many(candidates, only_changed)
+            sure.update(anchors(c, cfg))
+            sure.update(rebuy_candidates(c, cfg))
+            sure.update(j for j in c.bought if j in candidates)
+        catalog = await self.catalog_cache.get_many(sure, only_changed)
         # Whether a bought item may come back, and when, is in its lists' learned cycle.
-        rebuy = sorted(set().union(*(cycles_needed(c.bought, candidates, catalog)
+        offered = candidates | sure
+        rebuy = sorted(set().union(*(cycles_needed(c.bought, offered, catalog)
                                      for _, c in ctxs)) - lists.keys())
         if rebuy:
             lists = lists | await self.list_cache.get_many(rebuy, only_changed)
-        docs: dict[str, bytes] = {}
-        digests: dict[str, int] = {}
-        profiled: dict[str, tuple] = {}
+        rate = st.book.repeat_rate()
+        scored: list[tuple[str, ShopperContext, Scored]] = []
         for n, (user, ctx) in enumerate(ctxs):
             if only_changed and n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a long refresh must not stall the event loop
-            payload = self._user_payload(user, ctx, lists, catalog, st.book.repeat_rate())
+            scored.append((user, ctx, score_for_user(ctx, lists, catalog, cfg,
+                                                     repeat_rate=rate)))
+        # Once, and again only where more than `HEAD_SLACK` items of a head are out of stock.
+        while True:
+            unchecked = set().union(*(r.unchecked(USER_LIST_SIZE + HEAD_SLACK, catalog)
+                                      for _, _, r in scored))
+            if not unchecked:
+                break
+            catalog = catalog | await self.catalog_cache.get_many(unchecked, only_changed)
+        docs: dict[str, bytes] = {}
+        digests: dict[str, int] = {}
+        profiled: dict[str, tuple] = {}
+        for user, ctx, ranked in scored:
+            payload = self._user_payload(user, ctx, ranked.cut(USER_LIST_SIZE, catalog))
             if only_changed:
                 digest = list_digest(payload, ("items", "context"))
                 if st.written.get(user) == digest:
@@ -411,12 +434,10 @@ class ContextStage(Stage):
         st.profiled.update(profiled)
         return len(docs)
 
-    def _user_payload(self, user: str, ctx: ShopperContext, lists: dict, catalog: dict,
-                      repeat_rate: float) -> dict:
+    def _user_payload(self, user: str, ctx: ShopperContext, items: list[dict]) -> dict:
         return {
             "user_id": user,
-            "items": rank_for_user(ctx, lists, catalog, USER_LIST_SIZE, self.config,
-                                   repeat_rate=repeat_rate),
+            "items": items,
             "context": ctx.public(),
             "as_of": ctx.last_ts,
             "generated_at": time.time(),

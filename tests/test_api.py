@@ -16,7 +16,7 @@ from api.app import create_app
 from api.auth import new_key
 from cartwise.embedded import free_port
 from cartwise.settings import Settings
-from models.ranking import rank_for_cart
+from models.cart import rank_for_cart
 from tests.conftest import Served
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from models.ranking import complete_cart, rank_for_cart, substitutes
+from models.cart import complete_cart, rank_for_cart, substitutes
 from models.scoring import confidence_lift, llr, pair_llr, round_sig
 
 

@@ -31,9 +31,9 @@ from cartwise.contract import expected_partition
 from cartwise.redisconn import AsyncClient
 from cartwise.settings import Settings
 from models import serving, wording
+from models.cart import complete_cart, rank_for_cart
 from models.config import ModelConfig
 from models.feedback import features, rerank
-from models.ranking import complete_cart, rank_for_cart
 from models.rules import LadderStep, Rules, dropped, ladder, order_by_price, shortfall, utc_day
 from models.rules import apply as apply_rules
 from models.segments import rfm
