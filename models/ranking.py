@@ -133,10 +133,13 @@ class Scored:
         self._heads: dict[int, list[tuple[float, tuple]]] = {}
 
     def head(self, n: int) -> list[tuple[float, tuple]]:
-        """The best n candidates, stock unchecked (`top_rounded`; kept for the next call)."""
-        if n not in self._heads:
+        """The best n candidates, stock unchecked (`top_rounded`). Kept for the next call:
+        `top_rounded`'s order is total, so a longer head kept already gives a shorter one."""
+        longer = min((m for m in self._heads if m >= n), default=None)
+        if longer is None:
             self._heads[n] = top_rounded(self.kept, n, self.config.score_digits)
-        return self._heads[n]
+            return self._heads[n]
+        return self._heads[longer][:n]
 
     def cut(self, k: int, catalog: Mapping[str, Mapping[str, Any] | None]
             ) -> list[dict[str, Any]]:

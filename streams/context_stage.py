@@ -384,9 +384,9 @@ class ContextStage(Stage):
             sure.update(rebuy_candidates(c, cfg))
             sure.update(j for j in c.bought if j in candidates)
         catalog = await self.catalog_cache.get_many(sure, only_changed)
-        # Whether a bought item may come back, and when, is in its lists' learned cycle.
-        offered = candidates | sure
-        rebuy = sorted(set().union(*(cycles_needed(c.bought, offered, catalog)
+        # Whether a bought item may come back, and when, is in its lists' learned cycle. Every
+        # bought item that may be offered is in `sure` (bought candidates, rebuy candidates).
+        rebuy = sorted(set().union(*(cycles_needed(c.bought, sure, catalog)
                                      for _, c in ctxs)) - lists.keys())
         if rebuy:
             lists = lists | await self.list_cache.get_many(rebuy, only_changed)
