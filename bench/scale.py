@@ -108,10 +108,14 @@ def settings_for(stack: Any, name: str, partitions: int, topics: Any = None) -> 
 # -- the backlog ------------------------------------------------------------------------------
 
 
-def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float) -> tuple[dict, dict]:
+def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int = 0,
+                    known_shoppers: int = 0, new_shoppers: int | None = None,
+                    firsts: dict[int, int] | None = None) -> tuple[dict, dict]:
     """Catalog, then `n` events, through the project's EventProducer (validated) with larger
     batches; the end offset of each partition comes from the acks (never the broker's
-    "latest offset")."""
+    "latest offset"). With `firsts` (a later part of the same topic), the first offset of
+    each partition goes there, and the catalog is not sent again. `part`,
+    `known_shoppers` and `new_shoppers`: `RealisticShop.events`."""
     from cartwise.producer import EventProducer
 
     ends: dict[int, int] = {}
@@ -120,14 +124,17 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float) -> tuple[
     def acked(md: Any) -> None:
         if md.offset > ends.get(md.partition, -1):
             ends[md.partition] = md.offset
+        if firsts is not None and md.offset < firsts.get(md.partition, md.offset + 1):
+            firsts[md.partition] = md.offset
 
     t0 = time.perf_counter()
     with EventProducer(settings.bootstrap, settings.events_topic, settings.catalog_topic,
                        linger_ms=50, batch_size=256 << 10) as p:
-        for item in shop.catalog():
+        for item in shop.catalog() if firsts is None else ():  # a later part: sent already
             p.catalog(item)
         t_cat = time.perf_counter()
-        for ev in shop.events(n, start_ts=start_ts):
+        for ev in shop.events(n, start_ts=start_ts, part=part, known_shoppers=known_shoppers,
+                              new_shoppers=new_shoppers):
             p.send(ev).add_callback(acked).add_errback(failed.append)
         p.flush()
     t1 = time.perf_counter()
@@ -189,6 +196,16 @@ def tenth(e0: float, e1: float, t0: float, t1: float, c0: float, c1: float) -> d
     de = max(e1 - e0, 1e-9)
     return {"events": round(de), "events_per_s": round(de / max(t1 - t0, 1e-9), 1),
             "cpu_us_per_event": round(1e6 * (c1 - c0) / de, 1)}
+
+
+def tenths(samples: list[tuple], start: tuple[float, float], n0: int, n: int
+           ) -> tuple[list[dict], list[tuple[float, float]]]:
+    """Events/s and CPU per event in each tenth of events n0..n through stage 1, and the
+    (time, cpu) marks between the tenths; `samples` and `start` as for `interpolate`."""
+    marks = [start if not n0 else interpolate(samples, n0, start)] + [
+        interpolate(samples, n0 + b * (n - n0) / 10, start) for b in range(1, 11)]
+    return [tenth(n0 + i * (n - n0) / 10, n0 + (i + 1) * (n - n0) / 10, a[0], b[0], a[1], b[1])
+            for i, (a, b) in enumerate(zip(marks, marks[1:], strict=False))], marks
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -288,7 +305,10 @@ def drop_prefix(r: Client, prefix: str) -> None:
 
 def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int, logs: Path,
                 poll: float, partitions: int, shop: Any = None, freshness: dict | None = None,
-                profile: dict | None = None) -> dict:
+                profile: dict | None = None, measure_from: dict[int, int] | None = None) -> dict:
+    """`k` workers of a fresh consumer group drain the topic up to `ends` (see the module's
+    docstring). `measure_from` (the first offset of a later part of the topic, per
+    partition): the tenths are of that part alone, everything before it builds state."""
     from bench.throughput import peak_rss_mb
     from cartwise.harness import progress, start_worker, stop_worker
     from cartwise.redisconn import connect
@@ -344,9 +364,13 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
         start = (first, cpu_first)
         # Tenths of the backlog by stage 1's checkpoints (stage 2 may lag: its work lands in
         # the tenth in which it runs); the tail is from stage 1's end to both stages' end.
-        marks = [start] + [interpolate(samples, b * n / 10, start) for b in range(1, 11)]
-        out["tenths"] = [tenth(i * n / 10, (i + 1) * n / 10, a[0], b[0], a[1], b[1])
-                         for i, (a, b) in enumerate(zip(marks, marks[1:], strict=False))]
+        n0 = sum(measure_from.values()) if measure_from else 0  # events before the part
+        out["tenths"], marks = tenths(samples, start, n0, n)
+        if n0:
+            out["measured"] = {"from_event": n0, "events": n - n0,
+                               "events_per_s": round((n - n0) / (marks[-1][0] - marks[0][0]), 1),
+                               "cpu_us_per_event": round(
+                                   1e6 * (marks[-1][1] - marks[0][1]) / (n - n0), 1)}
         end = samples[-1]
         out["tail"] = {"seconds": round(end[0] - marks[-1][0], 2),
                        "cpu_s": round(end[1] - marks[-1][1], 2)}
@@ -572,6 +596,34 @@ def dense_replay(n: int, seed: int, out_file: Path) -> dict:
             "rows": pairs}
 
 
+def warm_pass(stack: Any, shop: Any, n: int, run: str, logs: Path,
+              args: argparse.Namespace) -> dict:
+    """One worker on a topic of two backlogs of `n` events, the second of mostly returning
+    shoppers (a quarter as many new ones per event); the tenths are of the second alone.
+
+    A cold backlog's tenths mix two things: the cost of the state a worker holds, and the
+    cost of shoppers' lists filling up as the shop's item lists and the shoppers' contexts
+    grow from nothing (bounded: models/ranking.py, `head`). Here the second backlog starts
+    on a worker that has built that state, as one taking over a running shop's partitions
+    does: flat tenths mean the cost of an event stopped growing with the state.
+    """
+    topics = settings_for(stack, f"{run}warmlog", args.partitions)
+    gap = shop.mean_gap_s
+    end_ts = time.time() - 60  # the two parts follow each other in event time
+    ends, _ = produce_backlog(topics, shop, n, end_ts - 2 * n * gap)
+    firsts: dict[int, int] = {}
+    later, produced = produce_backlog(topics, shop, n, end_ts - n * gap, part=2,
+                                      known_shoppers=shop.shoppers,
+                                      new_shoppers=shop.shoppers // 4, firsts=firsts)
+    for q in ends:
+        firsts.setdefault(q, ends[q] + 1)  # a partition the second part left empty
+    ends = {q: max(ends.get(q, -1), later.get(q, -1)) for q in ends.keys() | later.keys()}
+    out = run_workers(stack, topics, f"{run}warm", ends, 1, logs, args.poll, args.partitions,
+                      shop=shop, measure_from=firsts)
+    out["produce"] = produced
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -616,6 +668,13 @@ def table(res: dict) -> str:
             f"{k}: {d['events_per_s'] / base:.2f}x ({d['cpu_us_per_event']:.0f} us/ev CPU, "
             f"{d['applied_per_event']} applied/ev)"
             for k, d in res["workers"].items()) + f" on {os.cpu_count()} cores")
+    w = res.get("warm")
+    if w:
+        t = [x["cpu_us_per_event"] for x in w["tenths"]]
+        lines.append(f"warm (a second backlog on the state the first built): "
+                     f"{w['measured']['events_per_s']:.0f} ev/s, "
+                     f"{w['measured']['cpu_us_per_event']:.0f} us/event; CPU us/event per tenth "
+                     f"{' '.join(f'{x:.0f}' for x in t)} (last/second {t[-1] / t[1]:.2f})")
     d = res.get("dense")
     if d:
         lines.append(f"dense replay: {d['events']} events, {d['items']} items: "
@@ -650,6 +709,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="an extra 1-worker pass under py-spy")
     ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     ap.add_argument("--skip-noop", action="store_true")
+    ap.add_argument("--warm", action="store_true",
+                    help="one more 1-worker pass: per tenth of a second backlog, on the "
+                    "state the first built")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     # internal: the no-op agent subprocess
     ap.add_argument("--noop-agent", action="store_true", help=argparse.SUPPRESS)
@@ -732,6 +794,12 @@ def main() -> None:
                                                       for t in d["tenths"]]}
             if "early" in prof and "late" in prof:
                 res["profile"]["growth"] = growth(prof["early"], prof["late"])
+        if args.warm:
+            res["warm"] = warm_pass(stack, shop, size["events"], run, logs, args)
+            m = res["warm"]["measured"]
+            t = [x["cpu_us_per_event"] for x in res["warm"]["tenths"]]
+            print(f"warm: {m['events_per_s']:.0f} ev/s, {m['cpu_us_per_event']:.0f} us/event "
+                  f"over the second {m['events']} events; per tenth us/event {t}", flush=True)
     if size["dense_events"]:
         print("dense replay ...", flush=True)
         res["dense"] = dense_replay(size["dense_events"], args.seed, logs / "dense.jsonl")

@@ -398,12 +398,15 @@ class ContextStage(Stage):
             scored.append((user, ctx, score_for_user(ctx, lists, catalog, cfg,
                                                      repeat_rate=rate)))
         # Once, and again only where more than `HEAD_SLACK` items of a head are out of stock.
-        while True:
-            unchecked = set().union(*(r.unchecked(USER_LIST_SIZE + HEAD_SLACK, catalog)
-                                      for _, _, r in scored))
+        # A list whose head lacked no facts keeps its head when facts of other items come.
+        pending = [r for _, _, r in scored]
+        while pending:
+            asks = [(r, r.unchecked(USER_LIST_SIZE + HEAD_SLACK, catalog)) for r in pending]
+            unchecked = set().union(*(m for _, m in asks))
             if not unchecked:
                 break
             catalog = catalog | await self.catalog_cache.get_many(unchecked, only_changed)
+            pending = [r for r, m in asks if m]
         docs: dict[str, bytes] = {}
         digests: dict[str, int] = {}
         profiled: dict[str, tuple] = {}

@@ -87,3 +87,22 @@ def test_the_scale_bench_measures_a_setting_set_around_it(monkeypatch):
     s = settings_for(SimpleNamespace(broker="127.0.0.1:1", redis_url="redis://127.0.0.1:2"),
                      "b", 8)
     assert s.batch_within_s == 0.02 and s.partitions == 8 and s.app_id == "b"
+
+
+def test_the_warm_pass_times_only_the_later_part_of_the_topic():
+    """`bench.scale --warm`: the tenths are of the second backlog alone. A worker that drains
+    the first 1,000 events at 100 us each and the next 1,000 at 300 us each shows 300 us in
+    every tenth of the part measured, and the whole topic's cost in the plain tenths."""
+    from bench.scale import tenths
+
+    samples, t, cpu = [], 0.0, 0.0
+    for done in range(0, 2001, 50):  # (time, cpu s, through stage 1, through stage 2)
+        samples.append((t, cpu, done, done))
+        step = 100e-6 if done < 1000 else 300e-6
+        t, cpu = t + 50 * step * 2, cpu + 50 * step
+    later, marks = tenths(samples, (0.0, 0.0), 1000, 2000)
+    assert [round(x["cpu_us_per_event"]) for x in later] == [300] * 10
+    assert [round(x["events_per_s"]) for x in later] == [1667] * 10
+    assert marks[0] == (samples[20][0], samples[20][1])  # where the second part starts
+    whole, _ = tenths(samples, (0.0, 0.0), 0, 2000)
+    assert [round(x["cpu_us_per_event"]) for x in whole] == [100] * 5 + [300] * 5
