@@ -316,6 +316,7 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
     settings = settings_for(stack, name, partitions, topics)
     r = connect(settings)
     n = sum(e + 1 for e in ends.values())
+    n0 = sum(measure_from.values()) if measure_from else 0  # events before the part timed
     mem0 = r.info("memory")["used_memory"]
     if shop is not None:
         preload_catalog(r, settings.prefix, shop)
@@ -333,10 +334,10 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
             ctx, graph = through_both(pr, ends)
             samples.append((time.time(), sum(cpu_s(p.pid) for p in procs), ctx, graph))
             for w in windows:
-                if "spy" not in w and ctx > 0 and ctx >= w["from"] * n:
+                if "spy" not in w and ctx > 0 and ctx >= n0 + w["from"] * (n - n0):
                     w["spy"] = py_spy(profile, procs[0].pid, w["raw"], logs / f"{name}.py-spy.log")
                     w["start"] = samples[-1]
-                elif "spy" in w and "stop" not in w and (ctx >= w["to"] * n):
+                elif "spy" in w and "stop" not in w and (ctx >= n0 + w["to"] * (n - n0)):
                     w["spy"].send_signal(signal.SIGINT)
                     w["stop"] = samples[-1]
             if ctx == n and graph == n:
@@ -364,7 +365,6 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
         start = (first, cpu_first)
         # Tenths of the backlog by stage 1's checkpoints (stage 2 may lag: its work lands in
         # the tenth in which it runs); the tail is from stage 1's end to both stages' end.
-        n0 = sum(measure_from.values()) if measure_from else 0  # events before the part
         out["tenths"], marks = tenths(samples, start, n0, n)
         if n0:
             out["measured"] = {"from_event": n0, "events": n - n0,
@@ -597,7 +597,7 @@ def dense_replay(n: int, seed: int, out_file: Path) -> dict:
 
 
 def warm_pass(stack: Any, shop: Any, n: int, run: str, logs: Path,
-              args: argparse.Namespace) -> dict:
+              args: argparse.Namespace, profile: dict | None = None) -> dict:
     """One worker on a topic of two backlogs of `n` events, the second of mostly returning
     shoppers (a quarter as many new ones per event); the tenths are of the second alone.
 
@@ -605,7 +605,8 @@ def warm_pass(stack: Any, shop: Any, n: int, run: str, logs: Path,
     cost of shoppers' lists filling up as the shop's item lists and the shoppers' contexts
     grow from nothing (bounded: models/ranking.py, `head`). Here the second backlog starts
     on a worker that has built that state, as one taking over a running shop's partitions
-    does: flat tenths mean the cost of an event stopped growing with the state.
+    does: flat tenths mean the cost of an event stopped growing with the state. `profile`:
+    py-spy windows (as `run_workers`) over the second backlog.
     """
     topics = settings_for(stack, f"{run}warmlog", args.partitions)
     gap = shop.mean_gap_s
@@ -619,8 +620,10 @@ def warm_pass(stack: Any, shop: Any, n: int, run: str, logs: Path,
         firsts.setdefault(q, ends[q] + 1)  # a partition the second part left empty
     ends = {q: max(ends.get(q, -1), later.get(q, -1)) for q in ends.keys() | later.keys()}
     out = run_workers(stack, topics, f"{run}warm", ends, 1, logs, args.poll, args.partitions,
-                      shop=shop, measure_from=firsts)
+                      shop=shop, measure_from=firsts, profile=profile)
     out["produce"] = produced
+    if profile is not None and "early" in out.get("profile", {}) and "late" in out["profile"]:
+        out["profile"]["growth"] = growth(out["profile"]["early"], out["profile"]["late"])
     return out
 
 
@@ -706,7 +709,8 @@ def main() -> None:
                     help="freshness: how long (0: skip); rate x seconds > 20,000 keeps backlog "
                     "events out of the worker's samples")
     ap.add_argument("--poll", type=float, default=0.5, help="progress polling interval, s")
-    ap.add_argument("--profile", action="store_true", help="an extra 1-worker pass under py-spy")
+    ap.add_argument("--profile", action="store_true",
+                    help="an extra 1-worker pass under py-spy (with --warm: the warm pass)")
     ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     ap.add_argument("--skip-noop", action="store_true")
     ap.add_argument("--warm", action="store_true",
@@ -781,11 +785,10 @@ def main() -> None:
                   f"{[t['cpu_us_per_event'] for t in d['tenths']]}", flush=True)
             if d.get("freshness"):
                 print(f"  freshness: {d['freshness']}", flush=True)
-        if args.profile:
+        spy = {"py_spy": py_spy_bin, "rate": args.profile_rate, "windows": PROFILE_WINDOWS}
+        if args.profile and not args.warm:
             d = run_workers(stack, topics, f"{run}prof", ends, 1, logs, args.poll,
-                            args.partitions, shop=shop, freshness=fresh_args(1),
-                            profile={"py_spy": py_spy_bin, "rate": args.profile_rate,
-                                     "windows": PROFILE_WINDOWS})
+                            args.partitions, shop=shop, freshness=fresh_args(1), profile=spy)
             prof = d.get("profile", {})
             res["profile"] = {"rate_hz": args.profile_rate, "windows": prof,
                               "freshness_under_profiler": d.get("freshness"),
@@ -795,7 +798,8 @@ def main() -> None:
             if "early" in prof and "late" in prof:
                 res["profile"]["growth"] = growth(prof["early"], prof["late"])
         if args.warm:
-            res["warm"] = warm_pass(stack, shop, size["events"], run, logs, args)
+            res["warm"] = warm_pass(stack, shop, size["events"], run, logs, args,
+                                    spy if args.profile else None)
             m = res["warm"]["measured"]
             t = [x["cpu_us_per_event"] for x in res["warm"]["tenths"]]
             print(f"warm: {m['events_per_s']:.0f} ev/s, {m['cpu_us_per_event']:.0f} us/event "
