@@ -371,6 +371,9 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
                                "events_per_s": round((n - n0) / (marks[-1][0] - marks[0][0]), 1),
                                "cpu_us_per_event": round(
                                    1e6 * (marks[-1][1] - marks[0][1]) / (n - n0), 1)}
+        # How far the item graph stage fell behind the shoppers' (it yields to their batches,
+        # streams/turns.py): its work lands late, in later tenths or in the tail.
+        out["stage2_behind_max"] = max((a - b for _, _, a, b in samples if a > n0), default=0)
         end = samples[-1]
         out["tail"] = {"seconds": round(end[0] - marks[-1][0], 2),
                        "cpu_s": round(end[1] - marks[-1][1], 2)}
@@ -654,7 +657,9 @@ def table(res: dict) -> str:
         t = one["tenths"]
         lines.append(f"1 worker CPU us/event: tenth 1 {t[0]['cpu_us_per_event']:.0f}, "
                      f"tenth 2 {t[1]['cpu_us_per_event']:.0f}, last {t[-1]['cpu_us_per_event']:.0f}"
-                     f" (last/second {t[-1]['cpu_us_per_event'] / t[1]['cpu_us_per_event']:.2f})")
+                     f" (last/second {t[-1]['cpu_us_per_event'] / t[1]['cpu_us_per_event']:.2f});"
+                     f" stage 2 at most {one['stage2_behind_max']} events behind, then "
+                     f"{one['tail']['cpu_s']} CPU s after stage 1")
         lines.append(f"peak RSS: worker {one['peak_rss_mb']} MB, no-op {noop['peak_rss_mb']} MB; "
                      f"Redis used_memory {one['redis']['used_memory_mb']} MB "
                      f"(this run {one['redis']['run_mb']} MB)")
@@ -677,7 +682,8 @@ def table(res: dict) -> str:
         lines.append(f"warm (a second backlog on the state the first built): "
                      f"{w['measured']['events_per_s']:.0f} ev/s, "
                      f"{w['measured']['cpu_us_per_event']:.0f} us/event; CPU us/event per tenth "
-                     f"{' '.join(f'{x:.0f}' for x in t)} (last/second {t[-1] / t[1]:.2f})")
+                     f"{' '.join(f'{x:.0f}' for x in t)} (last/second {t[-1] / t[1]:.2f}); "
+                     f"stage 2 at most {w['stage2_behind_max']} events behind")
     d = res.get("dense")
     if d:
         lines.append(f"dense replay: {d['events']} events, {d['items']} items: "
