@@ -32,7 +32,10 @@ EventProducer (validated, larger producer batches); the produce rate is reported
    the backlog, one over the last, one over a steady `--rate` afterwards ("live"); top
    functions by self and total time in each, and the functions whose cost per event grew
    most from the first window to the last.
-5. Dense catalog: a grocery log (`RealisticShop(mode="dense")`: 300 items, baskets of 10-30)
+5. `--warm`: one more single worker on a topic of two backlogs, the second of mostly
+   returning shoppers, timed per tenth of the second alone: the cost of an event on a worker
+   that already holds the state (`warm_pass`); with `--profile` the py-spy windows go there.
+6. Dense catalog: a grocery log (`RealisticShop(mode="dense")`: 300 items, baskets of 10-30)
    replayed prequentially through the library (models.evaluation.Replay with CartwiseModel:
    what `cartwise evaluate --events FILE --models cartwise` runs): ms per event, whole and per
    tenth.
@@ -133,16 +136,20 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int
         for item in shop.catalog() if firsts is None else ():  # a later part: sent already
             p.catalog(item)
         t_cat = time.perf_counter()
+        last_ts = start_ts
         for ev in shop.events(n, start_ts=start_ts, part=part, known_shoppers=known_shoppers,
                               new_shoppers=new_shoppers):
             p.send(ev).add_callback(acked).add_errback(failed.append)
+            last_ts = max(last_ts, ev["ts"])
         p.flush()
     t1 = time.perf_counter()
     if failed:
         raise RuntimeError(f"{len(failed)} sends failed, first: {failed[0]!r}")
-    return ends, {"events": n, "seconds": round(t1 - t0, 2),
-                  "events_per_s": round(n / (t1 - t_cat)),
-                  "catalog_items": shop.items, "catalog_seconds": round(t_cat - t0, 2)}
+    info = {"events": n, "seconds": round(t1 - t0, 2), "events_per_s": round(n / (t1 - t_cat)),
+            "last_ts": last_ts}
+    if firsts is None:
+        info |= {"catalog_items": shop.items, "catalog_seconds": round(t_cat - t0, 2)}
+    return ends, info
 
 
 # -- no-op agent (runs as `python -m bench.scale --noop-agent ...`) --------------------------
@@ -613,10 +620,10 @@ def warm_pass(stack: Any, shop: Any, n: int, run: str, logs: Path,
     """
     topics = settings_for(stack, f"{run}warmlog", args.partitions)
     gap = shop.mean_gap_s
-    end_ts = time.time() - 60  # the two parts follow each other in event time
-    ends, _ = produce_backlog(topics, shop, n, end_ts - 2 * n * gap)
+    # The second part starts where the first ended in event time; both end about a minute ago.
+    ends, first = produce_backlog(topics, shop, n, time.time() - 60 - 2 * n * gap)
     firsts: dict[int, int] = {}
-    later, produced = produce_backlog(topics, shop, n, end_ts - n * gap, part=2,
+    later, produced = produce_backlog(topics, shop, n, first["last_ts"] + gap, part=2,
                                       known_shoppers=shop.shoppers,
                                       new_shoppers=shop.shoppers // 4, firsts=firsts)
     for q in ends:
