@@ -373,13 +373,11 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
         # Tenths of the backlog by stage 1's checkpoints (stage 2 may lag: its work lands in
         # the tenth in which it runs); the tail is from stage 1's end to both stages' end.
         out["tenths"], marks = tenths(samples, start, n0, n)
-        if n0:
-            out["measured"] = {"from_event": n0, "events": n - n0,
-                               "events_per_s": round((n - n0) / (marks[-1][0] - marks[0][0]), 1),
-                               "cpu_us_per_event": round(
-                                   1e6 * (marks[-1][1] - marks[0][1]) / (n - n0), 1)}
-        # How far the item graph stage fell behind the shoppers' (it yields to their batches,
-        # streams/turns.py): its work lands late, in later tenths or in the tail.
+        if n0:  # the part timed as a whole
+            out["measured"] = {"from_event": n0} | tenth(n0, n, marks[0][0], marks[-1][0],
+                                                          marks[0][1], marks[-1][1])
+        # How far the item graph stage fell behind the shoppers' (by its checkpointed
+        # progress; docs/operations.md): its work lands late, in later tenths or in the tail.
         out["stage2_behind_max"] = max((a - b for _, _, a, b in samples if a > n0), default=0)
         end = samples[-1]
         out["tail"] = {"seconds": round(end[0] - marks[-1][0], 2),
