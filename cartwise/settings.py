@@ -63,6 +63,10 @@ class Settings:
     # Upper bound on a fetch's wait for new records (Faust hard-codes 1500 ms; see
     # docs/architecture.md): it bounds the delay each topic hop can add when traffic is light.
     fetch_max_wait_ms: int = 10
+    # Records the consumer hands over at once. The pairs records stage 1 sends wait for the
+    # hand-over before theirs to reach the stages' queues: unbounded, under a backlog the item
+    # graph stage ran seconds behind (docs/operations.md, "The item graph stage under a backlog").
+    poll_max_records: int = 500
     # How long the producer waits to fill a batch, and a batch's size. Each events batch sends
     # one evidence message per pairs partition; sent at once (0, Faust's default), shopper
     # lists at a steady 1,000 events/s were 2.6-2.9 s old at p50 against 0.5-0.6 s with 5 ms
@@ -189,6 +193,9 @@ class Settings:
         if not 6.0 <= self.session_timeout_s <= 1800.0:
             raise ValueError(f"CARTWISE_SESSION_TIMEOUT_S={self.session_timeout_s:g} is outside "
                              "6..1800 s, the range Apache Kafka accepts by default")
+        if self.poll_max_records < 1:
+            raise ValueError(f"CARTWISE_POLL_MAX_RECORDS={self.poll_max_records} must be at "
+                             "least 1 (500 is the default)")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -36,17 +36,36 @@ def _records(batch: list[Any]) -> list[tuple[bytes | None, int, int, float, byte
             for e in batch]
 
 
-def _tune_consumer(app: faust.App, fetch_max_wait_ms: int) -> None:
+def internal_first(buffered: Any, events_topic: str) -> None:
+    """Move the buffered fetches of every topic but the events topic to the front, keeping
+    each group's order (`buffered`: aiokafka's per-partition fetch buffer, an OrderedDict).
+
+    aiokafka hands buffered records over in the order their partitions' fetches arrived, and a
+    partition is fetched again only once its buffer is drained. Under a backlog each events
+    partition buffers up to `consumer_max_fetch_size` (1 MiB, thousands of events), so the pairs
+    records stage 1 had just sent queued behind all of them: the item graph stage applied them
+    3-7 s late and stayed a whole 30,000-event backlog behind (docs/operations.md). The pairs
+    and catalog topics are small and produced by the workers themselves; serving them first
+    cannot starve the events, and a partition's own records stay in their order.
+    """
+    for tp in [tp for tp in reversed(buffered) if tp.topic != events_topic]:
+        buffered.move_to_end(tp, last=False)
+
+
+def _tune_consumer(app: faust.App, fetch_max_wait_ms: int, events_topic: str) -> None:
     """Faust passes a fixed fetch_max_wait_ms=1500 to aiokafka; use ours instead. And read
     committed records only (Faust does so only in its exactly-once mode): an aborted
     transaction's events are never applied (docs/events.md, streams/gaps.py).
 
     A broker may hold an empty fetch for the whole wait (Tansu does), and each topic hop then
     adds up to that much delay between an event and its suggestions.
+
+    And hand over the internal topics' records before the events backlog (`internal_first`).
     """
     from faust.transport.drivers import aiokafka as driver
 
     app._cartwise_fetch_max_wait_ms = fetch_max_wait_ms  # type: ignore[attr-defined]
+    app._cartwise_events_topic = events_topic  # type: ignore[attr-defined]
     original = driver.AIOKafkaConsumerThread._create_worker_consumer
     if getattr(original, "_cartwise", False):
         return
@@ -59,8 +78,19 @@ def _tune_consumer(app: faust.App, fetch_max_wait_ms: int) -> None:
         consumer._isolation_level = ISOLATION_LEVEL  # read by start(), which comes later
         return consumer
 
+    fetch = driver.AIOKafkaConsumerThread._fetch_records
+
+    async def fetch_records(self: Any, consumer: Any, *args: Any, **kwargs: Any) -> Any:
+        # In the consumer's own thread, where the fetcher fills this buffer: no race.
+        events = getattr(self.app, "_cartwise_events_topic", None)
+        buffered = getattr(getattr(consumer, "_fetcher", None), "_records", None)
+        if events is not None and hasattr(buffered, "move_to_end"):
+            internal_first(buffered, events)
+        return await fetch(self, consumer, *args, **kwargs)
+
     create._cartwise = True  # type: ignore[attr-defined]
     driver.AIOKafkaConsumerThread._create_worker_consumer = create
+    driver.AIOKafkaConsumerThread._fetch_records = fetch_records
 
 
 def stream_config(settings: Settings) -> ModelConfig:
@@ -101,8 +131,12 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         # idempotent (docs/architecture.md): waiting for in-flight records at shutdown or
         # rebalance would wait for a checkpoint timer that has already stopped.
         stream_wait_empty=False,
+        # One hand-over from the consumer is put into the stages' queues whole before the
+        # next: unbounded, it was every record buffered (thousands per events partition), and
+        # the pairs records sent meanwhile waited for all of it (`internal_first`).
+        broker_max_poll_records=settings.poll_max_records,
     )
-    _tune_consumer(app, settings.fetch_max_wait_ms)
+    _tune_consumer(app, settings.fetch_max_wait_ms, settings.events_topic)
     topics = {
         name: app.topic(name, key_type=bytes, value_type=bytes, internal=False)
         for name in (settings.events_topic, settings.pairs_topic, settings.catalog_topic,
