@@ -189,6 +189,10 @@ def cmd_lag(args: argparse.Namespace) -> int:
             parts = [f"{kind} p50/p99 {_ms(f[kind]['recent_p50'])}/{_ms(f[kind]['recent_p99'])}"
                      for kind in ("user", "item")]
             print(f"freshness ({snap['worker_id']}, last events): " + "; ".join(parts))
+            loop = snap.get("loop_delay_s")  # absent from a worker older than the metric
+            if loop and loop.get("n"):
+                print(f"event loop ({snap['worker_id']}, last minute): held p99 "
+                      f"{_ms(loop['recent_p99'])}, at most {_ms(loop['recent_max'])}")
     if args.max_lag is not None and worst > args.max_lag:
         print(f"lag {worst} > --max-lag {args.max_lag}", file=sys.stderr)
         return 1

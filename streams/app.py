@@ -21,7 +21,7 @@ from streams.catalog_stage import CatalogStage
 from streams.context_stage import ContextStage
 from streams.gaps import ISOLATION_LEVEL, prober
 from streams.graph_stage import GraphStage
-from streams.stats import Stats
+from streams.stats import Stats, watch_loop
 from streams.store import StateLost, Store
 from streams.topics import group_has_offsets
 
@@ -216,6 +216,11 @@ def create_app(settings: Settings | None = None, config: ModelConfig | None = No
         our own stats (streams/stats.py) replace it."""
         if app.monitor in set(app.sensors):
             app.sensors.remove(app.monitor)
+
+    @app.task
+    async def loop_delay() -> None:
+        """How long the event loop is held (`cartwise_loop_delay_seconds`, `cartwise lag`)."""
+        await watch_loop(stats)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:

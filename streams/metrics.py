@@ -116,6 +116,12 @@ class WorkerCollector:
         for kind, h in sorted(s.freshness_histograms.items()):
             fresh.add_metric([kind], h.cumulative(), h.sum)
         yield fresh
+        loop = HistogramMetricFamily("cartwise_loop_delay_seconds", "How much later than "
+                                     "asked the worker's event loop woke a 50 ms sleeper: the "
+                                     "time a batch, a timer or a collector pause held it, "
+                                     "which new records wait too")
+        loop.add_metric([], s.loop_delay.cumulative(), s.loop_delay.sum)
+        yield loop
         writes = HistogramMetricFamily("cartwise_redis_write_seconds", "One Redis write call "
                                        "(command or pipeline) that succeeded, by operation",
                                        labels=["op"])

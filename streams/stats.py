@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections import Counter, deque
@@ -15,6 +16,11 @@ from cartwise import runtime
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Buckets (seconds) of one Redis write call (a pipeline or command), for Prometheus.
 REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# How often the worker checks how late its event loop runs (`watch_loop`), the buckets of that
+# delay for Prometheus, and how many checks make "recent" (the last minute).
+LOOP_PROBE_S = 0.05
+LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_RECENT = 1_200
 FRESHNESS_SAMPLES = 20_000
 RECENT_SAMPLES = 1_000  # "recent" percentiles: the last this many events, for live views
 
@@ -69,6 +75,10 @@ class Stats:
         # Per Redis write operation (checkpoint, item_lists, user_lists, ...): latency, errors.
         self.redis_histograms: dict[str, Histogram] = {}
         self.redis_errors: Counter[str] = Counter()
+        # How late the event loop ran `watch_loop`'s wake-ups: the time it was held.
+        self.loop_delay = Histogram(LOOP_BUCKETS)
+        self.loop_recent: deque[float] = deque(maxlen=LOOP_RECENT)
+        self.loop_delay_max = 0.0
         # Set by the worker's stats timer: lag and state size per partition (streams/app.py).
         self.partitions: list[dict[str, Any]] = []
 
@@ -87,6 +97,11 @@ class Stats:
     def observe(self, kind: str, seconds: float) -> None:
         self.freshness[kind].append(seconds)
         self.freshness_histograms[kind].observe(seconds)
+
+    def observe_loop(self, delay: float) -> None:
+        self.loop_delay.observe(delay)
+        self.loop_recent.append(delay)
+        self.loop_delay_max = max(self.loop_delay_max, delay)
 
     @contextmanager
     def redis_write(self, op: str) -> Iterator[None]:
@@ -111,10 +126,27 @@ class Stats:
                            "max": s[-1] if s else None,
                            "recent_p50": percentile(recent, 0.5),
                            "recent_p99": percentile(recent, 0.99)}
+        recent = sorted(self.loop_recent)
+        loop = {"n": len(recent), "recent_p99": percentile(recent, 0.99),
+                "recent_max": recent[-1] if recent else None, "max": self.loop_delay_max}
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,
                 "counters": dict(self.counters) | runtime.GC_RUNS,
                 "seconds": self.step_seconds(), "gc_longest_s": runtime.GC_LONGEST[0],
-                "freshness_s": fresh,
+                "freshness_s": fresh, "loop_delay_s": loop,
                 "partitions": self.partitions}
+
+
+async def watch_loop(stats: Stats, every_s: float = LOOP_PROBE_S) -> None:
+    """Sleep `every_s` again and again and record how much later than asked each wake-up came.
+
+    One event loop runs the consumer's hand-overs, the stages' batches and the timers, so that
+    delay is how long it was held by a batch, a timer or a collector pause; new records wait at
+    least as long before they reach a stage (docs/operations.md, "Suggestions are stale").
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(every_s)
+        stats.observe_loop(max(0.0, loop.time() - t0 - every_s))

@@ -61,6 +61,7 @@ def test_lag_counts_a_known_backlog_then_drains(make_settings, workers, monkeypa
     assert cli_main(["lag", "--max-lag", "0"]) == 0
     out = capsys.readouterr().out
     assert "freshness" in out
+    assert "last minute): held p99" in out  # the worker's loop probe, with its stats
 
 
 @pytest.mark.both_brokers
@@ -132,6 +133,7 @@ def test_worker_metrics_count_what_happened(make_settings, workers):
     assert bad > 0
     assert sum(v for (name, labels), v in m.items() if name == "cartwise_events_total"
                and ("outcome", "dead_lettered") in labels) == bad
+    assert m[("cartwise_loop_delay_seconds_count", ())] >= 1  # the probe runs in the worker
     fresh_count = m[("cartwise_freshness_seconds_count", (("list", "user"),))]
     assert fresh_count == len(events)  # one observation per record of the events topic
     lags = {labels: v for (name, labels), v in m.items() if name == "cartwise_consumer_lag"}
