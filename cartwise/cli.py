@@ -180,7 +180,9 @@ def cmd_lag(args: argparse.Namespace) -> int:
     worst = max((row.lag for row in rows), default=0)
     if args.json:
         print(orjson.dumps({"partitions": [row.as_dict() for row in rows], "max_lag": worst,
-                            "freshness_s": {s["worker_id"]: s["freshness_s"] for s in stats}},
+                            "freshness_s": {s["worker_id"]: s["freshness_s"] for s in stats},
+                            "loop_delay_s": {s["worker_id"]: s.get("loop_delay_s")
+                                             for s in stats}},
                            option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_table(rows))

@@ -6,7 +6,7 @@ import asyncio
 import time
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,10 +17,10 @@ FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.
 # Buckets (seconds) of one Redis write call (a pipeline or command), for Prometheus.
 REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 # How often the worker checks how late its event loop runs (`watch_loop`), the buckets of that
-# delay for Prometheus, and how many checks make "recent" (the last minute).
+# delay for Prometheus, and the window of "recent" checks in its stats (seconds).
 LOOP_PROBE_S = 0.05
 LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-LOOP_RECENT = 1_200
+LOOP_RECENT_S = 60.0
 FRESHNESS_SAMPLES = 20_000
 RECENT_SAMPLES = 1_000  # "recent" percentiles: the last this many events, for live views
 
@@ -75,9 +75,10 @@ class Stats:
         # Per Redis write operation (checkpoint, item_lists, user_lists, ...): latency, errors.
         self.redis_histograms: dict[str, Histogram] = {}
         self.redis_errors: Counter[str] = Counter()
-        # How late the event loop ran `watch_loop`'s wake-ups: the time it was held.
+        # How late the event loop ran `watch_loop`'s wake-ups: what a record that arrived
+        # while it was held waited. Recent: (when, delay) over the last LOOP_RECENT_S.
         self.loop_delay = Histogram(LOOP_BUCKETS)
-        self.loop_recent: deque[float] = deque(maxlen=LOOP_RECENT)
+        self.loop_recent: deque[tuple[float, float]] = deque()
         self.loop_delay_max = 0.0
         # Set by the worker's stats timer: lag and state size per partition (streams/app.py).
         self.partitions: list[dict[str, Any]] = []
@@ -98,9 +99,13 @@ class Stats:
         self.freshness[kind].append(seconds)
         self.freshness_histograms[kind].observe(seconds)
 
-    def observe_loop(self, delay: float) -> None:
+    def observe_loop(self, delay: float, at: float) -> None:
+        """One wake-up `delay` seconds late, seen at `at` (a monotonic clock)."""
         self.loop_delay.observe(delay)
-        self.loop_recent.append(delay)
+        recent = self.loop_recent
+        recent.append((at, delay))
+        while recent[0][0] < at - LOOP_RECENT_S:
+            recent.popleft()
         self.loop_delay_max = max(self.loop_delay_max, delay)
 
     @contextmanager
@@ -126,7 +131,7 @@ class Stats:
                            "max": s[-1] if s else None,
                            "recent_p50": percentile(recent, 0.5),
                            "recent_p99": percentile(recent, 0.99)}
-        recent = sorted(self.loop_recent)
+        recent = sorted(d for _, d in self.loop_recent)
         loop = {"n": len(recent), "recent_p99": percentile(recent, 0.99),
                 "recent_max": recent[-1] if recent else None, "max": self.loop_delay_max}
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
@@ -138,15 +143,19 @@ class Stats:
                 "partitions": self.partitions}
 
 
-async def watch_loop(stats: Stats, every_s: float = LOOP_PROBE_S) -> None:
+async def watch_loop(stats: Stats, every_s: float = LOOP_PROBE_S,
+                     clock: Callable[[], float] | None = None,
+                     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
     """Sleep `every_s` again and again and record how much later than asked each wake-up came.
 
-    One event loop runs the consumer's hand-overs, the stages' batches and the timers, so that
-    delay is how long it was held by a batch, a timer or a collector pause; new records wait at
-    least as long before they reach a stage (docs/operations.md, "Suggestions are stale").
+    One event loop runs the consumer's hand-overs, the stages' batches and the timers; a record
+    that arrived while a batch, a timer or a collector pause held it waited about as long before
+    reaching a stage (holds shorter than `every_s` may be seen in part only; docs/operations.md,
+    "Suggestions are stale"). `clock` and `sleep` are for tests.
     """
-    loop = asyncio.get_running_loop()
+    now = clock or asyncio.get_running_loop().time
     while True:
-        t0 = loop.time()
-        await asyncio.sleep(every_s)
-        stats.observe_loop(max(0.0, loop.time() - t0 - every_s))
+        t0 = now()
+        await sleep(every_s)
+        t1 = now()
+        stats.observe_loop(max(0.0, t1 - t0 - every_s), t1)  # asyncio may wake a hair early
