@@ -443,6 +443,35 @@ def _ms_of(fresh: dict, kind: str, q: str) -> float | None:
     return None if v is None else round(v * 1000, 1)
 
 
+def loop_held(before: list[int] | None, after: list[int] | None) -> dict:
+    """The worker's event-loop checks between two of its stats snapshots (`loop_delay_s.counts`,
+    per bucket of streams/stats.py `LOOP_BUCKETS`): how many, the share of them held over 50 ms,
+    and the bucket bound that 99% of them stayed within (None: above the last)."""
+    from streams.stats import LOOP_BUCKETS
+
+    if not before or not after:
+        return {}  # a worker older than the probe
+    diff = [a - b for a, b in zip(after, before, strict=True)]
+    n = sum(diff)
+    if n <= 0:
+        return {"loop_checks": 0}
+    over = sum(diff[LOOP_BUCKETS.index(0.05) + 1:])
+    seen, p99 = 0, None
+    for bound, k in zip(LOOP_BUCKETS, diff, strict=False):
+        seen += k
+        if seen >= 0.99 * n:
+            p99 = round(bound * 1000)
+            break
+    return {"loop_checks": n, "loop_held_over_50ms_share": round(over / n, 4),
+            "loop_held_p99_at_most_ms": p99}
+
+
+def _loop_counts(r: Client, settings: Any) -> list[int] | None:
+    snaps = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
+             if (v := r.get(key))]
+    return (snaps[0].get("loop_delay_s") or {}).get("counts") if snaps else None
+
+
 def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds: float,
                       known_shoppers: int, new_share: float) -> dict:
     """A steady `rate` events/s on top of the state the worker holds; the worker's own
@@ -461,6 +490,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
         if md.offset > ends.get(md.partition, -1):
             ends[md.partition] = md.offset
 
+    loop_before = _loop_counts(r, settings)
     with EventProducer(settings.bootstrap, settings.events_topic) as p:
         start = time.time()
         while (now := time.time()) - start < seconds:
@@ -504,7 +534,10 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             # written, and writes fewer than that during the steady phase: older ones would be
             # the backlog's)
             "item_recent_p50_ms": round((fresh["item"]["recent_p50"] or 0) * 1000, 1),
-            "item_recent_p99_ms": round((fresh["item"]["recent_p99"] or 0) * 1000, 1)}
+            "item_recent_p99_ms": round((fresh["item"]["recent_p99"] or 0) * 1000, 1),
+            # How long the worker's event loop was held, over the steady phase and the catch-up
+            # (docs/operations.md, "Where a steady event waits before ranking")
+            **loop_held(loop_before, (stats[0].get("loop_delay_s") or {}).get("counts"))}
 
 
 # -- profile ----------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class Stats:
                            "recent_p99": percentile(recent, 0.99)}
         recent = sorted(d for _, d in self.loop_recent)
         loop = {"n": len(recent), "recent_p99": percentile(recent, 0.99),
-                "recent_max": recent[-1] if recent else None, "max": self.loop_delay_max}
+                "recent_max": recent[-1] if recent else None, "max": self.loop_delay_max,
+                "counts": list(self.loop_delay.counts)}  # per LOOP_BUCKETS, since start
         return {"worker_id": self.worker_id, "started": self.started, "updated": time.time(),
                 "first_batch_at": self.first_batch_at, "first_batch_cpu": self.first_batch_cpu,
                 "last_batch_at": self.last_batch_at, "last_batch_cpu": self.last_batch_cpu,

@@ -11,6 +11,7 @@ import pytest
 
 from bench.api_latency import process_counts
 from bench.procstat import connections, cpu_s
+from bench.scale import loop_held
 from models.evaluation import new_rank
 
 
@@ -106,3 +107,23 @@ def test_the_warm_pass_times_only_the_later_part_of_the_topic():
     assert marks[0] == (samples[20][0], samples[20][1])  # where the second part starts
     whole, _ = tenths(samples, (0.0, 0.0), 0, 2000)
     assert [round(x["cpu_us_per_event"]) for x in whole] == [100] * 5 + [300] * 5
+
+
+def test_loop_held_counts_only_the_checks_between_two_snapshots():
+    from streams.stats import LOOP_BUCKETS, Stats
+
+    stats = Stats("w")
+    for i in range(500):  # before: a loop held long and often
+        stats.observe_loop(0.3, at=float(i))
+    before = stats.snapshot()["loop_delay_s"]["counts"]
+    for i, delay in enumerate([0.001] * 90 + [0.02] * 8 + [0.07, 0.2]):
+        stats.observe_loop(delay, at=500.0 + i)
+    after = stats.snapshot()["loop_delay_s"]["counts"]
+    assert len(after) == len(LOOP_BUCKETS) + 1
+    assert loop_held(before, after) == {"loop_checks": 100, "loop_held_over_50ms_share": 0.02,
+                                        "loop_held_p99_at_most_ms": 100}
+    stats.observe_loop(60.0, at=700.0)  # above the last bucket
+    assert loop_held(after, stats.snapshot()["loop_delay_s"]["counts"])[
+        "loop_held_p99_at_most_ms"] is None
+    assert loop_held(None, after) == {}
+    assert loop_held(after, after) == {"loop_checks": 0}
