@@ -466,6 +466,31 @@ def loop_held(before: list[int] | None, after: list[int] | None) -> dict:
             "loop_held_p99_at_most_ms": p99}
 
 
+def start_plain_consumer(settings: Any) -> tuple[subprocess.Popen, Path]:
+    """A plain consumer of the events topic beside the worker, positioned at its end."""
+    out = Path(tempfile.mkdtemp(prefix="cartwise-plain-")) / "ages.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.plain_consumer", "--broker", ",".join(settings.bootstrap),
+         "--topic", settings.events_topic, "--partitions", str(settings.partitions),
+         "--out", str(out), "--fetch-max-wait-ms", str(settings.fetch_max_wait_ms)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ready = out.with_name(out.name + ".ready")
+    deadline = time.time() + 30
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    return proc, out
+
+
+def stop_plain_consumer(proc: subprocess.Popen, out: Path) -> dict:
+    out.with_name(out.name + ".stop").touch()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {}
+    return orjson.loads(out.read_bytes()) if out.exists() else {}
+
+
 def _loop_counts(r: Client, settings: Any) -> list[int] | None:
     snaps = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
              if (v := r.get(key))]
@@ -491,6 +516,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             ends[md.partition] = md.offset
 
     loop_before = _loop_counts(r, settings)
+    plain = start_plain_consumer(settings)
     with EventProducer(settings.bootstrap, settings.events_topic) as p:
         start = time.time()
         while (now := time.time()) - start < seconds:
@@ -513,6 +539,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             caught_up = round(time.time() - stopped, 1)
             break
         time.sleep(0.2)
+    floor = stop_plain_consumer(*plain)
     time.sleep(2.5)  # the worker publishes its stats every second
     stats = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
              if (v := r.get(key))]
@@ -529,6 +556,10 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             # the same events' batches reaching the context stage: the rest is processing
             "received_p50_ms": _ms_of(fresh, "received", "p50"),
             "received_p99_ms": _ms_of(fresh, "received", "p99"),
+            # the same records' age when a plain consumer beside the worker got them: the
+            # broker's part of `received` (bench/plain_consumer.py)
+            "plain_consumer_p50_ms": floor.get("p50_ms"),
+            "plain_consumer_p99_ms": floor.get("p99_ms"),
             "only_steady_samples": sent >= FRESHNESS_SAMPLES,
             # Item lists: the last 1,000 written (a worker keeps 20,000 samples, one per list
             # written, and writes fewer than that during the steady phase: older ones would be

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from bench.api_latency import process_counts
+from bench.plain_consumer import ages_summary
 from bench.procstat import connections, cpu_s
 from bench.scale import loop_held
 from models.evaluation import new_rank
@@ -127,3 +128,10 @@ def test_loop_held_counts_only_the_checks_between_two_snapshots():
         "loop_held_p99_at_most_ms"] is None
     assert loop_held(None, after) == {}
     assert loop_held(after, after) == {"loop_checks": 0}
+
+
+def test_ages_summary_reads_percentiles_in_ms():
+    ages = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert ages_summary(list(reversed(ages))) == {"n": 100, "p50_ms": 51.0, "p99_ms": 99.0,
+                                                  "max_ms": 100.0}
+    assert ages_summary([]) == {"n": 0}

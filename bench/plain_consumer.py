@@ -1,0 +1,65 @@
+"""The broker's own floor for freshness: how old records are when a plain consumer gets them.
+
+`bench.scale` runs it beside the worker during the steady phase (`python -m
+bench.plain_consumer ...`): the same topic, the same broker timestamps and fetch wait as the
+worker, no Faust, no stages. Set against the worker's `received` figure, it splits an event's
+wait into the broker's part and the worker's (docs/operations.md, "Where a steady event waits
+before ranking").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import orjson
+
+
+def ages_summary(ages: list[float]) -> dict:
+    """p50 / p99 / max in ms of record ages (seconds)."""
+    if not ages:
+        return {"n": 0}
+    s = sorted(ages)
+
+    def at(q: float) -> float:
+        return round(1000 * s[min(len(s) - 1, round(q * (len(s) - 1)))], 1)
+
+    return {"n": len(s), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--broker", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--partitions", type=int, required=True)
+    ap.add_argument("--out", required=True, help="JSON result; OUT.ready once positioned, "
+                    "stops when OUT.stop exists or after --seconds")
+    ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--fetch-max-wait-ms", type=int, default=10)  # the worker's default
+    args = ap.parse_args()
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=args.broker.split(","), enable_auto_commit=False,
+                             fetch_max_wait_ms=args.fetch_max_wait_ms)
+    tps = [TopicPartition(args.topic, p) for p in range(args.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)  # resolve the end now, so every later record counts
+    out = Path(args.out)
+    stop = out.with_name(out.name + ".stop")
+    out.with_name(out.name + ".ready").touch()
+    ages: list[float] = []
+    deadline = time.time() + args.seconds
+    while time.time() < deadline and not stop.exists():
+        for records in consumer.poll(timeout_ms=100).values():
+            now = time.time()
+            ages.extend(now - r.timestamp / 1000 for r in records)
+    consumer.close()
+    out.write_bytes(orjson.dumps(ages_summary(ages)))
+
+
+if __name__ == "__main__":
+    main()
