@@ -99,11 +99,14 @@ def shop_with_feedback(served, hero: str, category: str, tmp_path: Path) -> None
                 rep = served.get("/v1/experiments/demo-feedback/report", "admin").json()
                 return {r["variant"]: r for r in rep["variants"]}["all"]
 
-            deadline = time.monotonic() + 30
+            # A bound on the wait, not a timing check: the feedback passes through the API, the
+            # broker and the worker, and a full suite on two loaded cores once took over 30 s.
+            deadline = time.monotonic() + 90
             while (row := counted())["conversions"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert row["shoppers"] == 1 and row["impressions"] >= 2
-            assert row["clicks"] >= 1 and row["conversions"] >= 1
+            assert row["shoppers"] == 1 and row["impressions"] >= 2, row
+            assert row["clicks"] >= 1, row
+            assert row["conversions"] >= 1, row
             page.screenshot(path=str(tmp_path / "storefront.png"))
             assert not errors, errors
         finally:
