@@ -18,14 +18,15 @@ import orjson
 
 def ages_summary(ages: list[float]) -> dict:
     """p50 / p99 / max in ms of record ages (seconds)."""
+    from streams.stats import percentile
+
     if not ages:
         return {"n": 0}
     s = sorted(ages)
-
-    def at(q: float) -> float:
-        return round(1000 * s[min(len(s) - 1, round(q * (len(s) - 1)))], 1)
-
-    return {"n": len(s), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0)}
+    p50, p99 = percentile(s, 0.5), percentile(s, 0.99)
+    assert p50 is not None and p99 is not None
+    return {"n": len(s), "p50_ms": round(1000 * p50, 1), "p99_ms": round(1000 * p99, 1),
+            "max_ms": round(1000 * s[-1], 1)}
 
 
 def main() -> None:

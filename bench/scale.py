@@ -492,8 +492,9 @@ def stop_plain_consumer(proc: subprocess.Popen, out: Path) -> dict:
 
 
 def _loop_counts(r: Client, settings: Any) -> list[int] | None:
-    snaps = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
-             if (v := r.get(key))]
+    from cartwise.cli import worker_stats
+
+    snaps = worker_stats(r, settings)
     return (snaps[0].get("loop_delay_s") or {}).get("counts") if snaps else None
 
 
@@ -541,8 +542,9 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
         time.sleep(0.2)
     floor = stop_plain_consumer(*plain)
     time.sleep(2.5)  # the worker publishes its stats every second
-    stats = [orjson.loads(v) for key in r.scan_iter(f"{settings.prefix}stats:*")
-             if (v := r.get(key))]
+    from cartwise.cli import worker_stats
+
+    stats = worker_stats(r, settings)
     fresh = stats[0]["freshness_s"]
     ms = {k: (None if v is None else round(v * 1000, 1)) for k, v in fresh["user"].items()
           if k != "n"}

@@ -117,9 +117,9 @@ class WorkerCollector:
             fresh.add_metric([kind], h.cumulative(), h.sum)
         yield fresh
         loop = HistogramMetricFamily("cartwise_loop_delay_seconds", "How much later than "
-                                     "asked the worker's event loop woke a 50 ms sleeper: the "
-                                     "time a batch, a timer or a collector pause held it, "
-                                     "which new records wait too")
+                                     "asked the worker's event loop woke a 50 ms sleeper: "
+                                     "about what a record arriving while a batch, a timer or a "
+                                     "collector pause held it waited")
         loop.add_metric([], s.loop_delay.cumulative(), s.loop_delay.sum)
         yield loop
         writes = HistogramMetricFamily("cartwise_redis_write_seconds", "One Redis write call "
