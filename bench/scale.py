@@ -415,7 +415,12 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
                                       logs / f"{name}.py-spy.log"),
                         "start": (time.time(), cpu_s(procs[0].pid), 0, 0)}
                 windows.append(live)
+            cpu0 = sum(cpu_s(p.pid) for p in procs)
             out["freshness"] = measure_freshness(settings, r, **freshness)
+            # The steady rate's CPU per event, to set beside the backlog's (small batches).
+            out["freshness"]["cpu_us_per_event"] = round(
+                1e6 * (sum(cpu_s(p.pid) for p in procs) - cpu0)
+                / max(1, out["freshness"]["sent"]), 1)
             if live is not None:
                 live["spy"].send_signal(signal.SIGINT)
                 live["stop"] = (time.time(), cpu_s(procs[0].pid), out["freshness"]["sent"], 0)
