@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
+from bench import plain_consumer
+
 if TYPE_CHECKING:
     from cartwise.redisconn import Client
 
@@ -124,7 +126,10 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int
     ends: dict[int, int] = {}
     failed: list[BaseException] = []
 
-    def acked(md: Any) -> None:
+    acks: list[float] = []  # seconds from send to the broker's acknowledgement
+
+    def acked(sent_at: float, md: Any) -> None:  # kafka-python: partial(f, *args)(value)
+        acks.append(time.time() - sent_at)
         if md.offset > ends.get(md.partition, -1):
             ends[md.partition] = md.offset
         if firsts is not None and md.offset < firsts.get(md.partition, md.offset + 1):
@@ -139,7 +144,7 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int
         last_ts = start_ts
         for ev in shop.events(n, start_ts=start_ts, part=part, known_shoppers=known_shoppers,
                               new_shoppers=new_shoppers):
-            p.send(ev).add_callback(acked).add_errback(failed.append)
+            p.send(ev).add_callback(acked, ev["ts"]).add_errback(failed.append)
             last_ts = max(last_ts, ev["ts"])
         p.flush()
     t1 = time.perf_counter()
@@ -402,12 +407,17 @@ def run_workers(stack: Any, topics: Any, name: str, ends: dict[int, int], k: int
         applied = sum(v for c, v in counters.items() if c.startswith("applied.")
                       or c.startswith("context.applied."))
         out["applied_per_event"] = round(applied / n, 3)
+        out["users_ranked_per_event"] = round(counters.get("context.users_ranked", 0) / n, 3)
         mem1 = r.info("memory")["used_memory"]
         out["redis"] = {"used_memory_mb": round(mem1 / 2**20, 1),
                         "run_mb": round((mem1 - mem0) / 2**20, 1),
                         "keys": key_kinds(r, settings.prefix)}
         out["state"] = [s.get("partitions") for s in stats]
         if freshness is not None:
+            # A steady rate on a settled worker: the backlog's deferred work (item lists
+            # published in slices, stage 2's tail, the settle passes) ran into the first
+            # seconds of the steady phase and made its first events 20-30 s late.
+            out["quiet"] = wait_quiet(procs)
             live = None
             if profile is not None:  # where the time goes at a steady rate, on the big state
                 live = {"name": "live", "raw": logs / f"{name}-py-spy-live.txt",
@@ -503,6 +513,35 @@ def _loop_counts(r: Client, settings: Any) -> list[int] | None:
     return (snaps[0].get("loop_delay_s") or {}).get("counts") if snaps else None
 
 
+def _counter(r: Client, settings: Any, name: str) -> int:
+    from cartwise.cli import worker_stats
+
+    return sum(s.get("counters", {}).get(name, 0) for s in worker_stats(r, settings))
+
+
+def wait_quiet(procs: list[subprocess.Popen], share: float = 0.25, window_s: float = 2.0,
+               limit_s: float = 900.0) -> dict:
+    """Wait until the workers use less than `share` of a core over `window_s` (at most
+    `limit_s`): how long that took and the CPU seconds they spent meanwhile."""
+    t0, c0 = time.time(), sum(cpu_s(p.pid) for p in procs)
+    last_t, last_c = t0, c0
+    while time.time() - t0 < limit_s:
+        time.sleep(window_s)
+        t, c = time.time(), sum(cpu_s(p.pid) for p in procs)
+        if (used := (c - last_c) / (t - last_t)) < share:
+            # `idle_share`: the timers' cost with no events, a floor under every rate
+            return {"seconds": round(t - t0, 1), "cpu_s": round(c - c0, 1), "quiet": True,
+                    "idle_share": round(used, 3)}
+        last_t, last_c = t, c
+    return {"seconds": round(time.time() - t0, 1),
+            "cpu_s": round(sum(cpu_s(p.pid) for p in procs) - c0, 1), "quiet": False}
+
+
+def redis_calls(r: Client) -> dict[str, int]:
+    """Calls per Redis command since the server started (`INFO commandstats`)."""
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+
+
 def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds: float,
                       known_shoppers: int, new_share: float) -> dict:
     """A steady `rate` events/s on top of the state the worker holds; the worker's own
@@ -517,11 +556,16 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
     sent = 0
     ends: dict[int, int] = {}
 
-    def acked(md: Any) -> None:
+    acks: list[float] = []  # seconds from send to the broker's acknowledgement
+
+    def acked(sent_at: float, md: Any) -> None:  # kafka-python: partial(f, *args)(value)
+        acks.append(time.time() - sent_at)
         if md.offset > ends.get(md.partition, -1):
             ends[md.partition] = md.offset
 
     loop_before = _loop_counts(r, settings)
+    calls_before = redis_calls(r)
+    ranked_before = _counter(r, settings, "context.users_ranked")
     plain = start_plain_consumer(settings)
     with EventProducer(settings.bootstrap, settings.events_topic) as p:
         start = time.time()
@@ -531,7 +575,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
                 time.sleep(ahead)
             ev = next(events)
             ev["ts"] = time.time()
-            p.send(ev).add_callback(acked)
+            p.send(ev).add_callback(acked, ev["ts"])
             sent += 1
         p.flush()
     stopped = time.time()
@@ -546,6 +590,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             break
         time.sleep(0.2)
     floor = stop_plain_consumer(*plain)
+    calls = {c: n - calls_before.get(c, 0) for c, n in redis_calls(r).items()}
     time.sleep(2.5)  # the worker publishes its stats every second
     from cartwise.cli import worker_stats
 
@@ -567,7 +612,22 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             # broker's part of `received` (bench/plain_consumer.py)
             "plain_consumer_p50_ms": floor.get("p50_ms"),
             "plain_consumer_p99_ms": floor.get("p99_ms"),
+            "plain_consumer_over_1s": floor.get("over_1s"),
+            "plain_consumer_skipped_older": floor.get("skipped_older"),
+            # the bench's producer: send to the broker's acknowledgement
+            "producer_ack": plain_consumer.ages_summary(acks)
+            | {"over_1s": sum(a > 1.0 for a in acks)},
+            "plain_consumer_over_1s_by_partition": floor.get("over_1s_by_partition"),
             "only_steady_samples": sent >= FRESHNESS_SAMPLES,
+            # Redis commands per event over the steady phase and the catch-up (every client:
+            # the worker, the bench's own polling is a few per second)
+            # shoppers ranked per event (a batch ranks each of its shoppers once)
+            "users_ranked_per_event": round(
+                (_counter(r, settings, "context.users_ranked") - ranked_before) / max(1, sent), 3),
+            "redis_calls_per_event": round(sum(calls.values()) / max(1, sent), 2),
+            "redis_calls_per_event_by_command": {
+                c: round(n / max(1, sent), 3) for c, n in sorted(calls.items(),
+                                                                 key=lambda x: -x[1])[:12]},
             # Item lists: the last 1,000 written (a worker keeps 20,000 samples, one per list
             # written, and writes fewer than that during the steady phase: older ones would be
             # the backlog's)

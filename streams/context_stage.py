@@ -271,7 +271,11 @@ class ContextStage(Stage):
                                       st.clock, marginals, out[q], repeats[q]):
                 st.acks.append(await self.send(s.pairs_topic, msg, q, None))
         t_lists = time.perf_counter()
-        await self.user_lists(partition, st, list(dict.fromkeys(touched)))
+        ranked = list(dict.fromkeys(touched))
+        # Shoppers ranked per event: a backlog's batches hold several events of a shopper, a
+        # steady rate's about one each, and ranking is most of a steady event's cost.
+        counts["context.users_ranked"] += len(ranked)
+        await self.user_lists(partition, st, ranked)
         self.stats.add_time("context.user_lists", time.perf_counter() - t_lists)
         if index:
             await self.audience.write(index)

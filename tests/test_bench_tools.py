@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from bench.api_latency import process_counts
-from bench.plain_consumer import ages_summary
+from bench.plain_consumer import ages_summary, late_records
 from bench.procstat import connections, cpu_s
-from bench.scale import loop_held
+from bench.scale import loop_held, wait_quiet
 from models.evaluation import new_rank
 
 
@@ -135,3 +137,27 @@ def test_ages_summary_reads_percentiles_in_ms():
     assert ages_summary(list(reversed(ages))) == {"n": 100, "p50_ms": 51.0, "p99_ms": 99.0,
                                                   "max_ms": 100.0}
     assert ages_summary([]) == {"n": 0}
+
+
+def test_late_records_are_told_apart_by_partition_and_offset_range():
+    late = [(2.0, 3, 1200), (1.5, 3, 1190), (30.0, 0, 7), (1.1, 3, 1195)]
+    assert late_records(late) == {"over_1s": 4, "over_1s_by_partition": {
+        "0": {"n": 1, "offsets": [7, 7]}, "3": {"n": 3, "offsets": [1190, 1200]}}}
+    assert late_records([]) == {"over_1s": 0, "over_1s_by_partition": {}}
+
+
+def test_wait_quiet_waits_for_a_busy_process_and_not_for_an_idle_one():
+    """The steady phase starts once the worker is quiet; a process that keeps a core busy
+    never is (within the limit), one that sleeps is at the first window."""
+    code = "import sys, time\nif sys.argv[1] == 'busy':\n    while True: pass\ntime.sleep(60)"
+    busy = subprocess.Popen([sys.executable, "-c", code, "busy"])
+    idle = subprocess.Popen([sys.executable, "-c", code, "idle"])
+    try:
+        # A low bar, so that a loaded machine's share of a core still clears it.
+        got = wait_quiet([busy], share=0.02, window_s=0.5, limit_s=2.0)
+        assert got["quiet"] is False and got["cpu_s"] > 0
+        got = wait_quiet([idle], window_s=0.5, limit_s=5.0)
+        assert got["quiet"] is True and got["idle_share"] < 0.25
+    finally:
+        busy.kill()
+        idle.kill()
