@@ -24,9 +24,6 @@ from streams.store import Ops
 from streams.turns import Slice
 
 log = logging.getLogger("cartwise.cooccurrence")
-# How often a partition cuts the trending sets it added to back to `trending_size` (and once
-# idle): a set holds at most the items scored in between beyond that size.
-TRENDING_TRIM_S = 5.0
 
 
 def lists_budget(settings: Any, lag: tuple[float, float] | None, now: float) -> float:
@@ -64,10 +61,6 @@ class GraphPartition:
     settle_queue: list[str] = field(default_factory=list)
     settle_offset: int | None = None
     acks: list[Awaitable[Any]] = field(default_factory=list)
-    # Trending sets this partition added to since it last trimmed them, and when that was
-    # (monotonic): trimmed every `TRENDING_TRIM_S` and once idle, not after every ZADD.
-    untrimmed: set[str] = field(default_factory=set)
-    trimmed_at: float = 0.0
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # Row (item) or open row ((epoch, "r", item)) -> entries in its stored patches
     # (models/rowpatch.py; absent: none stored, the next write is whole), and what the
@@ -339,18 +332,12 @@ class GraphStage(Stage):
             else:
                 parked.append(i)
 
-    async def _trending(self, p: int, st: GraphPartition, pipe: Any,
-                        now_m: float) -> tuple[list[str], list[str]]:
-        """Queue trending scores of the items this partition owns whose totals moved, and the
-        trims that are due; returns the items scored and the sets trimmed.
+    async def _trending(self, p: int, st: GraphPartition, pipe: Any) -> list[str]:
+        """Queue trending scores of the items this partition owns whose totals moved.
 
         Every partition holds every item's totals; only the owner (the partition of the
         item's row) writes its score, so each item is written once. Per-category sets need
-        the catalog; an item not in it yet is only in the shop-wide set. A set is cut back to
-        `trending_size` by each partition that added to it, at most every `TRENDING_TRIM_S`
-        and once the partition is idle: trimming after every ZADD was half of the worker's
-        Redis commands at a steady rate (docs/operations.md). Readers take the top of a set,
-        so the members beyond the size in between change no answer.
+        the catalog; an item not in it yet is only in the shop-wide set.
         """
         g = st.graph
         n = self.settings.partitions
@@ -358,29 +345,25 @@ class GraphStage(Stage):
         g.marg_touched.clear()
         scores = g.trending(mine)
         gone = sorted(i for i in st.gone_marg if item_partition(i, n) == p)
-        zsets: dict[str, dict[str, float]] = {}
-        if scores or gone:
-            facts = await self.catalog_cache.get_many(mine + gone)
-            for item in gone:
-                pipe.zrem(self.keys.trending(), item)
-                if cat := (facts.get(item) or {}).get("category"):
-                    pipe.zrem(self.keys.trending(cat), item)
-            by_cat: dict[str, dict[str, float]] = defaultdict(dict)
-            for item, score in scores.items():
-                cat = (facts.get(item) or {}).get("category")
-                if cat:
-                    by_cat[cat][item] = score
-            for key, members in ((self.keys.trending(), scores),
-                                 *((self.keys.trending(c), m) for c, m in by_cat.items())):
-                if members:
-                    zsets[key] = members
-                    st.untrimmed.add(key)
-        trim: list[str] = []
-        if st.untrimmed and (now_m - st.trimmed_at >= TRENDING_TRIM_S
-                             or now_m - st.last_batch >= self.settings.settle_idle_s):
-            trim = sorted(st.untrimmed)
-        self.store.queue_trending(pipe, self.settings.trending_size, zsets, trim)
-        return mine, trim
+        if not scores and not gone:
+            return mine
+        facts = await self.catalog_cache.get_many(mine + gone)
+        for item in gone:
+            pipe.zrem(self.keys.trending(), item)
+            if cat := (facts.get(item) or {}).get("category"):
+                pipe.zrem(self.keys.trending(cat), item)
+        by_cat: dict[str, dict[str, float]] = defaultdict(dict)
+        for item, score in scores.items():
+            cat = (facts.get(item) or {}).get("category")
+            if cat:
+                by_cat[cat][item] = score
+        keep = self.settings.trending_size
+        for key, members in ((self.keys.trending(), scores),
+                             *((self.keys.trending(c), m) for c, m in by_cat.items())):
+            if members:
+                pipe.zadd(key, members)
+                pipe.zremrangebyrank(key, 0, -keep - 1)
+        return mine
 
     async def publish_lists(self) -> None:
         """Write changed lists within a time budget; once a partition is idle, all of them.
@@ -444,10 +427,10 @@ class GraphStage(Stage):
             st.settle_offset = st.applied
         settling = st.settle_offset is not None
         if (not settling and not st.pending and not st.graph.marg_touched and not st.gone
-                and not st.gone_marg and not st.untrimmed):
+                and not st.gone_marg):
             return
         pipe = self.store.pipeline()
-        scored, trimmed = await self._trending(p, st, pipe, now_m)
+        scored = await self._trending(p, st, pipe)
         todo: Iterator[str]
         parked: list[str] = []
         if settling:
@@ -497,9 +480,6 @@ class GraphStage(Stage):
         except Exception:
             st.graph.marg_touched.update(scored)  # to score again next tick
             raise
-        if trimmed:
-            st.untrimmed.difference_update(trimmed)
-            st.trimmed_at = now_m
         st.written.update(digests)
         st.marks.update(marks)  # only once written: a failed write is redone, not parked
         for item in gone:

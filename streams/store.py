@@ -360,18 +360,6 @@ class Store:
                 args += (repr(float(ts)), user)
         await self._audience(args=args)
 
-    @staticmethod
-    def queue_trending(pipe: Any, keep: int, scores: dict[str, dict[str, float]],
-                       trim: list[str]) -> None:
-        """Queue on `pipe` the trending scores ({key: {item: score}}) and, after them, the cuts
-        of the `trim` sets to their best `keep`. (One script call for all of them, as the
-        audience index does, measured no cheaper: docs/operations.md.)"""
-        for key, members in scores.items():
-            if members:
-                pipe.zadd(key, members)
-        for key in trim:
-            pipe.zremrangebyrank(key, 0, -keep - 1)
-
     async def hgetall(self, key: str) -> dict[str, bytes]:
         raw = await self.redis.hgetall(key)
         return {k.decode(): v for k, v in raw.items()}

@@ -276,35 +276,3 @@ def test_a_patch_extends_its_stored_row_and_never_stands_alone(stack):
         await client.aclose()
 
     asyncio.run(run())
-
-
-def test_trending_scores_are_cut_to_the_best_only_when_asked(stack):
-    """In the same transaction as other writes; a set is cut to its best `keep` only when
-    asked (streams/graph_stage.py, `TRENDING_TRIM_S`), after the scores queued with it."""
-    prefix = f"trending-{time.monotonic_ns()}:"
-    scores = {f"i{n:05d}": float((n * 7919) % 2600) + 0.5 for n in range(2600)}
-
-    async def run() -> None:
-        client = aioredis.Redis.from_url(stack.redis_url)
-        store = Store(client, prefix)
-        keys = store.keys
-        pipe = store.pipeline()
-        pipe.set(f"{prefix}other", b"1")
-        store.queue_trending(pipe, 50, {keys.trending(): scores,
-                                              keys.trending("tea"): {"i00001": 3.0}}, [])
-        await pipe.execute()
-        assert await client.zcard(keys.trending()) == 2600  # not cut: not asked
-        got = await client.zrange(keys.trending(), 0, -1, withscores=True)
-        assert {m.decode(): v for m, v in got} == scores
-        pipe = store.pipeline()
-        store.queue_trending(pipe, 50, {keys.trending("tea"): {"i00002": 4.0}},
-                             [keys.trending(), keys.trending("tea")])
-        await pipe.execute()
-        best = sorted(scores.items(), key=lambda kv: -kv[1])[:50]
-        got = await client.zrange(keys.trending(), 0, -1, withscores=True, desc=True)
-        assert [(m.decode(), v) for m, v in got] == best
-        assert await client.zrange(keys.trending("tea"), 0, -1) == [b"i00001", b"i00002"]
-        assert await client.get(f"{prefix}other") == b"1"
-        await client.aclose()
-
-    asyncio.run(run())

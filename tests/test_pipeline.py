@@ -43,8 +43,7 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
     events, catalog = traffic
     # Budgets of 4 ms a tick for item lists and 10 ms for refreshes: both are built in slices
     # over many ticks, and must still end up equal to the library's. Trending sets of 12 (of
-    # about 200 items): the partitions trim them now and then and once idle, each its own
-    # additions (streams/graph_stage.py, `TRENDING_TRIM_S`), and they must end up exact.
+    # about 200 items), so that cutting them to size is exercised too: they must end up exact.
     settings = make_settings("e2e", lists_budget=0.02, refresh_budget=0.02, trending_size=12)
     ensure_topics(settings)
     ends = produce(settings, events, catalog)
