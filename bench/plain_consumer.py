@@ -29,12 +29,12 @@ def ages_summary(ages: list[float]) -> dict:
             "max_ms": round(1000 * s[-1], 1)}
 
 
-def late_records(late: list[tuple[float, int, int]]) -> dict:
+def late_records(late: list[tuple[int, int]]) -> dict:
     """Where the records that were over a second old came from: how many per partition and
     their offset range (a lump in one partition points at a fetch held back, spread ones at
     records produced with old timestamps)."""
     by: dict[int, list[int]] = {}
-    for _, p, off in late:
+    for p, off in late:
         by.setdefault(p, []).append(off)
     return {"over_1s": len(late),
             "over_1s_by_partition": {str(p): {"n": len(o), "offsets": [min(o), max(o)]}
@@ -69,21 +69,21 @@ def main() -> None:
     out.with_name(out.name + ".ready").touch()
     skipped = 0
     ages: list[float] = []
-    oldest: list[tuple[float, int, int]] = []  # (age, partition, offset) of records over 1 s
+    late: list[tuple[int, int]] = []  # (partition, offset) of records over 1 s old
     deadline = time.time() + args.seconds
     while time.time() < deadline and not stop.exists():
         for records in consumer.poll(timeout_ms=100).values():
             now = time.time()
             for r in records:
-                if r.timestamp / 1000 < ready_at:
+                produced = r.timestamp / 1000
+                if produced < ready_at:
                     skipped += 1
                     continue
-                age = now - r.timestamp / 1000
-                ages.append(age)
-                if age > 1.0 and len(oldest) < 10_000:
-                    oldest.append((age, r.partition, r.offset))
+                ages.append(now - produced)
+                if now - produced > 1.0 and len(late) < 10_000:
+                    late.append((r.partition, r.offset))
     consumer.close()
-    out.write_bytes(orjson.dumps(ages_summary(ages) | late_records(oldest)
+    out.write_bytes(orjson.dumps(ages_summary(ages) | late_records(late)
                                  | {"skipped_older": skipped}))
 
 

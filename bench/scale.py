@@ -126,10 +126,7 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int
     ends: dict[int, int] = {}
     failed: list[BaseException] = []
 
-    acks: list[float] = []  # seconds from send to the broker's acknowledgement
-
-    def acked(sent_at: float, md: Any) -> None:  # kafka-python: partial(f, *args)(value)
-        acks.append(time.time() - sent_at)
+    def acked(md: Any) -> None:
         if md.offset > ends.get(md.partition, -1):
             ends[md.partition] = md.offset
         if firsts is not None and md.offset < firsts.get(md.partition, md.offset + 1):
@@ -144,7 +141,7 @@ def produce_backlog(settings: Any, shop: Any, n: int, start_ts: float, part: int
         last_ts = start_ts
         for ev in shop.events(n, start_ts=start_ts, part=part, known_shoppers=known_shoppers,
                               new_shoppers=new_shoppers):
-            p.send(ev).add_callback(acked, ev["ts"]).add_errback(failed.append)
+            p.send(ev).add_callback(acked).add_errback(failed.append)
             last_ts = max(last_ts, ev["ts"])
         p.flush()
     t1 = time.perf_counter()
@@ -513,12 +510,6 @@ def _loop_counts(r: Client, settings: Any) -> list[int] | None:
     return (snaps[0].get("loop_delay_s") or {}).get("counts") if snaps else None
 
 
-def _counter(r: Client, settings: Any, name: str) -> int:
-    from cartwise.cli import worker_stats
-
-    return sum(s.get("counters", {}).get(name, 0) for s in worker_stats(r, settings))
-
-
 def wait_quiet(procs: list[subprocess.Popen], share: float = 0.25, window_s: float = 2.0,
                limit_s: float = 900.0) -> dict:
     """Wait until the workers use less than `share` of a core over `window_s` (at most
@@ -551,7 +542,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
     n = int(rate * seconds) + 1
     events = shop.events(n, start_ts=time.time(), part=1, known_shoppers=known_shoppers,
                          new_shoppers=int(n * new_share), mean_gap_s=0.0)
-    from cartwise.harness import progress
+    from cartwise.harness import progress, worker_counters
 
     sent = 0
     ends: dict[int, int] = {}
@@ -565,7 +556,7 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
 
     loop_before = _loop_counts(r, settings)
     calls_before = redis_calls(r)
-    ranked_before = _counter(r, settings, "context.users_ranked")
+    ranked_before = worker_counters(settings).get("context.users_ranked", 0)
     plain = start_plain_consumer(settings)
     with EventProducer(settings.bootstrap, settings.events_topic) as p:
         start = time.time()
@@ -613,17 +604,18 @@ def measure_freshness(settings: Any, r: Client, shop: Any, rate: float, seconds:
             "plain_consumer_p50_ms": floor.get("p50_ms"),
             "plain_consumer_p99_ms": floor.get("p99_ms"),
             "plain_consumer_over_1s": floor.get("over_1s"),
+            "plain_consumer_over_1s_by_partition": floor.get("over_1s_by_partition"),
             "plain_consumer_skipped_older": floor.get("skipped_older"),
             # the bench's producer: send to the broker's acknowledgement
             "producer_ack": plain_consumer.ages_summary(acks)
             | {"over_1s": sum(a > 1.0 for a in acks)},
-            "plain_consumer_over_1s_by_partition": floor.get("over_1s_by_partition"),
             "only_steady_samples": sent >= FRESHNESS_SAMPLES,
-            # Redis commands per event over the steady phase and the catch-up (every client:
-            # the worker, the bench's own polling is a few per second)
             # shoppers ranked per event (a batch ranks each of its shoppers once)
             "users_ranked_per_event": round(
-                (_counter(r, settings, "context.users_ranked") - ranked_before) / max(1, sent), 3),
+                (worker_counters(settings).get("context.users_ranked", 0) - ranked_before)
+                / max(1, sent), 3),
+            # Redis commands per event over the steady phase and the catch-up (every client:
+            # the worker, the bench's own polling is a few per second)
             "redis_calls_per_event": round(sum(calls.values()) / max(1, sent), 2),
             "redis_calls_per_event_by_command": {
                 c: round(n / max(1, sent), 3) for c, n in sorted(calls.items(),
