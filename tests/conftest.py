@@ -11,6 +11,13 @@ one picked (Tansu when it is), or the last for the modules in `ON_LAST_BROKER`. 
 [kafka] runs are skipped, with one line saying why and how to enable them, and those modules go
 to the first broker. Tests that use no stack fixture do not depend on any broker.
 
+In a `both_brokers` module, a test marked `one_broker("tansu")` or `one_broker("kafka")` runs on
+that broker only, unless `--every-broker` (or CARTWISE_TEST_EVERY_BROKER=1) runs it on both: a
+scenario that costs a minute or more and says nothing broker-specific runs once, so that `make
+test` stays near its 15 minutes on two cores (docs/architecture.md, "Tests"). Which broker each
+runs on is chosen to even out the two halves; a marked test whose broker is not picked, or is
+skipped for want of Java, runs on the other.
+
 `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Every test with a broker is
 in the xdist group named after it, so one worker takes the Tansu half and the other the Kafka
 half, each building its broker's session stack once; the broker-free tests fill in whichever
@@ -55,7 +62,8 @@ _ids = itertools.count()
 # first: Tansu's half also has every other unmarked module, so this evens out the two xdist
 # workers. Only modules with a stack of their own (not `served`, which one worker builds once).
 ON_LAST_BROKER = frozenset({"test_experiments_stream.py", "test_redis_cluster.py",
-                            "test_config_log.py"})
+                            "test_config_log.py", "test_graph_checkpoint.py", "test_import.py",
+                            "test_budgets.py"})
 
 ENABLE_KAFKA = ("install Java 17+ and Maven (the jars are fetched once into .cartwise/), or set "
                 "CARTWISE_KAFKA_LIBS to a folder of Kafka 4.x jars")
@@ -67,12 +75,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("CARTWISE_TEST_BROKER", "both"),
         help="broker(s) the stream suites run on: tansu (embedded), kafka (Apache Kafka, needs "
              "Java 17+) or both (default; env CARTWISE_TEST_BROKER)")
+    parser.addoption(
+        "--every-broker", action="store_true",
+        default=os.environ.get("CARTWISE_TEST_EVERY_BROKER", "") not in ("", "0"),
+        help="run the tests marked one_broker on every broker picked too (env "
+             "CARTWISE_TEST_EVERY_BROKER=1)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "both_brokers: tests that use the stack run on every broker --broker picks "
                    "(unmarked ones: on one broker per module)")
+    config.addinivalue_line(
+        "markers", "one_broker(name): in a both_brokers module, run on this broker only "
+                   "(--every-broker: on every one)")
     # pytest-xdist registers it too; this keeps runs without the plugin free of warnings.
     config.addinivalue_line("markers", "xdist_group(name): tests one xdist worker runs")
     choice = config.getoption("--broker")
@@ -116,6 +132,36 @@ def module_broker(config: pytest.Config, module: str) -> str:
     if module in ON_LAST_BROKER and not (last == "kafka" and config.cartwise_kafka_skip):
         return last
     return picked[0]
+
+
+def one_broker(config: pytest.Config, wanted: str) -> str:
+    """The broker a `one_broker(wanted)` test runs on: `wanted` if picked and usable, else the
+    first usable one picked (the test must run somewhere)."""
+    if wanted not in BROKER_KINDS:
+        raise pytest.UsageError(f"one_broker({wanted!r}): not a broker; use one of "
+                                f"{', '.join(BROKER_KINDS)}")
+    usable = [b for b in config.cartwise_brokers
+              if not (b == "kafka" and config.cartwise_kafka_skip)]
+    return wanted if wanted in usable else (usable or config.cartwise_brokers)[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the other brokers' copies of tests marked `one_broker` (on the test, its
+    class or module, or one of its parameters), unless `--every-broker`."""
+    if config.getoption("--every-broker"):
+        return
+    keep, drop = [], []
+    for item in items:
+        mark = item.get_closest_marker("one_broker")
+        params = getattr(item, "callspec", None)
+        broker = params.params.get("broker_name") if params is not None else None
+        if mark is None or broker is None or broker == one_broker(config, mark.args[0]):
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -109,6 +109,7 @@ def assert_lists_match_the_library(settings, events: list, catalog: list) -> Non
         assert doc["items"] == ref.recommend(user, k=20), (user, doc)
 
 
+@pytest.mark.one_broker("tansu")
 def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, workers):
     # Half the usual shoppers (some 3,400 events on each side of the outage): what is tested
     # is a Redis that goes away under a stream in flight, which they keep busy throughout.
@@ -130,6 +131,7 @@ def test_redis_restart_mid_stream_loses_nothing(own_stack, make_settings, worker
     assert failed > 0, "the outage must show in the error metrics"
 
 
+@pytest.mark.one_broker("tansu")
 def test_killed_worker_hands_over_and_the_lag_drains(own_stack, make_settings, workers):
     # Half the usual shoppers: what is tested is the hand-over after the session timeout,
     # which any lag on the killed worker's partitions shows, not the volume behind it.

@@ -109,6 +109,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 @pytest.mark.both_brokers
+@pytest.mark.one_broker("tansu")
 def test_worker_metrics_count_what_happened(make_settings, workers):
     from cartwise.embedded import free_port
 

@@ -111,6 +111,7 @@ def test_events_become_suggestions_that_match_the_library(make_settings, workers
     assert counters.get("context.refresh_deferred", 0) > 0
 
 
+@pytest.mark.one_broker("kafka")
 def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settings, workers):
     settings = make_settings("dlq")
     ensure_topics(settings)
@@ -154,6 +155,7 @@ def test_dead_letters_keep_the_payload_and_a_machine_readable_reason(make_settin
 
 
 
+@pytest.mark.one_broker("kafka")
 def test_lists_whose_counts_only_aged_are_rewritten_for_shoppers_ranked_on_them(
         make_settings, workers):
     """Item lists carry a decayed count (`picks`) that the ranking of the item a shopper is on

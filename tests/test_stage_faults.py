@@ -52,6 +52,7 @@ START = 1_755_000_000.0
 
 
 @pytest.mark.both_brokers  # through workers: runs on Tansu and Kafka
+@pytest.mark.one_broker("kafka")
 def test_a_worker_stopped_by_redis_data_loss_publishes_why(make_settings, workers):
     """Exit 3 alone is not enough for an operator: the worker's last stats in Redis (what
     `cartwise stats` reads) count the state loss and say it stopped, and a stopped worker is
@@ -85,6 +86,7 @@ def _impression(user: str, n: int, ts: float) -> dict:
 
 
 @pytest.mark.both_brokers
+@pytest.mark.one_broker("kafka")
 def test_a_checkpoint_one_record_keeps_failing_costs_that_record_only(make_settings, workers):
     """A shopper's frequency-cap counter holds a non-number, so every checkpoint that adds to
     it fails in Redis. Retried forever it held the whole worker; now its records are
@@ -396,6 +398,7 @@ def test_aborted_transactions_are_not_applied(make_settings, workers, broker_nam
 
 
 @pytest.mark.both_brokers
+@pytest.mark.one_broker("kafka")
 def test_a_worker_started_past_its_checkpoint_fetches_the_rest_again(make_settings, workers):
     """The group's committed offset is only where a new owner starts reading; Faust can move
     it past the checkpoint (its gap bookkeeping counts skipped offsets as done). A worker that

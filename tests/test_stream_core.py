@@ -165,6 +165,7 @@ def test_poison_records_and_wrong_keys_stop_nothing_and_lose_nothing(make_settin
     assert scraped == want_counts
 
 
+@pytest.mark.one_broker("tansu")
 def test_some_of_a_shoppers_events_keyed_wrong_are_applied_when_they_arrive(
         make_settings, workers):
     """Only some of a shopper's events carry a wrong key: their re-keyed copies reach the
@@ -245,6 +246,7 @@ def own_stack(tmp_path_factory, broker_name):
     s.close()
 
 
+@pytest.mark.one_broker("tansu")
 def test_catalog_records_read_during_a_redis_outage_are_kept(own_stack, make_settings, workers):
     settings = make_settings("catalog-outage", broker=own_stack.broker,
                              redis_url=own_stack.redis_url)
@@ -277,6 +279,7 @@ def test_catalog_records_read_during_a_redis_outage_are_kept(own_stack, make_set
     assert not r.hexists(key, "c0") and r.hlen(key) == len(items) - 1
 
 
+@pytest.mark.one_broker("tansu")
 def test_redis_data_loss_stops_the_workers_and_rebuild_restores_the_state(
         make_settings, workers):
     settings = make_settings("loss")
@@ -333,6 +336,7 @@ def assert_refused(out: subprocess.CompletedProcess, why: str) -> None:
     assert why in lines[0], lines[0]
 
 
+@pytest.mark.one_broker("tansu")
 def test_rebuild_refuses_while_a_worker_runs(make_settings, workers):
     """A worker that published stats within `alive_s` is running: a rebuild under it would
     race its checkpoints. The refusal names it and changes nothing."""
@@ -385,6 +389,7 @@ def test_rebuild_refuses_an_events_log_that_lost_its_start(make_settings, broker
 BOUNDS = "max_neighbours=12,max_items=60,max_users=40"
 
 
+@pytest.mark.one_broker("kafka")
 def test_bounded_state_is_the_same_however_it_is_run(make_settings, workers):
     """Rows past `max_neighbours`, more items than `max_items`, more shoppers than
     `max_users` per partition: one worker, two workers and the library end equal, although
