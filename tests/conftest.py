@@ -77,7 +77,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "Java 17+) or both (default; env CARTWISE_TEST_BROKER)")
     parser.addoption(
         "--every-broker", action="store_true",
-        default=os.environ.get("CARTWISE_TEST_EVERY_BROKER", "") not in ("", "0"),
+        default=os.environ.get("CARTWISE_TEST_EVERY_BROKER", "").strip().lower()
+        in ("1", "true", "yes", "on"),
         help="run the tests marked one_broker on every broker picked too (env "
              "CARTWISE_TEST_EVERY_BROKER=1)")
 
@@ -134,28 +135,36 @@ def module_broker(config: pytest.Config, module: str) -> str:
     return picked[0]
 
 
-def one_broker(config: pytest.Config, wanted: str) -> str:
+def one_broker(config: pytest.Config, wanted: str, fallback: bool = True) -> str | None:
     """The broker a `one_broker(wanted)` test runs on: `wanted` if picked and usable, else the
-    first usable one picked (the test must run somewhere)."""
+    first usable one picked (the test must run somewhere), or none with `fallback=False` (a
+    copy that only repeats another, as a second chaos seed does)."""
     if wanted not in BROKER_KINDS:
         raise pytest.UsageError(f"one_broker({wanted!r}): not a broker; use one of "
                                 f"{', '.join(BROKER_KINDS)}")
     usable = [b for b in config.cartwise_brokers
               if not (b == "kafka" and config.cartwise_kafka_skip)]
-    return wanted if wanted in usable else (usable or config.cartwise_brokers)[0]
+    if wanted in usable:
+        return wanted
+    return (usable or config.cartwise_brokers)[0] if fallback else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect the other brokers' copies of tests marked `one_broker` (on the test, its
-    class or module, or one of its parameters), unless `--every-broker`."""
+    class or module, or one of its parameters) in `both_brokers` modules, unless
+    `--every-broker`. A copy named on the command line by its id is kept: a failure seen in
+    an `--every-broker` run can be run again alone."""
     if config.getoption("--every-broker"):
         return
+    named = {a.replace("\\", "/") for a in config.args if "::" in a}
     keep, drop = [], []
     for item in items:
         mark = item.get_closest_marker("one_broker")
         params = getattr(item, "callspec", None)
         broker = params.params.get("broker_name") if params is not None else None
-        if mark is None or broker is None or broker == one_broker(config, mark.args[0]):
+        if mark is None or broker is None or item.get_closest_marker("both_brokers") is None \
+                or item.nodeid in named or broker == one_broker(
+                    config, mark.args[0], mark.kwargs.get("fallback", True)):
             keep.append(item)
         else:
             drop.append(item)

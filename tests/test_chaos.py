@@ -29,7 +29,8 @@ from bench.chaos import NOT_HELD, ChaosConfig, run_seed
 DEFAULT_SEED = {"tansu": 1, "kafka": 2}
 SEEDS = [pytest.param(int(s)) for s in os.environ["CHAOS_SEEDS"].split(",")] \
     if "CHAOS_SEEDS" in os.environ else \
-    [pytest.param(seed, marks=pytest.mark.one_broker(b)) for b, seed in DEFAULT_SEED.items()]
+    [pytest.param(seed, marks=pytest.mark.one_broker(b, fallback=False))
+     for b, seed in DEFAULT_SEED.items()]
 pytestmark = pytest.mark.both_brokers
 
 

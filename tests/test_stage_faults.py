@@ -51,7 +51,7 @@ START = 1_755_000_000.0
 
 
 
-@pytest.mark.both_brokers  # through workers: runs on Tansu and Kafka
+@pytest.mark.both_brokers  # through workers; once, on Kafka: Redis is what fails here
 @pytest.mark.one_broker("kafka")
 def test_a_worker_stopped_by_redis_data_loss_publishes_why(make_settings, workers):
     """Exit 3 alone is not enough for an operator: the worker's last stats in Redis (what
@@ -398,7 +398,6 @@ def test_aborted_transactions_are_not_applied(make_settings, workers, broker_nam
 
 
 @pytest.mark.both_brokers
-@pytest.mark.one_broker("kafka")
 def test_a_worker_started_past_its_checkpoint_fetches_the_rest_again(make_settings, workers):
     """The group's committed offset is only where a new owner starts reading; Faust can move
     it past the checkpoint (its gap bookkeeping counts skipped offsets as done). A worker that
