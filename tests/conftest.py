@@ -14,9 +14,10 @@ to the first broker. Tests that use no stack fixture do not depend on any broker
 In a `both_brokers` module, a test marked `one_broker("tansu")` or `one_broker("kafka")` runs on
 that broker only, unless `--every-broker` (or CARTWISE_TEST_EVERY_BROKER=1) runs it on both: a
 scenario that costs a minute or more and says nothing broker-specific runs once, so that `make
-test` stays near its 15 minutes on two cores (docs/architecture.md, "Tests"). Which broker each
-runs on is chosen to even out the two halves; a marked test whose broker is not picked, or is
-skipped for want of Java, runs on the other.
+test` stays near its 15 minutes on two cores (docs/architecture.md, "Which stream tests run on
+both brokers"). Which broker each runs on is chosen to even out the two halves; a marked test
+whose broker is not picked, or is skipped for want of Java, runs on the other, unless marked
+`fallback=False` (a copy that only repeats another, as the chaos test's second seed).
 
 `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Every test with a broker is
 in the xdist group named after it, so one worker takes the Tansu half and the other the Kafka
@@ -52,7 +53,7 @@ from cartwise.harness import (
     wait_http,
 )
 from cartwise.redisconn import Client, connect
-from cartwise.settings import Settings
+from cartwise.settings import Settings, _flag
 from cartwise.simulator import Shop
 from streams.topics import ensure_topics
 
@@ -75,10 +76,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("CARTWISE_TEST_BROKER", "both"),
         help="broker(s) the stream suites run on: tansu (embedded), kafka (Apache Kafka, needs "
              "Java 17+) or both (default; env CARTWISE_TEST_BROKER)")
+    try:
+        every = _flag("test_every_broker", os.environ.get("CARTWISE_TEST_EVERY_BROKER", "0"))
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     parser.addoption(
-        "--every-broker", action="store_true",
-        default=os.environ.get("CARTWISE_TEST_EVERY_BROKER", "").strip().lower()
-        in ("1", "true", "yes", "on"),
+        "--every-broker", action="store_true", default=every,
         help="run the tests marked one_broker on every broker picked too (env "
              "CARTWISE_TEST_EVERY_BROKER=1)")
 
